@@ -1,0 +1,1 @@
+"""Bulk batch job runner for OpenAI-compatible chat-completion APIs."""

@@ -1,0 +1,448 @@
+"""The command line: parses arguments, starts the event loop, renders progress and results.
+
+The only module that does any of those things (and the home of click and tqdm). A thin
+layer: every command calls the library and prints what it returns. Heavy modules are
+imported inside commands so `runner --help` starts fast. Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from runner.errors import EXIT_INTERNAL, EXIT_STOPPED, EXIT_USAGE, RunnerError
+
+if TYPE_CHECKING:
+    from runner.job import Outcome
+    from runner.records import Progress
+    from runner.state import RunDir
+
+F = TypeVar("F", bound=Callable[..., Any])
+PLAIN_EVERY_S = 5.0
+
+
+def _runs_dir_option(func: F) -> F:
+    return click.option(
+        "--runs-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="RUNNER_RUNS_DIR",
+        default=Path("runs"),
+        show_default=True,
+        help="Folder holding run folders (also RUNNER_RUNS_DIR).",
+    )(func)
+
+
+def _format_option(func: F) -> F:
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["table", "csv", "json"]),
+        default="table",
+        show_default=True,
+        help="Output format.",
+    )(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="runner")
+def cli() -> None:
+    """Run a dataset of prompts through an OpenAI-compatible chat-completions API.
+
+    Results and token usage land in Parquet under runs/<run-id>/; runs survive crashes and
+    resume without paying twice. Set RUNNER_DEBUG=1 for full tracebacks.
+    """
+
+
+# -- submit / resume -----------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(path_type=Path))
+@_runs_dir_option
+@click.option(
+    "--no-check",
+    is_flag=True,
+    help="Skip reading the whole input before sending (for huge, trusted inputs).",
+)
+def submit(spec: Path, runs_dir: Path, no_check: bool) -> None:
+    """Start a run of the job spec SPEC (a TOML file).
+
+    Ctrl-C stops feeding rows and lets requests in flight finish; a second Ctrl-C stops at
+    once. Either way, `runner resume` continues the run later.
+    """
+    from runner import job
+
+    prepared = job.prepare(spec, check_whole_file=False if no_check else None)
+    _run_session(
+        lambda hooks: job.submit(prepared, runs_dir, **hooks), prepared.spec.job.name
+    )
+
+
+@cli.command()
+@click.argument("run")
+@_runs_dir_option
+@click.option("--retry-failed", is_flag=True, help="Send again the rows that failed for good.")
+@click.option(
+    "--allow-changed-input",
+    is_flag=True,
+    help="Resume although the input file changed; only rows whose request changed are sent.",
+)
+def resume(run: str, runs_dir: Path, retry_failed: bool, allow_changed_input: bool) -> None:
+    """Continue RUN (a run id, a run folder, or a job name for its latest run).
+
+    Sends only what no earlier session settled: answered rows are never requested again.
+    """
+    from runner import job
+
+    _run_session(
+        lambda hooks: job.resume(
+            run,
+            runs_dir,
+            retry_failed=retry_failed,
+            allow_changed_input=allow_changed_input,
+            **hooks,
+        ),
+        run,
+    )
+
+
+def _run_session(start: Callable[[dict[str, Any]], Any], label: str) -> None:
+    import anyio
+
+    renderer = _ProgressRenderer(label)
+    hooks: dict[str, Any] = {
+        "on_start": renderer.start,
+        "on_progress": renderer.update,
+        "start_simulator": _simulator_starter,
+    }
+
+    async def main() -> Outcome:
+        result: Outcome = await start(hooks)
+        return result
+
+    try:
+        outcome = anyio.run(main)
+    finally:
+        renderer.close()
+    _print_outcome(outcome)
+    sys.exit(outcome.exit_code)
+
+
+@contextlib.contextmanager
+def _simulator_starter(switches: dict[str, Any]) -> Iterator[str]:
+    from runner.errors import SpecError
+    from runner.simulator import SimulatorConfig, SimulatorThread
+
+    names = {f.name for f in dataclasses.fields(SimulatorConfig)}
+    unknown = sorted(set(switches) - names)
+    if unknown:
+        raise SpecError(
+            "job spec", f"endpoint.simulator.{unknown[0]}", "unknown simulator switch"
+        )
+    config = SimulatorConfig(**switches)
+    with SimulatorThread(config) as sim:
+        yield sim.base_url
+
+
+class _ProgressRenderer:
+    """tqdm on a terminal; a plain status line every few seconds otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+        self.tty = sys.stderr.isatty()
+        self.last_plain = 0.0
+        self.run: RunDir | None = None
+
+    def start(self, run: RunDir) -> None:
+        self.run = run
+        click.echo(f"run {run.run_id}: {run.path}", err=True)
+
+    def update(self, progress: Progress) -> None:
+        done = progress.rows_done_before + progress.done + progress.skipped
+        tokens = progress.prompt_tokens + progress.completion_tokens
+        elapsed = max(time.monotonic() - progress.started, 1e-9)
+        rate = progress.requests / elapsed
+        fields = (
+            f"ok={progress.rows_done_before + progress.ok} failed={progress.failed} "
+            f"retrying={progress.retrying} req/s={rate:.0f} tokens={tokens:,}"
+        )
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=progress.rows_total,
+                    initial=progress.rows_done_before,
+                    unit="row",
+                    dynamic_ncols=True,
+                    mininterval=0.2,
+                    file=sys.stderr,
+                )
+            self.bar.n = done
+            self.bar.set_postfix_str(fields, refresh=False)
+            self.bar.refresh()
+            return
+        now = time.monotonic()
+        if now - self.last_plain >= PLAIN_EVERY_S:
+            self.last_plain = now
+            total = "?" if progress.rows_total is None else f"{progress.rows_total:,}"
+            click.echo(f"{done:,}/{total} rows  {fields}", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _print_outcome(outcome: Outcome) -> None:
+    p = outcome.progress
+    run = outcome.run
+    total = p.rows_total
+    done = outcome.settled_before + p.done + p.skipped
+    lines = [
+        f"run {run.run_id}: {outcome.state}",
+        f"  rows      {p.ok:,} ok, {p.failed:,} failed, {p.skipped:,} skipped this session"
+        + (f" ({outcome.settled_before:,} settled before)" if outcome.settled_before else ""),
+        f"  requests  {p.requests:,} (retries included)",
+        f"  tokens    {p.prompt_tokens:,} prompt, {p.completion_tokens:,} completion",
+        f"  wall time {outcome.wall_s:.1f} s",
+        f"  results   {run.parts_dir}",
+        f"  export    runner export {run.run_id} out.parquet",
+    ]
+    click.echo("\n".join(lines), err=True)
+    if outcome.state != "completed":
+        shown = f"{total:,}" if total is not None else "?"
+        reason = f" ({outcome.stop_reason})" if outcome.stop_reason else ""
+        click.echo(
+            f"stopped{reason}: {done:,} of {shown} rows done; "
+            f"resume with: runner resume {run.run_id}",
+            err=True,
+        )
+
+
+# -- inspecting runs -----------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("run")
+@_runs_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(run: str, runs_dir: Path, as_json: bool) -> None:
+    """Show the progress of RUN, running or not (never takes the run's lock)."""
+    from runner import report
+    from runner.state import resolve_run
+
+    info = report.status(resolve_run(run, runs_dir))
+    if as_json:
+        click.echo(report.to_json(info))
+        return
+    total = info["total"]
+    done = info["ok"] + info["failed"] + info["skipped"]
+    pct = f" ({100 * done / total:.1f} %)" if total else ""
+    click.echo(
+        f"{info['run_id']}  {info['state']}"
+        + (f" (pid {info['pid']})" if info["pid"] else "")
+        + f"\n  rows      {done:,} of {total if total is not None else '?':,} done{pct}: "
+        f"{info['ok']:,} ok, {info['failed']:,} failed, {info['skipped']:,} skipped"
+        f"\n  requests  {info['requests']:,}"
+        f"\n  tokens    {info['prompt_tokens'] or 0:,} prompt, "
+        f"{info['completion_tokens'] or 0:,} completion"
+        f"\n  folder    {info['path']}"
+    )
+
+
+@cli.command()
+@_runs_dir_option
+@_format_option
+def runs(runs_dir: Path, fmt: str) -> None:
+    """List runs: id, job, state, rows ok/failed/total, start time."""
+    from runner.state import list_runs
+
+    header = ["run_id", "job", "state", "ok", "failed", "total", "created_at"]
+    rows = []
+    for m in list_runs(runs_dir):
+        counts = m.get("counts") or {}
+        rows.append(
+            (
+                m.get("run_id"),
+                m.get("job_name"),
+                m.get("state"),
+                counts.get("ok"),
+                counts.get("failed"),
+                counts.get("total"),
+                m.get("created_at"),
+            )
+        )
+    _emit(header, rows, fmt)
+
+
+@cli.command()
+@click.argument("run")
+@_runs_dir_option
+@_format_option
+def report(run: str, runs_dir: Path, fmt: str) -> None:
+    """Rows, requests, tokens and top errors of RUN (works while it runs)."""
+    from runner import report as reports
+    from runner.state import resolve_run
+
+    info = reports.summary(resolve_run(run, runs_dir))
+    errors = info.pop("top_errors")
+    if fmt == "json":
+        info["top_errors"] = errors
+        click.echo(reports.to_json(info))
+        return
+    _emit(["metric", "value"], list(info.items()), fmt)
+    if errors and fmt == "table":
+        click.echo("")
+        _emit(["error_type", "rows"], [(e["error_type"], e["rows"]) for e in errors], fmt)
+
+
+@cli.command()
+@click.argument("run")
+@click.argument("sql")
+@_runs_dir_option
+@_format_option
+def query(run: str, sql: str, runs_dir: Path, fmt: str) -> None:
+    """Run SQL over RUN's views: results, attempts, input."""
+    import duckdb
+
+    from runner.report import RunDB
+    from runner.state import resolve_run
+
+    with RunDB(resolve_run(run, runs_dir)) as db:
+        try:
+            names, rows = db.query(sql)
+        except duckdb.Error as exc:
+            raise click.UsageError(f"query failed: {str(exc).splitlines()[0]}") from None
+    _emit(names, rows, fmt)
+
+
+@cli.command()
+@click.argument("run")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@_runs_dir_option
+def export(run: str, out: Path, runs_dir: Path) -> None:
+    """Write RUN's input columns plus answers, in input order, to OUT (.parquet/.jsonl/.csv)."""
+    from runner import report as reports
+    from runner.state import resolve_run
+
+    count = reports.export(resolve_run(run, runs_dir), out)
+    click.echo(f"wrote {count:,} rows to {out}", err=True)
+
+
+# -- the simulator -------------------------------------------------------------------------
+
+
+def _simulator_options(func: F) -> F:
+    from runner.simulator import SimulatorConfig
+
+    for f in reversed(dataclasses.fields(SimulatorConfig)):
+        default = f.default
+        name = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            func = click.option(f"{name}/--no-{f.name.replace('_', '-')}", default=default)(func)
+        elif isinstance(default, tuple):
+            func = click.option(name, multiple=True, type=int, default=default)(func)
+        elif isinstance(default, int | float | str):
+            func = click.option(name, type=type(default), default=default, show_default=True)(
+                func
+            )
+        else:
+            kind = int if "limit" in f.name else str
+            func = click.option(name, type=kind, default=None)(func)
+    return func
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8787, show_default=True, help="0 picks a free port.")
+@_simulator_options
+def simulate(host: str, port: int, **switches: Any) -> None:
+    """Serve the built-in OpenAI-compatible simulator (deterministic answers, fault switches)."""
+    from runner.simulator import SimulatorConfig, serve
+
+    config = SimulatorConfig(**switches)
+
+    def ready(base_url: str) -> None:
+        click.echo(f"simulator listening on {base_url}")
+        sys.stdout.flush()
+
+    serve(host, port, config, ready=ready)
+
+
+# -- output helpers ------------------------------------------------------------------------
+
+
+def _emit(names: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps([dict(zip(names, r, strict=True)) for r in rows], default=str))
+    elif fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(names)
+        writer.writerows(rows)
+        click.echo(buffer.getvalue(), nl=False)
+    else:
+        click.echo(_table(names, rows))
+
+
+def _table(names: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:,.6g}"
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value:,}"
+        text = str(value).replace("\n", " ")
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(n), *(len(r[i]) for r in cells)]) for i, n in enumerate(names)]
+    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells)
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: one clean line per error, tracebacks only with RUNNER_DEBUG=1."""
+    debug = os.environ.get("RUNNER_DEBUG") == "1"
+    try:
+        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(EXIT_STOPPED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except RunnerError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        if exc.exit_code == EXIT_STOPPED and not str(exc).startswith("stopped"):
+            click.echo("the run can be resumed with: runner resume <run-id>", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_STOPPED)
+    except Exception as exc:  # the last line of defence: one line, exit 4
+        if debug:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_INTERNAL)

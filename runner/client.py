@@ -1,0 +1,231 @@
+"""One HTTP attempt at a chat completion, turned into a `Completion` or a typed `AttemptError`.
+
+The only module that imports the HTTP library (httpx2). Outcomes are classified by status
+code and exception type, never by message text. Every message that may quote the provider
+is scrubbed of the API key before it leaves this module. Retrying is not done here (retry.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import httpx2
+import orjson
+
+from runner.errors import (
+    AttemptError,
+    AuthFailure,
+    ConnectFailure,
+    MalformedResponse,
+    ProtocolFailure,
+    QuotaFailure,
+    RateLimited,
+    RequestRejected,
+    ServerFailure,
+    TimeoutFailure,
+)
+from runner.records import Completion
+
+# Response headers kept for the retry policy and the limiter.
+KEPT_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
+_RATE_PREFIXES = ("x-ratelimit-",)
+_QUOTA_CODES = {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"}
+_KEYISH = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*.]{4,}")
+_MAX_MESSAGE = 500
+
+
+class Secret:
+    """An API key that never shows itself in a repr, a log or a traceback's locals."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+def scrub(text: str, secret: Secret | None) -> str:
+    """Remove the key, any 6+ character prefix of it, and anything key-shaped from `text`."""
+    if secret is not None:
+        key = secret.reveal()
+        if key:
+            text = text.replace(key, "***")
+            for size in range(len(key) - 1, 5, -1):
+                if key[:size] in text:
+                    text = text.replace(key[:size], "***")
+                    break
+    return _KEYISH.sub(r"\1-***", text)
+
+
+class ChatClient:
+    """A pooled HTTP client for `POST {base_url}/chat/completions`."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: Secret | None,
+        timeout_s: float,
+        connect_timeout_s: float,
+        concurrency: int,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self._secret = api_key
+        self._deadline = timeout_s
+        sent = {"content-type": "application/json", "accept": "application/json"}
+        sent.update(headers or {})
+        if api_key is not None:
+            sent["authorization"] = f"Bearer {api_key.reveal()}"
+        loopback = base_url.startswith(("http://127.", "http://localhost", "http://[::1]"))
+        self._http = httpx2.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            headers=sent,
+            timeout=httpx2.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s)),
+            # One connection per worker, all kept alive: fewer forces reconnects under load.
+            limits=httpx2.Limits(
+                max_connections=concurrency, max_keepalive_connections=concurrency
+            ),
+            # A redirect must never carry the Authorization header elsewhere.
+            follow_redirects=False,
+            # Proxy variables make no sense for a loopback endpoint and would misroute it.
+            trust_env=not loopback,
+        )
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await self._http.aclose()
+
+    async def complete(self, body: bytes) -> Completion:
+        """Send one request; return its answer or raise an `AttemptError`."""
+        try:
+            # Per-phase timeouts never fire on a slow drip of bytes: bound the whole exchange.
+            with anyio.fail_after(self._deadline):
+                response = await self._http.post("chat/completions", content=body)
+        except TimeoutError:
+            raise TimeoutFailure(f"no complete answer within {self._deadline:g} s") from None
+        except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
+            raise ConnectFailure(self._clean(f"cannot connect: {exc}")) from None
+        except httpx2.TimeoutException as exc:
+            raise TimeoutFailure(self._clean(f"timed out: {type(exc).__name__}")) from None
+        except (httpx2.NetworkError, httpx2.ProtocolError, httpx2.DecodingError) as exc:
+            raise ProtocolFailure(
+                self._clean(f"connection failed mid-answer: {type(exc).__name__}: {exc}")
+            ) from None
+        return self._interpret(response)
+
+    def _clean(self, text: str) -> str:
+        text = scrub(text, self._secret)
+        return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+    def _interpret(self, response: httpx2.Response) -> Completion:
+        status = response.status_code
+        if status == 200:
+            return self._completion(response)
+        headers = {
+            name: value
+            for name, value in response.headers.items()
+            if name in KEPT_HEADERS or name.startswith(_RATE_PREFIXES)
+        }
+        code, text = self._error_body(response)
+        message = self._clean(f"{status} {code + ': ' if code else ''}{text}".strip())
+        kind: type[AttemptError]
+        if 300 <= status < 400:
+            where = response.headers.get("location", "?")
+            message = self._clean(f"{status} redirect to {where} not followed")
+            kind = RequestRejected
+        elif code in _QUOTA_CODES or status == 402:
+            kind = QuotaFailure
+        elif status == 429:
+            kind = RateLimited
+        elif status in (401, 403):
+            kind = AuthFailure
+        elif status in (408, 409) or status >= 500:
+            kind = ServerFailure
+        else:
+            kind = RequestRejected
+        raise kind(message, status=status, headers=headers)
+
+    def _error_body(self, response: httpx2.Response) -> tuple[str, str]:
+        """The provider's error code and message, or a short description of the body."""
+        kind = response.headers.get("content-type", "")
+        try:
+            data = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            reason = response.reason_phrase or "error"
+            return "", f"{reason} ({kind.split(';')[0] or 'no content type'} body)"
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict):
+            code = error.get("code") or error.get("type") or ""
+            return str(code), str(error.get("message") or "")
+        if isinstance(error, str):
+            return "", error
+        return "", response.reason_phrase or "error"
+
+    def _completion(self, response: httpx2.Response) -> Completion:
+        try:
+            data = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            raise MalformedResponse("200 with a body that is not JSON", status=200) from None
+        if not isinstance(data, dict):
+            raise MalformedResponse("200 with a body that is not a JSON object", status=200)
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            error = data.get("error")
+            detail = self._clean(str(error.get("message"))) if isinstance(error, dict) else ""
+            raise MalformedResponse(f"200 without choices {detail}".strip(), status=200)
+        choice = choices[0]
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        prompt_details = _dict(usage.get("prompt_tokens_details"))
+        completion_details = _dict(usage.get("completion_tokens_details"))
+        tool_calls = message.get("tool_calls")
+        return Completion(
+            content=_text(message.get("content")),
+            refusal=_str(message.get("refusal")),
+            tool_calls=orjson.dumps(tool_calls).decode() if tool_calls else None,
+            finish_reason=_str(choice.get("finish_reason")),
+            response_model=_str(data.get("model")),
+            response_id=_str(data.get("id")),
+            system_fingerprint=_str(data.get("system_fingerprint")),
+            prompt_tokens=_int(usage.get("prompt_tokens")),
+            completion_tokens=_int(usage.get("completion_tokens")),
+            total_tokens=_int(usage.get("total_tokens")),
+            cached_tokens=_int(prompt_details.get("cached_tokens")),
+            reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
+            provider_cost=_float(usage.get("cost")),
+        )
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, list):  # content parts
+        parts = [p.get("text", "") for p in value if isinstance(p, dict)]
+        return "".join(p for p in parts if isinstance(p, str))
+    return _str(value)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)

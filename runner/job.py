@@ -1,0 +1,356 @@
+"""A run from start to end: submit and resume, wiring spec, source, pool, sink and state.
+
+The library entry points the CLI calls (async; only `cli` starts the event loop). Owns the
+run's life cycle: validate before spending, create or reopen the run folder under its lock,
+feed only unsettled rows, handle SIGINT/SIGTERM (drain, then stop), and always leave the
+folder consistent (shielded, time-bounded cleanup). Knows nothing of terminals or argv.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from runner.client import ChatClient, Secret
+from runner.errors import (
+    EXIT_FAILED_ROWS,
+    EXIT_OK,
+    EXIT_STOPPED,
+    Interrupted,
+    RunStopped,
+    UsageError,
+)
+from runner.limiter import Limiter
+from runner.pool import Pool
+from runner.records import Progress, WorkItem
+from runner.retry import RetryPolicy
+from runner.sink import RunSink
+from runner.source import CheckResult, InputFile, RequestBuilder, Skip, check_input
+from runner.spec import SIMULATOR, LoadedSpec, check_environment, load_spec, parse_spec
+from runner.state import (
+    RunDir,
+    Settled,
+    check_writable,
+    input_fingerprint,
+    resolve_run,
+    utc_now,
+    versions,
+)
+
+PART_ROWS = 50_000
+TICK_S = 0.25
+SimulatorStarter = Callable[[dict[str, Any]], AbstractContextManager[str]]
+ProgressHook = Callable[[Progress], None]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a session of a run ended."""
+
+    run: RunDir
+    state: str  # completed | stopped
+    progress: Progress
+    wall_s: float
+    settled_before: int
+    stop_reason: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.state != "completed":
+            return EXIT_STOPPED
+        return EXIT_FAILED_ROWS if self.progress.failed else EXIT_OK
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated spec and input, ready to run."""
+
+    spec: LoadedSpec
+    source: InputFile
+    builder: RequestBuilder
+    check: CheckResult | None
+
+
+def prepare(spec_path: str | Path, *, check_whole_file: bool | None = None) -> Prepared:
+    """Validate everything that can be validated before a request is sent."""
+    spec = load_spec(spec_path)
+    check_environment(spec)
+    return _prepare_loaded(spec, check_whole_file)
+
+
+def _prepare_loaded(spec: LoadedSpec, check_whole_file: bool | None) -> Prepared:
+    job = spec.job
+    shown = os.path.relpath(spec.input_path) if spec.input_path.is_absolute() else None
+    source = InputFile(spec.input_path, job.input, shown=shown)
+    builder = RequestBuilder(job, source)
+    source.check_columns()
+    whole = job.input.check_whole_file if check_whole_file is None else check_whole_file
+    check = check_input(source, builder) if whole else None
+    return Prepared(spec, source, builder, check)
+
+
+async def submit(
+    prepared: Prepared,
+    runs_dir: Path,
+    *,
+    on_start: Callable[[RunDir], None] | None = None,
+    on_progress: ProgressHook | None = None,
+    start_simulator: SimulatorStarter | None = None,
+    handle_signals: bool = True,
+) -> Outcome:
+    """Start a new run of a prepared job."""
+    check_writable(runs_dir)
+    run = RunDir.create(runs_dir, prepared.spec.job.name, prepared.spec.text)
+    run.lock()
+    try:
+        rows = prepared.check.rows if prepared.check else prepared.source.row_count_hint()
+        manifest: dict[str, Any] = {
+            "run_id": run.run_id,
+            "job_name": prepared.spec.job.name,
+            "spec_path": str(prepared.spec.path),
+            "spec_hash": prepared.spec.hash,
+            "input": input_fingerprint(prepared.source.path, rows),
+            "state": "running",
+            "created_at": utc_now(),
+            "versions": versions(),
+            "counts": {},
+            "sessions": [],
+        }
+        run.write_manifest(manifest)
+        if on_start:
+            on_start(run)
+        empty = Settled(0, 0, 0, frozenset())
+        return await _execute(
+            run, manifest, prepared, empty, 1, on_progress, start_simulator, handle_signals
+        )
+    finally:
+        run.unlock()
+
+
+async def resume(
+    ref: str,
+    runs_dir: Path,
+    *,
+    retry_failed: bool = False,
+    allow_changed_input: bool = False,
+    on_start: Callable[[RunDir], None] | None = None,
+    on_progress: ProgressHook | None = None,
+    start_simulator: SimulatorStarter | None = None,
+    handle_signals: bool = True,
+) -> Outcome:
+    """Continue a run: send only what no earlier session settled."""
+    run = resolve_run(ref, runs_dir)
+    run.lock()
+    try:
+        manifest = run.read_manifest()
+        spec = parse_spec(
+            run.spec_path.read_text(),
+            path=Path(manifest["spec_path"]),
+            display=str(run.spec_path),
+        )
+        check_environment(spec)
+        prepared = _prepare_loaded(spec, None)
+        old = manifest.get("input", {})
+        now = input_fingerprint(prepared.source.path, old.get("rows"))
+        changed = any(now[k] != old.get(k) for k in ("size", "mtime", "hash"))
+        if changed and not allow_changed_input:
+            raise UsageError(
+                f"{prepared.source.shown}: the input changed since run {run.run_id} started; "
+                "rerun with --allow-changed-input to send only rows whose request changed"
+            )
+        if changed:
+            manifest["input"] = input_fingerprint(
+                prepared.source.path, prepared.check.rows if prepared.check else None
+            )
+        next_segment = run.recover()
+        settled = run.settled(retry_failed=retry_failed)
+        if on_start:
+            on_start(run)
+        return await _execute(
+            run,
+            manifest,
+            prepared,
+            settled,
+            next_segment,
+            on_progress,
+            start_simulator,
+            handle_signals,
+        )
+    finally:
+        run.unlock()
+
+
+def _items(prepared: Prepared, settled: Settled) -> Iterator[WorkItem | Skip]:
+    keys = settled.keys
+    for row in prepared.source.rows():
+        for item in prepared.builder.build(row):
+            if keys and (item.row_id, item.model, _hash_of(item)) in keys:
+                continue
+            yield item
+
+
+def _hash_of(item: WorkItem | Skip) -> str:
+    return item.request_hash if isinstance(item, WorkItem) else ""
+
+
+async def _execute(
+    run: RunDir,
+    manifest: dict[str, Any],
+    prepared: Prepared,
+    settled: Settled,
+    next_segment: int,
+    on_progress: ProgressHook | None,
+    start_simulator: SimulatorStarter | None,
+    handle_signals: bool,
+) -> Outcome:
+    job = prepared.spec.job
+    endpoint = job.endpoint
+    total = None
+    if prepared.check is not None:
+        total = prepared.check.items + prepared.check.skipped
+    elif (hint := prepared.source.row_count_hint()) is not None:
+        total = hint * max(len(job.request.models) if job.request else 1, 1)
+    progress = Progress(rows_total=total, rows_done_before=len(settled.keys))
+    session: dict[str, Any] = {"started_at": utc_now(), "pid": os.getpid()}
+    manifest.setdefault("sessions", []).append(session)
+    manifest["state"] = "running"
+    run.write_manifest(manifest)
+
+    key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
+    if endpoint.base_url == SIMULATOR:
+        if start_simulator is None:
+            raise UsageError("base_url = 'simulator' needs the CLI (or a simulator starter)")
+        simulator: AbstractContextManager[str] = start_simulator(dict(endpoint.simulator))
+    else:
+        simulator = nullcontext(endpoint.base_url)
+
+    sink = RunSink(run.journal_dir, run.parts_dir, next_number=next_segment, part_rows=PART_ROWS)
+    started = time.monotonic()
+    stop_reason: str | None = None
+    pool: Pool | None = None
+    try:
+        with simulator as base_url:
+            client = ChatClient(
+                base_url=base_url,
+                api_key=Secret(key) if key else None,
+                timeout_s=endpoint.timeout_s,
+                connect_timeout_s=endpoint.connect_timeout_s,
+                concurrency=job.run.concurrency,
+                headers=endpoint.headers,
+            )
+            policy = RetryPolicy(
+                max_attempts=job.run.max_attempts,
+                deadline_s=job.run.row_deadline_s,
+                base_delay_s=job.run.backoff_base_s,
+                max_delay_s=job.run.backoff_max_s,
+                max_retry_after_s=job.run.max_retry_after_s,
+            )
+            pool = Pool(
+                client=client,
+                policy=policy,
+                limiter=Limiter(),
+                sink=sink,
+                progress=progress,
+                concurrency=job.run.concurrency,
+                retry_finish_reasons=job.run.retry_finish_reasons,
+                startup_failures_to_stop=job.run.auth_failures_to_stop,
+            )
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_tick, sink, progress, on_progress)
+                    if handle_signals:
+                        tg.start_soon(_watch_signals, pool, job.run.grace_s)
+                    await pool.run(_items(prepared, settled))
+                    tg.cancel_scope.cancel()
+            finally:
+                await client.aclose()
+    except RunStopped as exc:
+        # A stop (auth, quota, disk, signal) is an outcome, not a crash: the run is resumable.
+        stop_reason = str(exc)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await _finish(run, manifest, session, sink, progress, settled, stop_reason, pool)
+        if on_progress:
+            on_progress(progress)
+    state = manifest["state"]
+    if pool is not None and pool.stopping and state != "completed":
+        stop_reason = "interrupted"
+    return Outcome(run, state, progress, time.monotonic() - started, len(settled.keys), stop_reason)
+
+
+async def _finish(
+    run: RunDir,
+    manifest: dict[str, Any],
+    session: dict[str, Any],
+    sink: RunSink,
+    progress: Progress,
+    settled: Settled,
+    stop_reason: str | None,
+    pool: Pool | None,
+) -> None:
+    """Make every answer durable and record how the session ended; bounded in time."""
+    with anyio.move_on_after(60):
+        await sink.close()
+    pending = None
+    if progress.rows_total is not None:
+        pending = progress.rows_total - progress.rows_done_before - progress.done - progress.skipped
+    interrupted = pool is not None and pool.stopping
+    complete = stop_reason is None and not interrupted and (pending is None or pending <= 0)
+    manifest["state"] = "completed" if complete else "stopped"
+    manifest["counts"] = {
+        "total": progress.rows_total,
+        "ok": settled.ok + progress.ok,
+        "failed": settled.failed + progress.failed,
+        "skipped": settled.skipped + progress.skipped,
+        "requests": manifest.get("counts", {}).get("requests", 0) + progress.requests,
+    }
+    session.update(
+        ended_at=utc_now(),
+        outcome=manifest["state"],
+        stop_reason=stop_reason or ("interrupted" if interrupted else None),
+        ok=progress.ok,
+        failed=progress.failed,
+        requests=progress.requests,
+    )
+    run.write_manifest(manifest)
+
+
+async def _tick(sink: RunSink, progress: Progress, on_progress: ProgressHook | None) -> None:
+    """Commit the journal and report progress at a fixed rate (never per row)."""
+    while True:
+        await anyio.sleep(TICK_S)
+        sink.commit()
+        if on_progress:
+            on_progress(progress)
+
+
+async def _watch_signals(pool: Pool, grace_s: float) -> None:
+    """First SIGINT/SIGTERM: drain for up to grace_s. Second: stop at once."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if pool.stopping:
+                pool.abort()
+                return
+            pool.stop()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_abort_after, pool, grace_s)
+                async for _ in signals:
+                    pool.abort()
+                    tg.cancel_scope.cancel()
+                    return
+
+
+async def _abort_after(pool: Pool, grace_s: float) -> None:
+    await anyio.sleep(grace_s)
+    pool.abort()
+
+
+__all__ = ["Interrupted", "Outcome", "Prepared", "prepare", "resume", "submit"]

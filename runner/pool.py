@@ -1,0 +1,318 @@
+"""The worker pool: a fixed set of workers fed through bounded streams, and one writer.
+
+    feeder ──(bounded stream)──> N workers ──(bounded stream)──> writer ──> ResultSink
+
+Never one task per row: memory stays flat whatever the input size. Workers call the client
+under the retry policy and the limiter; the single writer hands finished records to the sink
+(journal + parts) and updates the run's counters. Imports client-side pieces by protocol
+only: the HTTP client, the sink and the source are passed in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from tenacity import AsyncRetrying
+
+from runner.errors import (
+    AttemptError,
+    AuthFailed,
+    AuthFailure,
+    ConnectFailure,
+    QuotaExhausted,
+    QuotaFailure,
+    RateLimited,
+    UnwantedAnswer,
+)
+from runner.limiter import Limiter
+from runner.records import Completion, Progress, ResultRecord, WorkItem
+from runner.retry import RetryPolicy
+from runner.source import Skip
+
+
+class Completer(Protocol):
+    async def complete(self, body: bytes) -> Completion: ...
+
+
+class ResultSink(Protocol):
+    async def write(self, records: Sequence[ResultRecord]) -> None: ...
+
+
+class Pool:
+    """Runs work items through `concurrency` workers; stop() drains, abort() cancels."""
+
+    def __init__(
+        self,
+        *,
+        client: Completer,
+        policy: RetryPolicy,
+        limiter: Limiter,
+        sink: ResultSink,
+        progress: Progress,
+        concurrency: int,
+        retry_finish_reasons: Sequence[str] = (),
+        startup_failures_to_stop: int = 3,
+    ) -> None:
+        self.client = client
+        self.policy = policy
+        self.limiter = limiter
+        self.sink = sink
+        self.progress = progress
+        self.concurrency = concurrency
+        self.retry_finish_reasons = frozenset(retry_finish_reasons)
+        self.startup_failures_to_stop = startup_failures_to_stop
+        self.stopping = False
+        self._feed_scope = anyio.CancelScope()
+        self._work_scope = anyio.CancelScope()
+        self._successes = 0
+        self._blocking_failures = 0  # auth / connect failures since the last success
+
+    def stop(self) -> None:
+        """Stop feeding new rows; requests in flight finish (see abort for the hard stop)."""
+        self.stopping = True
+        self._feed_scope.cancel()
+
+    def abort(self) -> None:
+        """Cancel requests in flight too; what was answered is still written."""
+        self.stop()
+        self._work_scope.cancel()
+
+    async def run(self, items: Iterator[WorkItem | Skip]) -> None:
+        work_send, work_recv = anyio.create_memory_object_stream[WorkItem](self.concurrency * 2)
+        done_send, done_recv = anyio.create_memory_object_stream[ResultRecord](
+            max(self.concurrency * 4, 256)
+        )
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._writer, done_recv)
+            async with done_send:
+                with self._work_scope:
+                    async with anyio.create_task_group() as tg:
+                        for _ in range(self.concurrency):
+                            tg.start_soon(self._worker, work_recv.clone(), done_send.clone())
+                        work_recv.close()
+                        await self._feed(items, work_send, done_send)
+
+    async def _feed(
+        self,
+        items: Iterator[WorkItem | Skip],
+        work: ObjectSendStream[WorkItem],
+        done: ObjectSendStream[ResultRecord],
+    ) -> None:
+        async with work:
+            with self._feed_scope:
+                for item in items:
+                    if isinstance(item, Skip):
+                        await done.send(_skip_record(item))
+                    else:
+                        await work.send(item)
+
+    async def _writer(self, results: ObjectReceiveStream[ResultRecord]) -> None:
+        progress = self.progress
+        async with results:
+            async for first in results:
+                batch = [first]
+                # Take everything already waiting: one journal write per burst, not per row.
+                while True:
+                    try:
+                        batch.append(results.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await self.sink.write(batch)
+                for record in batch:
+                    if record.status != "skipped":
+                        progress.requests += 1 if record.http_status or record.attempts else 0
+                    if not record.final:
+                        continue
+                    if record.status == "ok":
+                        progress.ok += 1
+                    elif record.status == "failed":
+                        progress.failed += 1
+                    else:
+                        progress.skipped += 1
+                    progress.prompt_tokens += record.prompt_tokens or 0
+                    progress.completion_tokens += record.completion_tokens or 0
+
+    async def _worker(
+        self, work: ObjectReceiveStream[WorkItem], done: ObjectSendStream[ResultRecord]
+    ) -> None:
+        current = _Current()
+
+        async def on_retry(exc: AttemptError, attempt: int, wait: float) -> None:
+            self._note_failure(exc)
+            if isinstance(exc, RateLimited):
+                self.limiter.pause_for(wait)
+            if not current.retrying:
+                current.retrying = True
+                self.progress.retrying += 1
+            await done.send(current.failure(exc, attempt, final=False))
+
+        retrying = self.policy.retrying(on_retry)
+        async with work, done:
+            async for item in work:
+                if self.stopping:
+                    continue  # queued but never sent: stays pending for resume
+                current.start(item)
+                try:
+                    record = await self._process(item, current, retrying)
+                finally:
+                    if current.retrying:
+                        self.progress.retrying -= 1
+                if record is not None:
+                    await done.send(record)
+
+    async def _process(
+        self, item: WorkItem, current: _Current, retrying: AsyncRetrying
+    ) -> ResultRecord | None:
+        progress = self.progress
+
+        async def attempt() -> Completion:
+            current.attempts += 1
+            await self.limiter.ready()
+            current.attempt_started = time.perf_counter()
+            progress.in_flight += 1
+            try:
+                answer = await self.client.complete(item.body)
+            finally:
+                progress.in_flight -= 1
+            if answer.finish_reason in self.retry_finish_reasons:
+                raise UnwantedAnswer(f"finish_reason {answer.finish_reason}", answer=answer)
+            return answer
+
+        try:
+            answer: Completion = await retrying(attempt)
+        except UnwantedAnswer as exc:
+            assert isinstance(exc.answer, Completion)
+            answer = exc.answer  # attempts ran out: keep the last paid answer
+        except (AuthFailure, QuotaFailure, ConnectFailure) as exc:
+            self._note_failure(exc)
+            if isinstance(exc, QuotaFailure):
+                raise QuotaExhausted(f"the provider refused for lack of quota: {exc}") from None
+            if isinstance(exc, ConnectFailure):
+                raise AuthFailed(f"endpoint unreachable: {exc}") from None
+            if self._successes:
+                return current.failure(exc, current.attempts, final=True)
+            return None  # not the row's fault: it stays pending and the run stops
+        except AttemptError as exc:
+            return current.failure(exc, current.attempts, final=True)
+        self._successes += 1
+        self._blocking_failures = 0
+        return current.success(answer)
+
+    def _note_failure(self, exc: AttemptError) -> None:
+        """Stop the run when auth/connect failures come before any success or in a row."""
+        if isinstance(exc, QuotaFailure):
+            raise QuotaExhausted(f"the provider refused for lack of quota: {exc}")
+        if not isinstance(exc, AuthFailure | ConnectFailure):
+            return
+        self._blocking_failures += 1
+        if self._blocking_failures >= self.startup_failures_to_stop:
+            what = "credentials refused" if isinstance(exc, AuthFailure) else "endpoint unreachable"
+            raise AuthFailed(f"{what}: {exc}")
+
+
+class _Current:
+    """What one worker is doing now; builds the records for it."""
+
+    __slots__ = ("attempt_started", "attempts", "item", "retrying", "started")
+
+    def __init__(self) -> None:
+        self.item: WorkItem | None = None
+        self.attempts = 0
+        self.started = 0.0
+        self.attempt_started = 0.0
+        self.retrying = False
+
+    def start(self, item: WorkItem) -> None:
+        self.item = item
+        self.attempts = 0
+        self.started = time.time()
+        self.attempt_started = time.perf_counter()
+        self.retrying = False
+
+    def _latency_ms(self) -> float:
+        return round((time.perf_counter() - self.attempt_started) * 1000, 3)
+
+    def success(self, answer: Completion) -> ResultRecord:
+        item = self.item
+        assert item is not None
+        return ResultRecord(
+            row_id=item.row_id,
+            row_index=item.row_index,
+            model=item.model,
+            request_hash=item.request_hash,
+            status="ok",
+            final=True,
+            attempts=self.attempts,
+            started_at=self.started,
+            finished_at=time.time(),
+            latency_ms=self._latency_ms(),
+            http_status=answer.http_status,
+            content=answer.content,
+            refusal=answer.refusal,
+            tool_calls=answer.tool_calls,
+            finish_reason=answer.finish_reason,
+            response_model=answer.response_model,
+            response_id=answer.response_id,
+            system_fingerprint=answer.system_fingerprint,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            total_tokens=answer.total_tokens,
+            cached_tokens=answer.cached_tokens,
+            reasoning_tokens=answer.reasoning_tokens,
+            provider_cost=answer.provider_cost,
+        )
+
+    def failure(self, exc: AttemptError, attempt: int, *, final: bool) -> ResultRecord:
+        item = self.item
+        assert item is not None
+        return ResultRecord(
+            row_id=item.row_id,
+            row_index=item.row_index,
+            model=item.model,
+            request_hash=item.request_hash,
+            status="failed",
+            final=final,
+            attempts=attempt,
+            started_at=self.started,
+            finished_at=time.time(),
+            latency_ms=self._latency_ms(),
+            http_status=exc.status,
+            error_type=exc.error_type,
+            error_message=exc.message,
+            possibly_billed=exc.possibly_billed,
+        )
+
+
+def _skip_record(skip: Skip) -> ResultRecord:
+    now = time.time()
+    return ResultRecord(
+        row_id=skip.row_id,
+        row_index=skip.row_index,
+        model=skip.model,
+        request_hash="",
+        status="failed" if skip.failed else "skipped",
+        final=True,
+        attempts=0,
+        started_at=now,
+        finished_at=now,
+        latency_ms=0.0,
+        error_type=skip.error_type,
+        error_message=skip.message,
+    )
+
+
+def eta_seconds(progress: Progress) -> float | None:
+    """Seconds left at the current rate, or None before there is a rate."""
+    if progress.rows_total is None:
+        return None
+    elapsed = time.monotonic() - progress.started
+    done = progress.done + progress.skipped
+    if done <= 0 or elapsed <= 0:
+        return None
+    left = progress.rows_total - done
+    return math.inf if left < 0 else left / (done / elapsed)

@@ -1,0 +1,117 @@
+"""The small records that flow through a run: work items, answers, results, progress.
+
+Frozen, slotted dataclasses, so one row costs one small object on the hot path and orjson
+serialises a result straight into a journal line. Imports only `errors`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One request to make: an input row for one model."""
+
+    row_index: int
+    row_id: str
+    model: str
+    body: bytes  # the canonical JSON request body, sent as is
+    request_hash: str
+    est_prompt_tokens: int
+    max_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """What a successful (HTTP 200, parseable) chat-completion answer holds."""
+
+    content: str | None
+    refusal: str | None
+    tool_calls: str | None  # JSON text, stored as data and never executed
+    finish_reason: str | None
+    response_model: str | None
+    response_id: str | None
+    system_fingerprint: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cached_tokens: int | None
+    reasoning_tokens: int | None
+    provider_cost: float | None
+    http_status: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRecord:
+    """One finished attempt, as journaled and as stored in Parquet parts.
+
+    `final` marks the record that settles the row (ok or failed); earlier failed attempts
+    of the same row are journaled with `final=False` so reports can count retries and
+    spend that may have been billed without an answer.
+    """
+
+    row_id: str
+    row_index: int
+    model: str
+    request_hash: str
+    status: str  # "ok" | "failed" | "retry"
+    final: bool
+    attempts: int
+    started_at: float  # epoch seconds
+    finished_at: float
+    latency_ms: float
+    http_status: int | None = None
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: str | None = None
+    finish_reason: str | None = None
+    response_model: str | None = None
+    response_id: str | None = None
+    system_fingerprint: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    provider_cost: float | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    possibly_billed: bool = False
+
+
+@dataclass(slots=True)
+class Progress:
+    """The run's counters: updated in one place (the pool's writer), read by renderers."""
+
+    rows_total: int | None = None  # work items (rows x models) this run will attempt
+    rows_done_before: int = 0  # settled by an earlier session of the same run
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0  # rows not sent at all (null or empty prompt)
+    retrying: int = 0  # items currently waiting for another attempt
+    in_flight: int = 0
+    requests: int = 0  # HTTP attempts finished, retries included
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed
+
+    def snapshot(self) -> Progress:
+        return Progress(
+            rows_total=self.rows_total,
+            rows_done_before=self.rows_done_before,
+            ok=self.ok,
+            failed=self.failed,
+            skipped=self.skipped,
+            retrying=self.retrying,
+            in_flight=self.in_flight,
+            requests=self.requests,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            started=self.started,
+        )

@@ -1,0 +1,184 @@
+"""The result schema and the files that hold results: journal first, then Parquet parts.
+
+The single source of result column names. Parts are immutable: written to `.tmp`, fsynced,
+renamed, folder fsynced, so a reader only ever sees whole files. Part N holds exactly the
+records of journal segment N, which is deleted once the part is durable; recovery compacts
+whatever segments are left. Owns pyarrow writing; knows nothing of HTTP or the pool.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from runner.journal import Journal, read_segment, segment_number, segments, storage_error
+from runner.records import ResultRecord
+
+PART_GLOB = "part-*.parquet"
+
+_TS = pa.timestamp("us", tz="UTC")
+_TYPES: dict[str, pa.DataType] = {
+    "row_id": pa.string(),
+    "row_index": pa.int64(),
+    "model": pa.string(),
+    "request_hash": pa.string(),
+    "status": pa.string(),
+    "final": pa.bool_(),
+    "attempts": pa.int32(),
+    "started_at": _TS,
+    "finished_at": _TS,
+    "latency_ms": pa.float64(),
+    "http_status": pa.int32(),
+    "content": pa.string(),
+    "refusal": pa.string(),
+    "tool_calls": pa.string(),
+    "finish_reason": pa.string(),
+    "response_model": pa.string(),
+    "response_id": pa.string(),
+    "system_fingerprint": pa.string(),
+    "prompt_tokens": pa.int64(),
+    "completion_tokens": pa.int64(),
+    "total_tokens": pa.int64(),
+    "cached_tokens": pa.int64(),
+    "reasoning_tokens": pa.int64(),
+    "provider_cost": pa.float64(),
+    "error_type": pa.string(),
+    "error_message": pa.string(),
+    "possibly_billed": pa.bool_(),
+}
+COLUMNS = [f.name for f in fields(ResultRecord)]
+assert set(COLUMNS) == set(_TYPES), "records.ResultRecord and sink's schema disagree"
+SCHEMA = pa.schema([pa.field(name, _TYPES[name]) for name in COLUMNS])
+# Columns that identify a row's answer, for joins with the input and exports.
+ANSWER_COLUMNS = [c for c in COLUMNS if c not in ("row_index", "final", "possibly_billed")]
+
+
+def part_name(number: int) -> str:
+    return f"part-{number:06d}.parquet"
+
+
+def part_number(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+def parts(folder: Path) -> list[Path]:
+    return sorted(folder.glob(PART_GLOB), key=part_number)
+
+
+def to_table(rows: Sequence[ResultRecord] | Sequence[dict[str, Any]]) -> pa.Table:
+    """Columns built one at a time (far cheaper than row-wise conversion)."""
+    arrays = []
+    as_dicts = bool(rows) and isinstance(rows[0], dict)
+    for name in COLUMNS:
+        if as_dicts:
+            values = [r.get(name) for r in rows]  # type: ignore[union-attr]
+        else:
+            values = [getattr(r, name) for r in rows]
+        kind = _TYPES[name]
+        if kind == _TS:
+            micros = [None if v is None else round(v * 1_000_000) for v in values]
+            arrays.append(pa.array(micros, pa.int64()).cast(kind))
+        else:
+            arrays.append(pa.array(values, kind))
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_part(folder: Path, number: int, table: pa.Table) -> Path:
+    """Write an immutable part: .tmp, close, fsync, rename, fsync the folder."""
+    final = folder / part_name(number)
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            pq.write_table(table, handle, compression="zstd", row_group_size=64 * 1024)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        fsync_dir(folder)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise storage_error("write results part", final, exc) from None
+    return final
+
+
+def compact_leftovers(journal_dir: Path, parts_dir: Path) -> int:
+    """Turn every segment left by an earlier session into its part; returns the next number.
+
+    Safe to repeat at any instant: a segment whose part exists is only deleted, and a
+    half-written `.tmp` part is discarded (the segment still holds its records).
+    """
+    for tmp in parts_dir.glob("*.tmp"):
+        tmp.unlink()
+    highest = max((part_number(p) for p in parts(parts_dir)), default=0)
+    for segment in list(segments(journal_dir)):
+        number = segment_number(segment)
+        if not (parts_dir / part_name(number)).exists():
+            records = read_segment(segment, repair=True)
+            if records:
+                write_part(parts_dir, number, to_table(records))
+        segment.unlink()
+        highest = max(highest, number)
+    fsync_dir(journal_dir)
+    return highest + 1
+
+
+class RunSink:
+    """The pool's sink: journal every record, compact each full segment into a part."""
+
+    def __init__(self, journal_dir: Path, parts_dir: Path, *, next_number: int, part_rows: int):
+        self.journal_dir = journal_dir
+        self.parts_dir = parts_dir
+        self.part_rows = part_rows
+        self._buffer: list[ResultRecord] = []
+        self._journal = Journal(journal_dir, next_number)
+
+    async def write(self, records: Sequence[ResultRecord]) -> None:
+        self._journal.append(records)
+        self._buffer.extend(records)
+        if len(self._buffer) >= self.part_rows:
+            await self.rotate()
+
+    def commit(self) -> None:
+        self._journal.commit()
+
+    async def rotate(self) -> None:
+        """Close the segment, write its records as a part off the event loop, drop it."""
+        journal, buffered = self._journal, self._buffer
+        journal.close()
+        self._journal = Journal(self.journal_dir, journal.number + 1)
+        self._buffer = []
+        if buffered:
+            await anyio.to_thread.run_sync(self._compact, journal.path, journal.number, buffered)
+        else:
+            journal.path.unlink(missing_ok=True)
+
+    def _compact(self, segment: Path, number: int, records: list[ResultRecord]) -> None:
+        write_part(self.parts_dir, number, to_table(records))
+        segment.unlink()
+        fsync_dir(self.journal_dir)
+
+    async def close(self) -> None:
+        """Make everything durable and compact the open segment (shielded by the caller)."""
+        await self.rotate()
+        self._journal.close()
+        self._journal.path.unlink(missing_ok=True)
+
+
+def iter_tables(parts_dir: Path, columns: Iterable[str] | None = None) -> Iterable[pa.Table]:
+    for path in parts(parts_dir):
+        yield pq.read_table(path, columns=list(columns) if columns else None)

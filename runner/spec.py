@@ -1,0 +1,374 @@
+"""Job specs: the TOML schema, its validation, and one-line errors that name the field.
+
+Owns pydantic (spec validation). Must not import anything above `records` in the module
+map: it knows nothing of files other than the spec itself, HTTP or runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from runner.errors import SpecError
+
+SIMULATOR = "simulator"
+
+# Strings that look like a credential. Used to refuse a key pasted into a spec; the match
+# itself is never echoed back.
+_SECRET_RE = re.compile(
+    r"(sk-[A-Za-z0-9_\-]{12,}|\bBearer\s+\S{8,}|\b(?:rk|pk|ak)-[A-Za-z0-9_\-]{20,})"
+)
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]")
+
+
+def _between(lo: float, hi: float) -> AfterValidator:
+    def check(value: float) -> float:
+        if not (lo <= value <= hi) or math.isnan(value):
+            raise ValueError(f"must be between {_num(lo)} and {_num(hi)} (got {_num(value)})")
+        return value
+
+    return AfterValidator(check)
+
+
+def _at_least(lo: float) -> AfterValidator:
+    def check(value: float) -> float:
+        if value < lo or math.isnan(value):
+            raise ValueError(f"must be at least {_num(lo)} (got {_num(value)})")
+        return value
+
+    return AfterValidator(check)
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+Temperature = Annotated[float, _between(0, 2)]
+TopP = Annotated[float, _between(0, 1)]
+Penalty = Annotated[float, _between(-2, 2)]
+PositiveInt = Annotated[int, _at_least(1)]
+PositiveFloat = Annotated[float, _at_least(0.001)]
+NonNegativeFloat = Annotated[float, _at_least(0)]
+
+
+class _Strict(BaseModel):
+    # extra="forbid" turns a typo into an error instead of a silently ignored key.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class InputSpec(_Strict):
+    path: str
+    format: Literal["auto", "parquet", "jsonl", "csv", "openai-batch"] = "auto"
+    id_column: str | None = None
+    prompt_column: str | None = None
+    messages_column: str | None = None
+    template: str | None = None
+    system: str | None = None
+    # The whole file is checked before anything is spent; off for huge trusted inputs.
+    check_whole_file: bool = True
+    # A row whose prompt is estimated above this many tokens fails without being sent.
+    max_prompt_tokens: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> InputSpec:
+        given = [
+            name
+            for name in ("prompt_column", "messages_column", "template")
+            if getattr(self, name) is not None
+        ]
+        if self.format == "openai-batch":
+            if given:
+                raise ValueError(f"{given[0]} cannot be used with format = 'openai-batch'")
+        elif len(given) != 1:
+            raise ValueError(
+                "exactly one of prompt_column, messages_column, template is required"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class EndpointSpec(_Strict):
+    # Declared before base_url so the base_url check can see it.
+    allow_insecure: bool = False
+    base_url: str = SIMULATOR
+    api_key_env: str | None = None
+    timeout_s: PositiveFloat = 120.0
+    connect_timeout_s: PositiveFloat = 10.0
+    headers: dict[str, str] = Field(default_factory=dict)
+    # Switches for the built-in simulator when base_url = "simulator" (see runner simulate).
+    simulator: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str, info: ValidationInfo) -> str:
+        if value == SIMULATOR:
+            return value
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http(s) URL or {SIMULATOR!r} (got {value!r})")
+        host = value.split("://", 1)[1]
+        if (
+            value.startswith("http://")
+            and not info.data.get("allow_insecure")
+            and not host.startswith(_LOOPBACK_HOSTS)
+        ):
+            raise ValueError(
+                "uses http:// for a non-loopback host; use https:// or set allow_insecure = true"
+            )
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME_RE.match(value):
+            raise ValueError(
+                "must be the NAME of an environment variable holding the key, "
+                "not the key itself"
+            )
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _no_auth_header(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if name.lower() in ("authorization", "api-key", "x-api-key"):
+                raise ValueError(
+                    f"the {name} header carries a secret: set api_key_env to the name of an "
+                    "environment variable instead"
+                )
+        return value
+
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+
+class RequestSpec(_Strict):
+    """Chat-completions fields sent with every request (validated before sending)."""
+
+    model: str | list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: str | list[str] | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, _between(-100, 100)]] | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    seed: int | None = None
+    n: Annotated[int, _between(1, 1)] | None = None  # one answer per row: n > 1 is refused
+    user: str | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, _between(0, 20)] | None = None
+    service_tier: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    # Provider-specific fields, merged into the body as they are.
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _models(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is None:
+            return value
+        models = [value] if isinstance(value, str) else value
+        if not models or any(not m.strip() for m in models):
+            raise ValueError("must be a model name or a non-empty list of model names")
+        if len(set(models)) != len(models):
+            raise ValueError("lists a model twice")
+        return value
+
+    @property
+    def models(self) -> list[str]:
+        if self.model is None:
+            return []
+        return [self.model] if isinstance(self.model, str) else list(self.model)
+
+    def body_fields(self) -> dict[str, Any]:
+        """The fields every request body carries besides `model` and `messages`."""
+        fields = self.model_dump(exclude_none=True, exclude={"model", "extra_body"})
+        fields.update(self.extra_body)
+        return fields
+
+    @property
+    def answer_cap(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class RunSpec(_Strict):
+    concurrency: Annotated[int, _between(1, 10_000)] = 64
+    max_attempts: Annotated[int, _between(1, 100)] = 6
+    # Total time a row may take across all its attempts and waits.
+    row_deadline_s: PositiveFloat = 900.0
+    backoff_base_s: NonNegativeFloat = 0.5
+    backoff_max_s: NonNegativeFloat = 60.0
+    max_retry_after_s: NonNegativeFloat = 120.0
+    # Time in-flight requests get to finish after the first SIGINT/SIGTERM.
+    grace_s: NonNegativeFloat = 30.0
+    # finish_reason values that are re-asked instead of kept (off by default: they were paid for).
+    retry_finish_reasons: list[Literal["length", "content_filter"]] = Field(default_factory=list)
+    # How many failures of every request at the start (401/403/unreachable) stop the run.
+    auth_failures_to_stop: Annotated[int, _between(1, 1000)] = 3
+
+
+class JobSpec(_Strict):
+    name: str
+    input: InputSpec
+    endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
+    # Optional only for format = "openai-batch", whose lines carry their own bodies.
+    request: RequestSpec | None = None
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", value):
+            raise ValueError(
+                "must be 1-64 characters of letters, digits, '_', '-', '.', "
+                "starting with a letter or digit"
+            )
+        return value
+
+
+class LoadedSpec:
+    """A validated spec plus where it came from (paths resolve against its folder)."""
+
+    __slots__ = ("hash", "job", "path", "text")
+
+    def __init__(self, job: JobSpec, path: Path, text: str) -> None:
+        self.job = job
+        self.path = path
+        self.text = text
+        self.hash = hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def input_path(self) -> Path:
+        return (self.path.parent / self.job.input.path).resolve()
+
+
+def load_spec(path: str | Path, *, display: str | None = None) -> LoadedSpec:
+    """Read and validate a job spec; raises SpecError naming the file and field."""
+    path = Path(path)
+    shown = display or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(shown, "", "no such file") from None
+    except IsADirectoryError:
+        raise SpecError(shown, "", "is a directory, not a job spec") from None
+    except UnicodeDecodeError:
+        raise SpecError(shown, "", "is not UTF-8 text") from None
+    except OSError as exc:
+        raise SpecError(shown, "", f"cannot be read ({exc.strerror})") from None
+    return parse_spec(text, path=path, display=shown)
+
+
+def parse_spec(text: str, *, path: Path, display: str) -> LoadedSpec:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(display, "", f"invalid TOML: {exc}") from None
+    _refuse_secrets(data, display)
+    try:
+        job = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(exc, display) from None
+    if job.input.format != "openai-batch" and (job.request is None or not job.request.models):
+        raise SpecError(display, "request.model", "is required")
+    return LoadedSpec(job, path.resolve(), text)
+
+
+def check_environment(spec: LoadedSpec, environ: dict[str, str] | None = None) -> None:
+    """Checks that need the world outside the spec text: the API key variable."""
+    env = os.environ if environ is None else environ
+    name = spec.job.endpoint.api_key_env
+    if name is not None and not env.get(name):
+        raise SpecError(
+            str(spec.path), "endpoint.api_key_env", f"environment variable {name} is not set"
+        )
+
+
+def _refuse_secrets(data: Any, display: str, where: str = "") -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            field = f"{where}.{key}" if where else str(key)
+            if str(key).lower() in ("api_key", "apikey", "key", "token", "secret", "password"):
+                if isinstance(value, str) and value:
+                    raise SpecError(display, field, _SECRET_HELP)
+            _refuse_secrets(value, display, field)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            _refuse_secrets(value, display, f"{where}[{i}]")
+    elif isinstance(data, str) and _SECRET_RE.search(data):
+        raise SpecError(display, where, _SECRET_HELP)
+
+
+_SECRET_HELP = (
+    "looks like an API key; never write a key in a spec: put it in an environment "
+    "variable and name that variable in endpoint.api_key_env"
+)
+
+
+def _first_error(exc: ValidationError, display: str) -> SpecError:
+    err = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in err["loc"]]
+    # pydantic appends the union member or the validator to the location; keep the field path.
+    loc = [p for p in loc if not p.startswith(("function-", "str", "list[", "int", "float"))]
+    field = ".".join(loc)
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        message = "unknown key" + _did_you_mean(loc)
+    elif kind == "missing":
+        message = "is required"
+    elif kind == "value_error" and "error" in ctx:
+        message = str(ctx["error"])
+    elif kind == "literal_error":
+        message = f"must be one of {ctx.get('expected', '')} (got {err['input']!r})"
+    else:
+        message = f"{err['msg'][0].lower()}{err['msg'][1:]} (got {_short(err.get('input'))})"
+    return SpecError(display, field, message)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    model: type[BaseModel] | None = JobSpec
+    for part in loc[:-1]:
+        info = model.model_fields.get(part) if model else None
+        annotation = info.annotation if info else None
+        model = (
+            annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            else None
+        )
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,283 @@
+"""The run directory: layout, manifest, lock, recovery, and finding runs by name.
+
+    runs/<run-id>/
+      job.toml        frozen copy of the spec as submitted (never holds a secret)
+      manifest.json   state, counts, versions, input fingerprint; replaced atomically
+      lock            flock'd by the one process running this run
+      journal/        append-only JSONL segments
+      parts/          immutable part-NNNNNN.parquet
+
+Owns resume bookkeeping (which row keys are settled). Readers (status, report) never take
+the lock. Uses journal and sink for the files; knows nothing of HTTP or the pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from runner.errors import RunLocked, RunNotFound, StorageFailed, UsageError
+from runner.journal import read_segment, segments, storage_error
+from runner.sink import compact_leftovers, fsync_dir, parts
+
+DIR_MODE = 0o700
+STATES = ("running", "stopped", "completed", "failed")
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def default_runs_dir() -> Path:
+    return Path(os.environ.get("RUNNER_RUNS_DIR") or "runs")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("runner", "httpx2", "anyio", "pyarrow", "duckdb"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[package] = metadata.version(package)
+    return found
+
+
+def input_fingerprint(path: Path, rows: int | None) -> dict[str, Any]:
+    """Size, mtime and hashes of the first and last MiB: cheap, and catches edits."""
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        digest.update(handle.read(_FINGERPRINT_BYTES))
+        if stat.st_size > _FINGERPRINT_BYTES:
+            handle.seek(max(stat.st_size - _FINGERPRINT_BYTES, _FINGERPRINT_BYTES))
+            digest.update(handle.read())
+    return {
+        "path": str(path),
+        "size": stat.st_size,
+        "mtime": stat.st_mtime,
+        "hash": digest.hexdigest(),
+        "rows": rows,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What earlier sessions of a run already settled."""
+
+    ok: int
+    failed: int
+    skipped: int
+    keys: frozenset[tuple[str, str, str]]  # (row_id, model, request_hash) needing no request
+
+
+class RunDir:
+    """A run's folder and the operations on it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.run_id = path.name
+        self.manifest_path = path / "manifest.json"
+        self.spec_path = path / "job.toml"
+        self.lock_path = path / "lock"
+        self.journal_dir = path / "journal"
+        self.parts_dir = path / "parts"
+        self._lock_fd: int | None = None
+
+    # -- creation and locking --------------------------------------------------------------
+
+    @classmethod
+    def create(cls, runs_dir: Path, job_name: str, spec_text: str) -> RunDir:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        try:
+            runs_dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            for n in range(1, 1000):
+                name = f"{job_name}-{stamp}" + (f"-{n}" if n > 1 else "")
+                try:
+                    (runs_dir / name).mkdir(mode=DIR_MODE)
+                except FileExistsError:
+                    continue
+                break
+            run = cls(runs_dir / name)
+            run.journal_dir.mkdir(mode=DIR_MODE)
+            run.parts_dir.mkdir(mode=DIR_MODE)
+            _write_atomic(run.spec_path, spec_text.encode())
+        except OSError as exc:
+            raise storage_error("create run folder in", runs_dir, exc) from None
+        return run
+
+    def lock(self) -> None:
+        """Hold the run's flock for this process's lifetime, or raise RunLocked."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise storage_error("open lock file", self.lock_path, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise RunLocked(self.run_id, int(holder) if holder.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def holder_pid(self) -> int | None:
+        """PID of the process running this run now, if any (a read-only probe)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+    # -- manifest ----------------------------------------------------------------------------
+
+    def read_manifest(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise RunNotFound(f"{self.path}: not a run folder (no manifest.json)") from None
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{self.manifest_path}: unreadable ({exc})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{self.manifest_path}: not a manifest")
+        return data
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        manifest["updated_at"] = utc_now()
+        try:
+            _write_atomic(self.manifest_path, json.dumps(manifest, indent=2).encode())
+        except OSError as exc:
+            raise storage_error("write manifest", self.manifest_path, exc) from None
+
+    # -- recovery and resume -----------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Compact whatever an interrupted session left; returns the next segment number."""
+        try:
+            return compact_leftovers(self.journal_dir, self.parts_dir)
+        except OSError as exc:
+            raise storage_error("recover journal in", self.journal_dir, exc) from None
+
+    def settled(self, *, retry_failed: bool = False) -> Settled:
+        """Work already settled by committed parts and the journal (the latest record wins).
+
+        Keys carry the request hash, so a row whose request changed is not settled.
+        """
+        latest: dict[tuple[str, str], tuple[str, str]] = {}
+        for path in parts(self.parts_dir):
+            table = pq.read_table(
+                path, columns=["row_id", "model", "request_hash", "status", "final"]
+            )
+            table = table.filter(pc.field("final"))
+            for row_id, model, digest, status in zip(
+                table.column("row_id").to_pylist(),
+                table.column("model").to_pylist(),
+                table.column("request_hash").to_pylist(),
+                table.column("status").to_pylist(),
+                strict=True,
+            ):
+                latest[(row_id, model)] = (status, digest)
+        for segment in segments(self.journal_dir):
+            for record in read_segment(segment):
+                if record.get("final"):
+                    key = (record["row_id"], record["model"])
+                    latest[key] = (record["status"], record["request_hash"])
+        counts = {"ok": 0, "failed": 0, "skipped": 0}
+        keys = set()
+        for (row_id, model), (status, digest) in latest.items():
+            counts[status] = counts.get(status, 0) + 1
+            if status != "failed" or not retry_failed:
+                keys.add((row_id, model, digest))
+        return Settled(counts["ok"], counts["failed"], counts["skipped"], frozenset(keys))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def resolve_run(ref: str, runs_dir: Path) -> RunDir:
+    """A run id, a run folder path, or a job name (meaning its latest run)."""
+    candidate = Path(ref)
+    if (candidate / "manifest.json").exists():
+        return RunDir(candidate.resolve())
+    if (runs_dir / ref / "manifest.json").exists():
+        return RunDir((runs_dir / ref).resolve())
+    latest = [m for m in list_runs(runs_dir) if m.get("job_name") == ref]
+    if latest:
+        return RunDir((runs_dir / latest[-1]["run_id"]).resolve())
+    raise RunNotFound(f"no run or job named {ref!r} in {runs_dir}")
+
+
+def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    """Manifests of every run under runs_dir, oldest first."""
+    found = []
+    if not runs_dir.is_dir():
+        return found
+    for child in runs_dir.iterdir():
+        path = child / "manifest.json"
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                data = json.loads(path.read_text())
+                if isinstance(data, dict) and "run_id" in data:
+                    found.append(data)
+    found.sort(key=lambda m: (m.get("created_at", ""), m.get("run_id", "")))
+    return found
+
+
+def check_writable(runs_dir: Path) -> None:
+    """Fail before the first request when results could not be written."""
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        probe = runs_dir / f".probe-{os.getpid()}-{time.monotonic_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StorageFailed(f"runs folder {runs_dir} is not writable ({exc.strerror})") from None
+
+
+@contextlib.contextmanager
+def locked(run: RunDir) -> Iterator[RunDir]:
+    run.lock()
+    try:
+        yield run
+    finally:
+        run.unlock()
