@@ -85,9 +85,7 @@ def submit(spec: Path, runs_dir: Path, no_check: bool) -> None:
     from runner import job
 
     prepared = job.prepare(spec, check_whole_file=False if no_check else None)
-    _run_session(
-        lambda hooks: job.submit(prepared, runs_dir, **hooks), prepared.spec.job.name
-    )
+    _run_session(lambda hooks: job.submit(prepared, runs_dir, **hooks), prepared.spec.job.name)
 
 
 @cli.command()
@@ -148,9 +146,7 @@ def _simulator_starter(switches: dict[str, Any]) -> Iterator[str]:
     names = {f.name for f in dataclasses.fields(SimulatorConfig)}
     unknown = sorted(set(switches) - names)
     if unknown:
-        raise SpecError(
-            "job spec", f"endpoint.simulator.{unknown[0]}", "unknown simulator switch"
-        )
+        raise SpecError("job spec", f"endpoint.simulator.{unknown[0]}", "unknown simulator switch")
     config = SimulatorConfig(**switches)
     with SimulatorThread(config) as sim:
         yield sim.base_url
@@ -317,16 +313,11 @@ def report(run: str, runs_dir: Path, fmt: str) -> None:
 @_format_option
 def query(run: str, sql: str, runs_dir: Path, fmt: str) -> None:
     """Run SQL over RUN's views: results, attempts, input."""
-    import duckdb
-
     from runner.report import RunDB
     from runner.state import resolve_run
 
     with RunDB(resolve_run(run, runs_dir)) as db:
-        try:
-            names, rows = db.query(sql)
-        except duckdb.Error as exc:
-            raise click.UsageError(f"query failed: {str(exc).splitlines()[0]}") from None
+        names, rows = db.query(sql)
     _emit(names, rows, fmt)
 
 
@@ -357,9 +348,7 @@ def _simulator_options(func: F) -> F:
         elif isinstance(default, tuple):
             func = click.option(name, multiple=True, type=int, default=default)(func)
         elif isinstance(default, int | float | str):
-            func = click.option(name, type=type(default), default=default, show_default=True)(
-                func
-            )
+            func = click.option(name, type=type(default), default=default, show_default=True)(func)
         else:
             kind = int if "limit" in f.name else str
             func = click.option(name, type=kind, default=None)(func)

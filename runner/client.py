@@ -184,8 +184,8 @@ class ChatClient:
             detail = self._clean(str(error.get("message"))) if isinstance(error, dict) else ""
             raise MalformedResponse(f"200 without choices {detail}".strip(), status=200)
         choice = choices[0]
-        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        message = _dict(choice.get("message"))
+        usage = _dict(data.get("usage"))
         prompt_details = _dict(usage.get("prompt_tokens_details"))
         completion_details = _dict(usage.get("completion_tokens_details"))
         tool_calls = message.get("tool_calls")

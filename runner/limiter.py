@@ -34,6 +34,8 @@ class Limiter:
 
     async def ready(self) -> None:
         """Return when a request may start; sleeps to the computed resume instant."""
-        while (wait := self._resume_at - self._clock()) > 0:
-            # Loops only when another 429 pushed the resume instant further meanwhile.
+        wait = self._resume_at - self._clock()
+        if wait > 0:
             await anyio.sleep(wait)
+            # Another 429 may have pushed the resume instant further meanwhile.
+            await self.ready()

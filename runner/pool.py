@@ -17,7 +17,7 @@ from typing import Protocol
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
-from tenacity import AsyncRetrying
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from runner.errors import (
     AttemptError,
@@ -31,7 +31,7 @@ from runner.errors import (
 )
 from runner.limiter import Limiter
 from runner.records import Completion, Progress, ResultRecord, WorkItem
-from runner.retry import RetryPolicy
+from runner.retry import RetryPolicy, Retrying
 from runner.source import Skip
 
 
@@ -41,6 +41,9 @@ class Completer(Protocol):
 
 class ResultSink(Protocol):
     async def write(self, records: Sequence[ResultRecord]) -> None: ...
+
+    def append(self, records: Sequence[ResultRecord]) -> None:
+        """Journal at once, without awaiting (for cleanup under cancellation)."""
 
 
 class Pool:
@@ -71,6 +74,8 @@ class Pool:
         self._work_scope = anyio.CancelScope()
         self._successes = 0
         self._blocking_failures = 0  # auth / connect failures since the last success
+        # Records a worker held when it was cancelled: journaled by run()'s cleanup.
+        self._orphans: list[ResultRecord] = []
 
     def stop(self) -> None:
         """Stop feeding new rows; requests in flight finish (see abort for the hard stop)."""
@@ -87,15 +92,30 @@ class Pool:
         done_send, done_recv = anyio.create_memory_object_stream[ResultRecord](
             max(self.concurrency * 4, 256)
         )
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(self._writer, done_recv)
-            async with done_send:
-                with self._work_scope:
-                    async with anyio.create_task_group() as tg:
-                        for _ in range(self.concurrency):
-                            tg.start_soon(self._worker, work_recv.clone(), done_send.clone())
-                        work_recv.close()
-                        await self._feed(items, work_send, done_send)
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._writer, done_recv)
+                async with done_send:
+                    with self._work_scope:
+                        async with anyio.create_task_group() as tg:
+                            for _ in range(self.concurrency):
+                                tg.start_soon(self._worker, work_recv.clone(), done_send.clone())
+                            work_recv.close()
+                            await self._feed(items, work_send, done_send)
+        finally:
+            # Answers received but not yet written when a cancellation hit: journal them now,
+            # synchronously, so nothing that was paid for is lost.
+            leftovers = self._orphans
+            self._orphans = []
+            while True:
+                try:
+                    leftovers.append(done_recv.receive_nowait())
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+            done_recv.close()
+            if leftovers:
+                self.sink.append(leftovers)
+                self._count(leftovers)
 
     async def _feed(
         self,
@@ -111,31 +131,44 @@ class Pool:
                     else:
                         await work.send(item)
 
-    async def _writer(self, results: ObjectReceiveStream[ResultRecord]) -> None:
-        progress = self.progress
-        async with results:
-            async for first in results:
-                batch = [first]
-                # Take everything already waiting: one journal write per burst, not per row.
-                while True:
-                    try:
-                        batch.append(results.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
+    async def _writer(self, results: MemoryObjectReceiveStream[ResultRecord]) -> None:
+        # The stream is not closed here: run() drains what is left after a cancellation.
+        async for first in results:
+            batch = [first]
+            # Take everything already waiting: one journal write per burst, not per row.
+            while True:
+                try:
+                    batch.append(results.receive_nowait())
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+            try:
                 await self.sink.write(batch)
-                for record in batch:
-                    if record.status != "skipped":
-                        progress.requests += 1 if record.http_status or record.attempts else 0
-                    if not record.final:
-                        continue
-                    if record.status == "ok":
-                        progress.ok += 1
-                    elif record.status == "failed":
-                        progress.failed += 1
-                    else:
-                        progress.skipped += 1
-                    progress.prompt_tokens += record.prompt_tokens or 0
-                    progress.completion_tokens += record.completion_tokens or 0
+            except anyio.get_cancelled_exc_class():
+                raise  # the batch was journaled before the await that got cancelled
+            self._count(batch)
+
+    def _count(self, batch: Sequence[ResultRecord]) -> None:
+        progress = self.progress
+        for record in batch:
+            if record.attempts:
+                progress.requests += 1
+            if not record.final:
+                continue
+            if record.status == "ok":
+                progress.ok += 1
+            elif record.status == "failed":
+                progress.failed += 1
+            else:
+                progress.skipped += 1
+            progress.prompt_tokens += record.prompt_tokens or 0
+            progress.completion_tokens += record.completion_tokens or 0
+
+    async def _deliver(self, done: ObjectSendStream[ResultRecord], record: ResultRecord) -> None:
+        try:
+            await done.send(record)
+        except BaseException:
+            self._orphans.append(record)
+            raise
 
     async def _worker(
         self, work: ObjectReceiveStream[WorkItem], done: ObjectSendStream[ResultRecord]
@@ -149,7 +182,7 @@ class Pool:
             if not current.retrying:
                 current.retrying = True
                 self.progress.retrying += 1
-            await done.send(current.failure(exc, attempt, final=False))
+            await self._deliver(done, current.failure(exc, attempt, final=False))
 
         retrying = self.policy.retrying(on_retry)
         async with work, done:
@@ -163,10 +196,10 @@ class Pool:
                     if current.retrying:
                         self.progress.retrying -= 1
                 if record is not None:
-                    await done.send(record)
+                    await self._deliver(done, record)
 
     async def _process(
-        self, item: WorkItem, current: _Current, retrying: AsyncRetrying
+        self, item: WorkItem, current: _Current, retrying: Retrying
     ) -> ResultRecord | None:
         progress = self.progress
 

@@ -46,9 +46,7 @@ class RunDB:
             source = f"SELECT * FROM read_parquet([{listed}]) UNION ALL BY NAME "
         else:
             source = ""
-        self.con.execute(
-            f"CREATE VIEW attempts AS {source}SELECT * FROM journal_records"
-        )
+        self.con.execute(f"CREATE VIEW attempts AS {source}SELECT * FROM journal_records")
         self.con.execute(
             "CREATE VIEW results AS SELECT * EXCLUDE (final) FROM attempts WHERE final "
             "QUALIFY row_number() OVER (PARTITION BY row_id, model "
@@ -93,13 +91,18 @@ class RunDB:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
-        cursor = self.con.execute(sql, params or [])
+    def query(
+        self, sql: str, params: Sequence[Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        try:
+            cursor = self.con.execute(sql, params or [])
+        except duckdb.Error as exc:
+            raise UsageError(f"query failed: {str(exc).splitlines()[0]}") from None
         names = [d[0] for d in cursor.description or []]
         return names, cursor.fetchall()
 
     def arrow(self, sql: str) -> pa.Table:
-        return self.con.execute(sql).fetch_arrow_table()
+        return self.con.sql(sql).to_arrow_table()
 
 
 def summary(run: RunDir) -> dict[str, Any]:

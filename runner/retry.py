@@ -26,6 +26,8 @@ from tenacity import (
 from runner.errors import AttemptError
 
 T = TypeVar("T")
+# The controller type callers hold on to; they need not import tenacity themselves.
+Retrying = AsyncRetrying
 OnRetry = Callable[[AttemptError, int, float], Awaitable[None]]
 
 

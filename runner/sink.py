@@ -147,9 +147,13 @@ class RunSink:
         self._buffer: list[ResultRecord] = []
         self._journal = Journal(journal_dir, next_number)
 
-    async def write(self, records: Sequence[ResultRecord]) -> None:
+    def append(self, records: Sequence[ResultRecord]) -> None:
+        """Journal records now (a write that returned survives kill -9)."""
         self._journal.append(records)
         self._buffer.extend(records)
+
+    async def write(self, records: Sequence[ResultRecord]) -> None:
+        self.append(records)
         if len(self._buffer) >= self.part_rows:
             await self.rotate()
 

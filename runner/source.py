@@ -431,6 +431,8 @@ def _find_duplicate(source: InputFile, builder: RequestBuilder) -> None:
         if row_id in first:
             kind = "lines" if row.line is not None else "rows"
             raise InputError(
-                source.shown, row.line, f"duplicate id {row_id!r} ({kind} {first[row_id]} and {where})"
+                source.shown,
+                row.line,
+                f"duplicate id {row_id!r} ({kind} {first[row_id]} and {where})",
             )
         first[row_id] = where

@@ -139,8 +139,7 @@ class EndpointSpec(_Strict):
     def _env_name(cls, value: str | None) -> str | None:
         if value is not None and not _ENV_NAME_RE.match(value):
             raise ValueError(
-                "must be the NAME of an environment variable holding the key, "
-                "not the key itself"
+                "must be the NAME of an environment variable holding the key, not the key itself"
             )
         return value
 
@@ -154,7 +153,6 @@ class EndpointSpec(_Strict):
                     "environment variable instead"
                 )
         return value
-
 
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]

@@ -249,7 +249,7 @@ def resolve_run(ref: str, runs_dir: Path) -> RunDir:
 
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
     """Manifests of every run under runs_dir, oldest first."""
-    found = []
+    found: list[dict[str, Any]] = []
     if not runs_dir.is_dir():
         return found
     for child in runs_dir.iterdir():

@@ -1,0 +1,104 @@
+"""Shared fixtures: a clean environment, the simulator on loopback, job specs in tmp folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runner.simulator import SimulatorConfig, SimulatorThread
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never see the developer's keys, proxies or runner settings."""
+    for name in list(os.environ):
+        upper = name.upper()
+        if (
+            upper.endswith("_API_KEY")
+            or upper.endswith("_PROXY")
+            or upper.startswith("RUNNER_")
+            or upper in ("NO_PROXY", "SSL_CERT_FILE")
+        ):
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def simulator() -> Iterator[SimulatorThread]:
+    """A simulator with no faults, on its own loop in a thread."""
+    with SimulatorThread(SimulatorConfig()) as sim:
+        yield sim
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Write rows as Parquet, JSONL or CSV by the file's suffix."""
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif path.suffix == ".csv":
+        import csv
+
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        import json
+
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_spec(folder: Path, text: str, name: str = "job.toml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def spec_text(
+    *,
+    input_path: str = "data.jsonl",
+    base_url: str = "simulator",
+    input_extra: str = 'id_column = "id"\nprompt_column = "text"',
+    endpoint_extra: str = "",
+    request_extra: str = "",
+    run_extra: str = "",
+    name: str = "t",
+) -> str:
+    """A job spec with sensible test defaults; pieces can be replaced or extended."""
+    return (
+        f'name = "{name}"\n\n[input]\npath = "{input_path}"\n{input_extra}\n\n'
+        f'[endpoint]\nbase_url = "{base_url}"\ntimeout_s = 10\n{endpoint_extra}\n\n'
+        f'[request]\nmodel = "gpt-4o-mini"\nmax_tokens = 64\n{request_extra}\n\n'
+        f"[run]\nconcurrency = 16\nbackoff_base_s = 0.01\nbackoff_max_s = 0.05\n{run_extra}\n"
+    )
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m runner ARGS` as a real process."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
