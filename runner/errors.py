@@ -199,3 +199,27 @@ class UnwantedAnswer(AttemptError):
     def __init__(self, message: str, *, answer: object) -> None:
         super().__init__(message, status=200)
         self.answer = answer
+
+
+def primary(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a task group's failure is about.
+
+    Task groups wrap failures in exception groups, often alongside the cancellations they
+    caused. Prefer a RunStopped (a deliberate stop), then any other error that is not a
+    cancellation, then whatever is first.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for wanted in (RunStopped, RunnerError, Exception):
+        for leaf in leaves:
+            if isinstance(leaf, wanted):
+                return leaf
+    return leaves[0]

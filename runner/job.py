@@ -27,6 +27,7 @@ from runner.errors import (
     Interrupted,
     RunStopped,
     UsageError,
+    primary,
 )
 from runner.limiter import Limiter
 from runner.pool import Pool
@@ -270,6 +271,8 @@ async def _execute(
                         tg.start_soon(_watch_signals, pool, job.run.grace_s)
                     await pool.run(_items(prepared, settled))
                     tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise primary(group) from None
             finally:
                 await client.aclose()
     except RunStopped as exc:

@@ -28,10 +28,11 @@ from runner.errors import (
     QuotaFailure,
     RateLimited,
     UnwantedAnswer,
+    primary,
 )
 from runner.limiter import Limiter
 from runner.records import Completion, Progress, ResultRecord, WorkItem
-from runner.retry import RetryPolicy, Retrying
+from runner.retry import Retrying, RetryPolicy
 from runner.source import Skip
 
 
@@ -102,6 +103,8 @@ class Pool:
                                 tg.start_soon(self._worker, work_recv.clone(), done_send.clone())
                             work_recv.close()
                             await self._feed(items, work_send, done_send)
+        except BaseExceptionGroup as group:
+            raise primary(group) from None
         finally:
             # Answers received but not yet written when a cancellation hit: journal them now,
             # synchronously, so nothing that was paid for is lost.

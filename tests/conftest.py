@@ -29,8 +29,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         upper = name.upper()
         if (
-            upper.endswith("_API_KEY")
-            or upper.endswith("_PROXY")
+            upper.endswith(("_API_KEY", "_PROXY"))
             or upper.startswith("RUNNER_")
             or upper in ("NO_PROXY", "SSL_CERT_FILE")
         ):
