@@ -90,6 +90,12 @@ class SimulatorConfig:
     ratelimit_headers: bool = True
     insufficient_quota: bool = False
 
+    def __post_init__(self) -> None:
+        # Specs and CLI flags build configs directly: a bad switch fails here, not mid-run.
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in _check_changes(current).items():
+            setattr(self, name, value)
+
 
 @dataclass(slots=True)
 class SimulatorStats:
@@ -465,6 +471,7 @@ class _Window:
         return entry
 
     def reset_in(self, now: float) -> float:
+        """Seconds until the oldest entry leaves, freeing room (0.0 when the window is empty)."""
         return self.entries[0].at + WINDOW_S - now if self.entries else 0.0
 
     def headers(self, now: float, limit: int, unit: bytes) -> bytes:
@@ -561,9 +568,11 @@ def _completion(
         completion, finish = _tokens(_REFUSAL), "stop"
     elif "tool_calls" in directives:
         tools = body.get("tools")
-        name = "lookup"
-        if isinstance(tools, list) and tools and isinstance(tools[0], dict):
-            name = str((tools[0].get("function") or {}).get("name") or name)
+        first = tools[0] if isinstance(tools, list) and tools else None
+        offered = first.get("function") if isinstance(first, dict) else None
+        name = (
+            str(offered["name"]) if isinstance(offered, dict) and offered.get("name") else "lookup"
+        )
         arguments = orjson.dumps({"query": " ".join(words[:12])}).decode()
         function = {"name": name, "arguments": arguments}
         message.update(
@@ -912,6 +921,8 @@ class SimulatorThread:
         self.stop()
 
     def start(self, timeout: float = 10.0) -> None:
+        self._ready.clear()
+        self._error = None
         self._thread = threading.Thread(
             target=asyncio.run, args=(self._main(),), name="simulator", daemon=True
         )
@@ -919,6 +930,8 @@ class SimulatorThread:
         if not self._ready.wait(timeout):
             raise TimeoutError("simulator did not start")
         if self._error is not None:
+            self._thread.join(timeout)  # its loop is closing: nothing left to stop
+            self._thread = None
             raise self._error
 
     async def _main(self) -> None:
@@ -938,16 +951,20 @@ class SimulatorThread:
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is None:
             return
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed already: the thread is ending
+                self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
         self._thread = None
 
     def _call(self, fn: Callable[[], _T]) -> _T:
-        """Run `fn` on the simulator's own loop and wait: the simulator is not thread-safe."""
+        """Run `fn` on the simulator's own loop and wait: the simulator is not thread-safe.
+
+        Before start and after stop no loop runs, so `fn` runs here (stats stay readable).
+        """
         loop = self._loop
         if loop is None or self._thread is None:
-            raise RuntimeError("the simulator thread is not running")
+            return fn()
         future: concurrent.futures.Future[_T] = concurrent.futures.Future()
 
         def run() -> None:

@@ -1,0 +1,70 @@
+"""Shared pieces of the benchmarks: a simulator in its own process, inputs, job specs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+
+
+def pinned(cpu: int, argv: list[str]) -> list[str]:
+    """Pin a command to one core when taskset exists (server and client on different cores)."""
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", str(cpu), *argv]
+    return argv
+
+
+@contextlib.contextmanager
+def simulator(*switches: str, cpu: int = 1) -> Iterator[str]:
+    """`runner simulate` in its own process on a free loopback port; yields its base URL."""
+    argv = [sys.executable, "-m", "runner", "simulate", "--port", "0", *switches]
+    proc = subprocess.Popen(pinned(cpu, argv), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "listening on" not in line:
+            raise RuntimeError(f"simulator did not start: {line!r}")
+        yield line.rsplit(" ", 1)[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def make_input(rows: int) -> Path:
+    """A Parquet file of `rows` prompts of varied length (cached between runs)."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"prompts-{rows}.parquet"
+    if path.exists():
+        return path
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    texts = [
+        f"Row {i}: summarise " + " ".join(words[(i + k) % len(words)] for k in range(10 + i % 40))
+        for i in range(rows)
+    ]
+    table = pa.table({"id": pa.array(range(rows), pa.int64()), "text": texts})
+    pq.write_table(table, path)
+    return path
+
+
+def make_spec(
+    name: str, input_path: Path, base_url: str, *, concurrency: int, extra: str = ""
+) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    spec = OUT / f"{name}.toml"
+    spec.write_text(
+        f'name = "{name}"\n\n[input]\npath = "{input_path}"\nid_column = "id"\n'
+        f'prompt_column = "text"\n\n[endpoint]\nbase_url = "{base_url}"\ntimeout_s = 60\n\n'
+        f'[request]\nmodel = "gpt-4o-mini"\nmax_tokens = 64\n\n'
+        f"[run]\nconcurrency = {concurrency}\n{extra}\n"
+    )
+    return spec
