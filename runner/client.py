@@ -28,6 +28,7 @@ from runner.errors import (
     TimeoutFailure,
 )
 from runner.records import Completion
+from runner.spec import is_loopback_url
 
 # Response headers kept for the retry policy and the limiter.
 KEPT_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
@@ -60,10 +61,10 @@ def scrub(text: str, secret: Secret | None) -> str:
         key = secret.reveal()
         if key:
             text = text.replace(key, "***")
+            # Longest first, every one: a body may quote the key more than once, cut differently.
             for size in range(len(key) - 1, 5, -1):
                 if key[:size] in text:
                     text = text.replace(key[:size], "***")
-                    break
     return _KEYISH.sub(r"\1-***", text)
 
 
@@ -86,7 +87,7 @@ class ChatClient:
         sent.update(headers or {})
         if api_key is not None:
             sent["authorization"] = f"Bearer {api_key.reveal()}"
-        loopback = base_url.startswith(("http://127.", "http://localhost", "http://[::1]"))
+        loopback = is_loopback_url(base_url)
         self._http = httpx2.AsyncClient(
             base_url=base_url.rstrip("/") + "/",
             headers=sent,

@@ -287,6 +287,11 @@ class RequestBuilder:
             yield WorkItem(row.index, row_id, model, body, digest, est, self.cap)
 
     def row_id(self, row: Row) -> str:
+        if self.batch:
+            custom_id = row.values.get("custom_id")
+            if not isinstance(custom_id, str) or not custom_id:
+                raise InputError(self.shown, row.line, "openai-batch line needs a string custom_id")
+            return custom_id
         column = self.spec.id_column
         if column is None:
             return str(row.index)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
 import math
 import os
 import re
 import tomllib
+import typing
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,8 +38,24 @@ SIMULATOR = "simulator"
 _SECRET_RE = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|\bBearer\s+\S{8,}|\b(?:rk|pk|ak)-[A-Za-z0-9_\-]{20,})"
 )
+_TYPE_TAG = re.compile(r"function-\w+\[.*\]|str|int|float|bool|list\[.*\]|dict\[.*\]")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_LOOPBACK_HOSTS = ("127.", "localhost", "[::1]")
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when the URL's host is this machine (localhost or a loopback address)."""
+    try:
+        host = urllib.parse.urlsplit(url).hostname
+    except ValueError:
+        return False
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _between(lo: float, hi: float) -> AfterValidator:
@@ -123,11 +142,10 @@ class EndpointSpec(_Strict):
             return value
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"must be an http(s) URL or {SIMULATOR!r} (got {value!r})")
-        host = value.split("://", 1)[1]
         if (
             value.startswith("http://")
             and not info.data.get("allow_insecure")
-            and not host.startswith(_LOOPBACK_HOSTS)
+            and not is_loopback_url(value)
         ):
             raise ValueError(
                 "uses http:// for a non-loopback host; use https:// or set allow_insecure = true"
@@ -312,6 +330,8 @@ def check_environment(spec: LoadedSpec, environ: dict[str, str] | None = None) -
 def _refuse_secrets(data: Any, display: str, where: str = "") -> None:
     if isinstance(data, dict):
         for key, value in data.items():
+            if _SECRET_RE.search(str(key)):
+                raise SpecError(display, where, _SECRET_HELP)
             field = f"{where}.{key}" if where else str(key)
             if str(key).lower() in ("api_key", "apikey", "key", "token", "secret", "password"):
                 if isinstance(value, str) and value:
@@ -332,9 +352,8 @@ _SECRET_HELP = (
 
 def _first_error(exc: ValidationError, display: str) -> SpecError:
     err = exc.errors(include_url=False)[0]
-    loc = [str(part) for part in err["loc"]]
     # pydantic appends the union member or the validator to the location; keep the field path.
-    loc = [p for p in loc if not p.startswith(("function-", "str", "list[", "int", "float"))]
+    loc = [str(part) for part in err["loc"] if not _TYPE_TAG.fullmatch(str(part))]
     field = ".".join(loc)
     kind = err["type"]
     ctx = err.get("ctx") or {}
@@ -357,14 +376,16 @@ def _short(value: Any) -> str:
 
 
 def _did_you_mean(loc: list[str]) -> str:
+    if not loc:
+        return ""
     model: type[BaseModel] | None = JobSpec
     for part in loc[:-1]:
         info = model.model_fields.get(part) if model else None
         annotation = info.annotation if info else None
-        model = (
-            annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
-            else None
+        # Optional tables are `Model | None`: look through the union for the model.
+        candidates = [annotation, *typing.get_args(annotation)]
+        model = next(
+            (a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None
         )
     if model is None:
         return ""

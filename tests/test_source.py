@@ -214,11 +214,6 @@ def test_openai_batch_bad_line(tmp_path: Path, line: str, message: str) -> None:
     assert str(info.value) == f"batch.jsonl:2: {message}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_input keys duplicates by RequestBuilder.row_id, which is the row number "
-    "for openai-batch input, so repeated custom_ids pass",
-)
 def test_openai_batch_duplicate_custom_id_is_refused(tmp_path: Path) -> None:
     """Two OpenAI Batch lines with the same custom_id are refused like duplicate ids."""
     request = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
@@ -234,7 +229,7 @@ def test_openai_batch_duplicate_custom_id_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".csv"])
 def test_row_id_is_the_row_number_without_an_id_column(tmp_path: Path, suffix: str) -> None:
     """Without id_column the row key is the 0-based data row number (blank lines not counted)."""
-    path = write_rows(tmp_path / f"data{suffix}", ROWS + [{"id": "c", "text": "Third"}])
+    path = write_rows(tmp_path / f"data{suffix}", [*ROWS, {"id": "c", "text": "Third"}])
     if suffix == ".jsonl":
         path.write_text(path.read_text().replace("\n", "\n\n", 1))
     items = build_all(*open_input(path, input_extra='prompt_column = "text"'))
@@ -289,9 +284,9 @@ def test_jsonl_bad_line_is_reported_with_its_line_number(
     ("suffix", "rows", "expected"),
     [
         (".jsonl", None, "data.jsonl:5: duplicate id 'a' (lines 1 and 5)"),
-        (".parquet", ROWS + [{"id": "a", "text": "again"}], "data.parquet: "
+        (".parquet", [*ROWS, {"id": "a", "text": "again"}], "data.parquet: "
          "duplicate id 'a' (rows 1 and 3)"),
-        (".csv", ROWS + [{"id": "a", "text": "again"}], "data.csv: "
+        (".csv", [*ROWS, {"id": "a", "text": "again"}], "data.csv: "
          "duplicate id 'a' (rows 1 and 3)"),
     ],
 )  # fmt: skip
@@ -318,7 +313,7 @@ def test_duplicate_ids_name_the_first_two_places(
 def test_null_or_empty_prompt_is_skipped_not_failed(
     tmp_path: Path, suffix: str, prompt: str | None
 ) -> None:
-    """A null, empty or blank prompt becomes a (not failed) Skip per model, counted by check_input."""
+    """A null, empty or blank prompt becomes a Skip that is not failed, counted by check_input."""
     rows = [ROWS[0], {"id": "b", "text": prompt}, ROWS[1] | {"id": "c"}]
     path = write_rows(tmp_path / f"data{suffix}", rows)
     source, builder = open_input(path)
@@ -469,7 +464,7 @@ def test_large_parquet_streams_by_batch(tmp_path: Path, monkeypatch: pytest.Monk
             yield batch
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting)
-    source, builder = open_input(path)
+    source, _ = open_input(path)
     assert source.row_count_hint() == count
     rows = source.rows()
     first = next(rows)

@@ -42,12 +42,6 @@ def swap(old: str, new: str) -> str:
     return BASE.replace(old, new)
 
 
-_KNOWN_BUG_DID_YOU_MEAN = pytest.mark.xfail(
-    strict=True,
-    reason="spec._did_you_mean does not unwrap `RequestSpec | None`, so request.* typos "
-    "get no suggestion",
-)
-
 # (spec text, field, exact message or a pattern the message must match in full)
 INVALID: list[Any] = [
     pytest.param(
@@ -175,7 +169,6 @@ INVALID: list[Any] = [
         "request.temprature",
         "unknown key (did you mean 'temperature'?)",
         id="unknown-request",
-        marks=_KNOWN_BUG_DID_YOU_MEAN,
     ),
     pytest.param(swap('name = "t"', ""), "name", "is required", id="missing-name"),
     pytest.param(
@@ -290,11 +283,6 @@ def test_invalid_toml_is_reported_with_its_position() -> None:
     assert re.fullmatch(rf"{DISPLAY}: invalid TOML: .*\(at line \d+, column \d+\)", str(err))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec._first_error drops location parts starting with 'str'/'int'/'float', "
-    "so a user key like `strange` vanishes and _did_you_mean indexes an empty list",
-)
 @pytest.mark.parametrize(
     ("text", "field"),
     [
@@ -352,11 +340,6 @@ def test_unknown_key_named_like_a_type_is_a_spec_error(text: str, field: str) ->
             f'"{KEY}" = 1\n' + BASE,
             "",
             id="as-a-key-name",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="spec._refuse_secrets only scans values; a key-shaped TOML key name is "
-                "echoed back in the 'unknown key' message",
-            ),
         ),
     ],
 )
@@ -402,11 +385,6 @@ def test_base_url_accepted(base_url: str, extra: str, expected: str) -> None:
     assert job.endpoint.base_url == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EndpointSpec._url checks the host with str.startswith('127.'/'localhost'), "
-    "so look-alike remote hosts pass as loopback",
-)
 @pytest.mark.parametrize(
     "base_url",
     [
@@ -556,20 +534,20 @@ def test_openai_batch_spec_needs_no_prompt_source_or_request(request_table: str)
 
 
 @pytest.mark.parametrize(
-    ("make", "message"),
+    ("name", "content", "message"),
     [
-        pytest.param(lambda p: p / "nope.toml", "no such file", id="missing"),
-        pytest.param(lambda p: p, "is a directory, not a job spec", id="directory"),
-        pytest.param(
-            lambda p: (p / "latin1.toml", (p / "latin1.toml").write_bytes(b'name = "\xe9"\n'))[0],
-            "is not UTF-8 text",
-            id="not-utf8",
-        ),
+        ("nope.toml", None, "no such file"),
+        (".", None, "is a directory, not a job spec"),
+        ("latin1.toml", b'name = "caf\xe9"\n', "is not UTF-8 text"),
     ],
 )
-def test_load_spec_unreadable_file(tmp_path: Path, make: Any, message: str) -> None:
+def test_load_spec_unreadable_file(
+    tmp_path: Path, name: str, content: bytes | None, message: str
+) -> None:
     """A spec path that cannot be read as text gives one line `shown: message`."""
-    path = make(tmp_path)
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
     with pytest.raises(SpecError) as info:
         load_spec(path, display="shown.toml")
     assert str(info.value) == f"shown.toml: {message}"
@@ -636,13 +614,8 @@ _FIELDS = [
     "model", "temperature", "top_p", "max_tokens", "reasoning_effort", "tools", "extra_body",
     "concurrency", "max_attempts", "simulator", "stop", "n", "logit_bias", "metadata",
 ]  # fmt: skip
-# Keys starting like a pydantic type tag crash the error formatter: a known bug with its own
-# xfail test above (test_unknown_key_named_like_a_type_is_a_spec_error); kept out of here so
-# this property keeps guarding everything else.
-_TYPE_TAG = ("str", "int", "float", "list[", "function-")
-_keys = (st.sampled_from(_FIELDS) | st.text(max_size=12)).filter(
-    lambda k: not k.startswith(_TYPE_TAG)
-)
+# Keys that look like pydantic's type tags ("str", "int") are included on purpose.
+_keys = st.sampled_from(_FIELDS) | st.text(max_size=12)
 _scalars = (
     st.none()  # dropped by the writer: TOML has no null
     | st.booleans()
@@ -707,8 +680,7 @@ def _parses_or_spec_error(text: str) -> None:
             "input": st.dictionaries(_keys, _values, max_size=6)
             | st.just({"path": "d.jsonl", "prompt_column": "p"}),
             "endpoint": st.dictionaries(_keys, _values, max_size=4),
-            "request": st.dictionaries(_keys, _values, max_size=6)
-            | st.just({"model": "gpt-4o"}),
+            "request": st.dictionaries(_keys, _values, max_size=6) | st.just({"model": "gpt-4o"}),
             "run": st.dictionaries(_keys, _values, max_size=4),
         },
     ),
@@ -733,5 +705,5 @@ def test_toml_writer_round_trips() -> None:
     """The tiny TOML writer the property tests use produces what tomllib reads back."""
     import tomllib
 
-    data = {"a": "x\"\\\n\x7f", "b": [1, 2.5, True], "c": {"d": {"e": "f"}}, "": -3}
+    data = {"a": 'x"\\\n\x7f', "b": [1, 2.5, True], "c": {"d": {"e": "f"}}, "": -3}
     assert tomllib.loads(_toml_document(data)) == json.loads(json.dumps(data))

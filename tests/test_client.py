@@ -1,0 +1,478 @@
+"""The HTTP client over real loopback sockets: every outcome becomes a Completion or a typed error,
+and the API key never leaks into a message."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import string
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runner.client import ChatClient, Secret, scrub
+from runner.errors import (
+    AttemptError,
+    AuthFailure,
+    ConnectFailure,
+    MalformedResponse,
+    ProtocolFailure,
+    QuotaFailure,
+    RateLimited,
+    RequestRejected,
+    ServerFailure,
+    TimeoutFailure,
+)
+from runner.records import Completion
+from runner.retry import RetryPolicy, parse_retry_after
+from runner.simulator import SimulatorThread
+
+KEY = "sk-SENTINEL-0123456789abcdefXYZ"
+
+
+def chat(text: str, model: str = "gpt-4o-mini", **fields: Any) -> bytes:
+    return json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": text}], **fields}
+    ).encode()
+
+
+async def send(
+    base_url: str, body: bytes, *, api_key: Secret | None = None, timeout_s: float = 5.0
+) -> Completion:
+    """One attempt through a fresh ChatClient, closed afterwards."""
+    client = ChatClient(
+        base_url=base_url,
+        api_key=api_key,
+        timeout_s=timeout_s,
+        connect_timeout_s=2.0,
+        concurrency=2,
+    )
+    try:
+        return await client.complete(body)
+    finally:
+        await client.aclose()
+
+
+async def fails(base_url: str, body: bytes, kind: type[AttemptError], **options: Any) -> Any:
+    with pytest.raises(kind) as info:
+        await send(base_url, body, **options)
+    assert type(info.value) is kind
+    return info.value
+
+
+# -- a tiny raw HTTP server for what the simulator cannot say -------------------------------
+
+
+@dataclass
+class RawServer:
+    url: str
+    requests: list[bytes] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def raw_server(
+    status: int, body: bytes = b"", headers: dict[str, str] | None = None
+) -> AsyncIterator[RawServer]:
+    """Answer every request with one canned response (and close the connection)."""
+    head = [f"HTTP/1.1 {status} Canned", f"content-length: {len(body)}", "connection: close"]
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    response = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+    server_box: list[RawServer] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":", 1)[1])
+                    for line in request.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
+            request += await reader.readexactly(length)
+            server_box[0].requests.append(request)
+            writer.write(response)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except ConnectionError:
+                pass
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server_box.append(RawServer(f"http://127.0.0.1:{port}/v1"))
+    try:
+        yield server_box[0]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# -- error statuses --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, RequestRejected),
+        (401, AuthFailure),
+        (402, QuotaFailure),
+        (403, AuthFailure),
+        (404, RequestRejected),
+        (408, ServerFailure),
+        (409, ServerFailure),
+        (418, RequestRejected),
+        (422, RequestRejected),
+        (429, RateLimited),
+        (500, ServerFailure),
+        (502, ServerFailure),
+        (503, ServerFailure),
+        (504, ServerFailure),
+        (529, ServerFailure),
+    ],
+)
+async def test_status_maps_to_its_error(
+    simulator: SimulatorThread, status: int, kind: type[AttemptError]
+) -> None:
+    """Each error status becomes its typed error carrying the status and the provider's text."""
+    exc = await fails(simulator.base_url, chat(f"hi [[sim:{status}]]"), kind)
+    assert exc.status == status
+    assert exc.message.startswith(f"{status} ")
+    assert exc.message.endswith(f"Simulated {status} error.")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fmt", ["seconds", "ms", "date"])
+async def test_rate_limited_keeps_the_retry_after_headers(
+    simulator: SimulatorThread, fmt: str
+) -> None:
+    """A 429 keeps its Retry-After header (seconds, ms or date) for the retry policy."""
+    simulator.set_config(retry_after_s=30, retry_after_format=fmt)
+    exc = await fails(simulator.base_url, chat("hi [[sim:429]]"), RateLimited)
+    name = "retry-after-ms" if fmt == "ms" else "retry-after"
+    assert list(exc.headers) == [name]
+    wait = parse_retry_after(exc.headers)
+    assert wait is not None and 28 <= wait <= 30
+
+
+@pytest.mark.anyio
+async def test_rate_limit_headers_are_kept(simulator: SimulatorThread) -> None:
+    """x-ratelimit-* headers reach the error, lower-cased; unrelated headers do not."""
+    simulator.set_config(rpm_limit=1)
+    await send(simulator.base_url, chat("first"))
+    exc = await fails(simulator.base_url, chat("second"), RateLimited)
+    assert exc.headers["x-ratelimit-limit-requests"] == "1"
+    assert exc.headers["x-ratelimit-remaining-requests"] == "0"
+    assert "retry-after" in exc.headers and "x-request-id" not in exc.headers
+
+
+@pytest.mark.anyio
+async def test_insufficient_quota_is_a_quota_failure(simulator: SimulatorThread) -> None:
+    """A 429 whose code is insufficient_quota stops the run instead of being retried."""
+    simulator.set_config(insufficient_quota=True)
+    exc = await fails(simulator.base_url, chat("hi"), QuotaFailure)
+    assert exc.status == 429
+    assert exc.message.startswith("429 insufficient_quota: You exceeded your current quota")
+    assert not RetryPolicy().is_retryable(exc)
+
+
+# -- transport faults ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("switch", "kind", "status", "text"),
+    [
+        ("rate_drop", ProtocolFailure, None, "connection failed mid-answer"),
+        ("rate_reset_mid_body", ProtocolFailure, None, "connection failed mid-answer"),
+        ("rate_malformed", MalformedResponse, 200, "200 with a body that is not JSON"),
+        ("rate_html", ServerFailure, 502, "502 Bad Gateway (text/html body)"),
+    ],
+)
+async def test_faults_map_to_their_errors(
+    simulator: SimulatorThread,
+    switch: str,
+    kind: type[AttemptError],
+    status: int | None,
+    text: str,
+) -> None:
+    """Dropped and reset connections, broken JSON and HTML error pages get their typed errors."""
+    simulator.set_config(**{switch: 1.0})
+    exc = await fails(simulator.base_url, chat("hi"), kind)
+    assert exc.status == status
+    assert exc.message.startswith(text)
+    assert RetryPolicy().is_retryable(exc)
+
+
+@pytest.mark.anyio
+async def test_closed_port_is_a_connect_failure() -> None:
+    """Nothing listening on the port is a ConnectFailure (never sent, so never billed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exc = await fails(f"http://127.0.0.1:{port}/v1", chat("hi"), ConnectFailure)
+    assert exc.message.startswith("cannot connect")
+    assert not exc.possibly_billed
+
+
+@pytest.mark.anyio
+async def test_slow_drip_hits_the_total_deadline(simulator: SimulatorThread) -> None:
+    """An answer trickling in byte by byte is cut off by timeout_s for the whole exchange."""
+    started = time.monotonic()
+    exc = await fails(
+        simulator.base_url, chat("hi [[sim:slow_drip]]"), TimeoutFailure, timeout_s=0.4
+    )
+    assert exc.message == "no complete answer within 0.4 s"
+    assert time.monotonic() - started < 3
+
+
+# -- raw server: redirects, HTML, x-should-retry, odd 200s -----------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_redirect_is_rejected_and_not_followed(status: int) -> None:
+    """A redirect is a RequestRejected naming the target, which never sees a request."""
+    async with raw_server(200, b"{}") as target:
+        location = target.url + "/chat/completions"
+        async with raw_server(status, headers={"location": location}) as origin:
+            exc = await fails(origin.url, chat("hi"), RequestRejected, api_key=Secret(KEY))
+        assert len(origin.requests) == 1
+        assert origin.requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1")
+    assert target.requests == []
+    assert exc.status == status
+    assert exc.message == f"{status} redirect to {location} not followed"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(403, AuthFailure), (404, RequestRejected), (503, ServerFailure), (429, RateLimited)],
+)
+async def test_html_error_page_is_classified_by_status(
+    status: int, kind: type[AttemptError]
+) -> None:
+    """An HTML error page (a proxy's, not the API's) is classified by its status code alone."""
+    page = b"<html><body><h1>Error</h1></body></html>"
+    async with raw_server(status, page, {"content-type": "text/html"}) as server:
+        exc = await fails(server.url, chat("hi"), kind)
+    assert exc.message == f"{status} Canned (text/html body)"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "header", "kind", "retryable"),
+    [
+        (400, "true", RequestRejected, True),
+        (503, "false", ServerFailure, False),
+        (409, "false", ServerFailure, False),
+    ],
+)
+async def test_x_should_retry_reaches_the_policy(
+    status: int, header: str, kind: type[AttemptError], retryable: bool
+) -> None:
+    """The x-should-retry header is kept on the error and overrides the class's default."""
+    error = json.dumps({"error": {"message": "nope", "code": "some_code"}}).encode()
+    async with raw_server(status, error, {"x-should-retry": header}) as server:
+        exc = await fails(server.url, chat("hi"), kind)
+    assert exc.headers == {"x-should-retry": header}
+    assert exc.message == f"{status} some_code: nope"
+    assert RetryPolicy().is_retryable(exc) is retryable
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"[]", "200 with a body that is not a JSON object"),
+        (b'{"choices": []}', "200 without choices"),
+        (
+            b'{"error": {"message": "upstream overloaded"}}',
+            "200 without choices upstream overloaded",
+        ),
+        (b"", "200 with a body that is not JSON"),
+    ],
+)
+async def test_200_that_is_not_a_completion_is_malformed(payload: bytes, message: str) -> None:
+    """A 200 whose body is not a chat completion is a (retryable) MalformedResponse."""
+    async with raw_server(200, payload) as server:
+        exc = await fails(server.url, chat("hi"), MalformedResponse)
+    assert exc.message == message
+    assert exc.status == 200
+
+
+@pytest.mark.anyio
+async def test_200_with_content_parts_and_partial_usage() -> None:
+    """Content parts are joined, and token fields the provider leaves out (or sends as
+    non-integers) are None, never 0."""
+    answer = {
+        "id": "x1",
+        "model": "m",
+        "choices": [
+            {
+                "message": {"content": [{"type": "text", "text": "a"}, {"text": "b"}, "junk"]},
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": True, "cost": 2},
+    }
+    async with raw_server(200, json.dumps(answer).encode()) as server:
+        done = await send(server.url, chat("hi"))
+    assert done == Completion(
+        content="ab",
+        refusal=None,
+        tool_calls=None,
+        finish_reason="length",
+        response_model="m",
+        response_id="x1",
+        system_fingerprint=None,
+        prompt_tokens=3,
+        completion_tokens=None,
+        total_tokens=None,
+        cached_tokens=None,
+        reasoning_tokens=None,
+        provider_cost=2.0,
+    )
+
+
+# -- 200 answers from the simulator ----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_answer_is_parsed_into_a_completion(simulator: SimulatorThread) -> None:
+    """A plain 200 gives content, ids and usage exactly as the simulator counted it."""
+    done = await send(simulator.base_url, chat("Tell me about tokens"))
+    stats = simulator.stats
+    assert done.content is not None
+    assert done.content.startswith("Simulated answer to: Tell me about tokens.")
+    assert (done.refusal, done.tool_calls, done.finish_reason) == (None, None, "stop")
+    assert (done.response_model, done.system_fingerprint) == ("gpt-4o-mini", "fp_sim")
+    assert done.response_id is not None and done.response_id.startswith("chatcmpl-")
+    assert (done.prompt_tokens, done.completion_tokens, done.total_tokens) == (
+        stats.prompt_tokens,
+        stats.completion_tokens,
+        stats.total_tokens,
+    )
+    assert (done.cached_tokens, done.reasoning_tokens) == (0, 0)
+    assert done.provider_cost is None and done.http_status == 200
+
+
+@pytest.mark.anyio
+async def test_cached_and_reasoning_tokens(simulator: SimulatorThread) -> None:
+    """Cached prompt tokens and reasoning tokens come from the usage details."""
+    done = await send(simulator.base_url, chat("x" * 400, model="deepseek-r1"))
+    stats = simulator.stats
+    assert done.cached_tokens == stats.cached_tokens > 0
+    assert done.reasoning_tokens == stats.reasoning_tokens > 0
+
+
+@pytest.mark.anyio
+async def test_refusal(simulator: SimulatorThread) -> None:
+    """A refusal is kept apart from the (null) content."""
+    done = await send(simulator.base_url, chat("hi [[sim:refusal]]"))
+    assert done.content is None
+    assert done.refusal == "I'm sorry, but I can't help with that request."
+
+
+@pytest.mark.anyio
+async def test_tool_calls_are_json_text(simulator: SimulatorThread) -> None:
+    """Tool calls are stored as JSON text of the provider's list, with finish_reason tool_calls."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    done = await send(simulator.base_url, chat("Paris today [[sim:tool_calls]]", tools=tools))
+    assert done.content is None and done.finish_reason == "tool_calls"
+    assert done.tool_calls is not None
+    calls = json.loads(done.tool_calls)
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"query": "Paris today"}
+
+
+@pytest.mark.anyio
+async def test_missing_usage_gives_null_tokens(simulator: SimulatorThread) -> None:
+    """Without usage every token field is None, not 0."""
+    done = await send(simulator.base_url, chat("hi [[sim:no_usage]]"))
+    assert done.content is not None
+    tokens = (done.prompt_tokens, done.completion_tokens, done.total_tokens)
+    assert (*tokens, done.cached_tokens, done.reasoning_tokens, done.provider_cost) == (None,) * 6
+
+
+@pytest.mark.anyio
+async def test_provider_cost_from_usage(simulator: SimulatorThread) -> None:
+    """A router's usage.cost becomes provider_cost."""
+    done = await send(simulator.base_url, chat("hi [[sim:cost]]"))
+    assert done.provider_cost is not None
+    assert done.provider_cost == pytest.approx(simulator.stats.cost) and done.provider_cost > 0
+
+
+# -- secrets ---------------------------------------------------------------------------------
+
+
+def pieces(key: str, size: int = 6) -> set[str]:
+    return {key[i : i + size] for i in range(len(key) - size + 1)}
+
+
+@pytest.mark.anyio
+async def test_right_key_is_sent_as_bearer(simulator: SimulatorThread) -> None:
+    """The key travels as `Authorization: Bearer KEY`, which the simulator accepts."""
+    simulator.set_config(api_key=KEY)
+    done = await send(simulator.base_url, chat("hi"), api_key=Secret(KEY))
+    assert done.content is not None
+
+
+@pytest.mark.anyio
+async def test_key_echoed_on_401_is_scrubbed(simulator: SimulatorThread) -> None:
+    """When the provider quotes the wrong key back, the AuthFailure holds no 6+ character
+    piece of it."""
+    simulator.set_config(api_key="the-right-key-000000", echo_key_on_401=True)
+    exc = await fails(simulator.base_url, chat("hi"), AuthFailure, api_key=Secret(KEY))
+    assert exc.status == 401
+    assert exc.message.startswith("401 invalid_api_key: Incorrect API key provided: ")
+    shown = " ".join([str(exc), repr(exc), exc.message, *map(str, exc.args)])
+    assert not [p for p in pieces(KEY) if p in shown]
+
+
+def test_secret_never_shows_itself() -> None:
+    """repr, str and formatting of a Secret hide the key; reveal() gives it back."""
+    secret = Secret(KEY)
+    for shown in (repr(secret), str(secret), f"{secret}", f"{secret!r}", repr([secret])):
+        assert KEY not in shown and "SENTINEL" not in shown
+    assert secret.reveal() == KEY
+
+
+def test_scrub_removes_key_shaped_text_without_a_secret() -> None:
+    """Anything shaped like sk-/rk-/pk- keys is masked even when the key is unknown."""
+    text = "bad key sk-abcd1234 (and pk-zzzzzz), not sk-ab"
+    assert scrub(text, None) == "bad key sk-*** (and pk-***), not sk-ab"
+
+
+def test_scrub_removes_every_prefix_of_the_key() -> None:
+    """Two different 6+ character prefixes of the key in one text are both removed."""
+    key = "ABCDEFGHIJKLMNOP"
+    out = scrub("first ABCDEFGHIJ then ABCDEFG", Secret(key))
+    assert "ABCDEF" not in out
+
+
+_KEY_ALPHABET = string.ascii_letters + string.digits + "_-"
+
+
+@settings(max_examples=200)
+@given(
+    st.text(_KEY_ALPHABET, min_size=8, max_size=60),
+    st.lists(st.text(max_size=30), min_size=1, max_size=4),
+)
+def test_scrub_never_leaves_the_key(key: str, around: list[str]) -> None:
+    """A key of 8+ characters embedded anywhere in random text never survives scrub."""
+    text = key.join(around) + key
+    assert key not in scrub(text, Secret(key))
