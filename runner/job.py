@@ -31,7 +31,7 @@ from runner.errors import (
 )
 from runner.limiter import Limiter
 from runner.pool import Pool
-from runner.records import Progress, WorkItem
+from runner.records import Progress, WorkItem, work_key
 from runner.retry import RetryPolicy
 from runner.sink import RunSink
 from runner.source import CheckResult, InputFile, RequestBuilder, Skip, check_input
@@ -129,9 +129,15 @@ async def submit(
         run.write_manifest(manifest)
         if on_start:
             on_start(run)
-        empty = Settled(0, 0, 0, frozenset())
         return await _execute(
-            run, manifest, prepared, empty, 1, on_progress, start_simulator, handle_signals
+            run,
+            manifest,
+            prepared,
+            Settled.nothing(),
+            1,
+            on_progress,
+            start_simulator,
+            handle_signals,
         )
     finally:
         run.unlock()
@@ -194,7 +200,7 @@ def _items(prepared: Prepared, settled: Settled) -> Iterator[WorkItem | Skip]:
     keys = settled.keys
     for row in prepared.source.rows():
         for item in prepared.builder.build(row):
-            if keys and (item.row_id, item.model, _hash_of(item)) in keys:
+            if keys and work_key(item.row_id, item.model, _hash_of(item)) in keys:
                 continue
             yield item
 
@@ -264,10 +270,12 @@ async def _execute(
                 concurrency=job.run.concurrency,
                 retry_finish_reasons=job.run.retry_finish_reasons,
                 startup_failures_to_stop=job.run.auth_failures_to_stop,
+                answered=settled.ok_hashes,
             )
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_tick, sink, progress, on_progress)
+                    tg.start_soon(sink.compactor)
                     if handle_signals:
                         tg.start_soon(_watch_signals, pool, job.run.grace_s)
                     await pool.run(_items(prepared, settled))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 import anyio
@@ -31,7 +31,7 @@ from runner.errors import (
     primary,
 )
 from runner.limiter import Limiter
-from runner.records import Completion, Progress, ResultRecord, WorkItem
+from runner.records import Completion, Progress, ResultRecord, WorkItem, hash_key
 from runner.retry import Retrying, RetryPolicy
 from runner.source import Skip
 
@@ -61,6 +61,7 @@ class Pool:
         concurrency: int,
         retry_finish_reasons: Sequence[str] = (),
         startup_failures_to_stop: int = 3,
+        answered: Iterable[int] = (),
     ) -> None:
         self.client = client
         self.policy = policy
@@ -77,6 +78,10 @@ class Pool:
         self._blocking_failures = 0  # auth / connect failures since the last success
         # Records a worker held when it was cancelled: journaled by run()'s cleanup.
         self._orphans: list[ResultRecord] = []
+        # Content-addressed reuse: hash_key() of requests with an ok answer in this run, and
+        # the requests in flight now. An identical request waits for its twin, then reuses it.
+        self._answered: set[int] = set(answered)
+        self._in_flight: dict[str, anyio.Event] = {}
 
     def stop(self) -> None:
         """Stop feeding new rows; requests in flight finish (see abort for the hard stop)."""
@@ -159,6 +164,7 @@ class Pool:
                 continue
             if record.status == "ok":
                 progress.ok += 1
+                progress.reused += record.reused
             elif record.status == "failed":
                 progress.failed += 1
             else:
@@ -192,10 +198,22 @@ class Pool:
             async for item in work:
                 if self.stopping:
                     continue  # queued but never sent: stays pending for resume
+                key = hash_key(item.request_hash)
+                twin = self._in_flight.get(item.request_hash)
+                if twin is not None and key not in self._answered:
+                    await twin.wait()
+                if key in self._answered:
+                    await self._deliver(done, _reuse_record(item))
+                    continue
                 current.start(item)
+                own = self._in_flight[item.request_hash] = anyio.Event()
                 try:
                     record = await self._process(item, current, retrying)
+                    if record is not None and record.status == "ok":
+                        self._answered.add(key)
                 finally:
+                    del self._in_flight[item.request_hash]
+                    own.set()
                     if current.retrying:
                         self.progress.retrying -= 1
                 if record is not None:
@@ -322,6 +340,29 @@ class _Current:
             error_message=exc.message,
             possibly_billed=exc.possibly_billed,
         )
+
+
+def _reuse_record(item: WorkItem) -> ResultRecord:
+    """An ok row answered by an identical request's answer: nothing sent, nothing spent."""
+    now = time.time()
+    return ResultRecord(
+        row_id=item.row_id,
+        row_index=item.row_index,
+        model=item.model,
+        request_hash=item.request_hash,
+        status="ok",
+        final=True,
+        attempts=0,
+        started_at=now,
+        finished_at=now,
+        latency_ms=0.0,
+        prompt_tokens=0,
+        completion_tokens=0,
+        total_tokens=0,
+        cached_tokens=0,
+        reasoning_tokens=0,
+        reused=True,
+    )
 
 
 def _skip_record(skip: Skip) -> ResultRecord:

@@ -10,6 +10,16 @@ import time
 from dataclasses import dataclass, field
 
 
+def work_key(row_id: str, model: str, request_hash: str) -> int:
+    """A 64-bit key for one row x model x request: a small int in a set instead of a tuple."""
+    return hash((row_id, model, request_hash))
+
+
+def hash_key(request_hash: str) -> int:
+    """A 64-bit key for a request hash (its first 16 hex digits)."""
+    return int(request_hash[:16], 16) if request_hash else 0
+
+
 @dataclass(frozen=True, slots=True)
 class WorkItem:
     """One request to make: an input row for one model."""
@@ -79,6 +89,9 @@ class ResultRecord:
     error_type: str | None = None
     error_message: str | None = None
     possibly_billed: bool = False
+    # Answered from an earlier ok result with the same request hash (no request was sent);
+    # the answer columns are filled from that result when read.
+    reused: bool = False
 
 
 @dataclass(slots=True)
@@ -90,6 +103,7 @@ class Progress:
     ok: int = 0
     failed: int = 0
     skipped: int = 0  # rows not sent at all (null or empty prompt)
+    reused: int = 0  # ok rows answered from an identical request (included in ok)
     retrying: int = 0  # items currently waiting for another attempt
     in_flight: int = 0
     requests: int = 0  # HTTP attempts finished, retries included
@@ -108,6 +122,7 @@ class Progress:
             ok=self.ok,
             failed=self.failed,
             skipped=self.skipped,
+            reused=self.reused,
             retrying=self.retrying,
             in_flight=self.in_flight,
             requests=self.requests,

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from runner.errors import UsageError
 from runner.journal import read_segment, segments
-from runner.sink import ANSWER_COLUMNS, SCHEMA, parts, to_table
+from runner.sink import ANSWER_COLUMNS, REUSED_COLUMNS, SCHEMA, parts, to_table
 from runner.source import detect_format
 from runner.state import RunDir
 
@@ -48,9 +48,18 @@ class RunDB:
             source = ""
         self.con.execute(f"CREATE VIEW attempts AS {source}SELECT * FROM journal_records")
         self.con.execute(
-            "CREATE VIEW results AS SELECT * EXCLUDE (final) FROM attempts WHERE final "
+            "CREATE VIEW latest AS SELECT * EXCLUDE (final) FROM attempts WHERE final "
             "QUALIFY row_number() OVER (PARTITION BY row_id, model "
             "ORDER BY finished_at DESC, attempts DESC) = 1"
+        )
+        # A reused row shows the answer of the ok result it reused (same request hash).
+        filled = ", ".join(f"coalesce(l.{c}, a.{c}) AS {c}" for c in REUSED_COLUMNS)
+        taken = ", ".join(REUSED_COLUMNS)
+        self.con.execute(
+            f"CREATE VIEW results AS SELECT l.* REPLACE ({filled}) FROM latest l "
+            f"LEFT JOIN (SELECT DISTINCT ON (request_hash) request_hash, {taken} FROM latest "
+            "WHERE status = 'ok' AND NOT reused) a "
+            "ON l.reused AND a.request_hash = l.request_hash"
         )
         self.input_path: Path | None = None
         if with_input:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,25 @@ _TYPES: dict[str, pa.DataType] = {
     "error_type": pa.string(),
     "error_message": pa.string(),
     "possibly_billed": pa.bool_(),
+    "reused": pa.bool_(),
 }
 COLUMNS = [f.name for f in fields(ResultRecord)]
 assert set(COLUMNS) == set(_TYPES), "records.ResultRecord and sink's schema disagree"
 SCHEMA = pa.schema([pa.field(name, _TYPES[name]) for name in COLUMNS])
 # Columns that identify a row's answer, for joins with the input and exports.
-ANSWER_COLUMNS = [c for c in COLUMNS if c not in ("row_index", "final", "possibly_billed")]
+ANSWER_COLUMNS = [
+    c for c in COLUMNS if c not in ("row_index", "final", "possibly_billed", "reused")
+]
+# Columns a reused row takes from the ok result it reuses.
+REUSED_COLUMNS = [
+    "content",
+    "refusal",
+    "tool_calls",
+    "finish_reason",
+    "response_model",
+    "response_id",
+    "system_fingerprint",
+]
 
 
 def part_name(number: int) -> str:
@@ -137,11 +150,22 @@ def compact_leftovers(journal_dir: Path, parts_dir: Path) -> int:
     return highest + 1
 
 
+@dataclass(slots=True)
+class _Sealed:
+    """A closed journal segment waiting to become its part."""
+
+    segment: Path
+    number: int
+    chunks: list[pa.Table]
+
+
 class RunSink:
     """The pool's sink: journal every record, compact each full segment into a part.
 
-    Records waiting for their part are held as Arrow chunks, not Python objects: a few
-    hundred bytes a row instead of a few kilobytes, so memory stays flat at any input size.
+    The writer only ever appends; full segments are sealed and handed to `compactor()`, a
+    task that writes parts in a worker thread, so a slow part write never holds answers in
+    memory unjournaled. Records waiting for their part are Arrow chunks, not Python objects
+    (a few hundred bytes a row instead of a few kilobytes): memory stays flat.
     """
 
     CHUNK_ROWS = 2_000
@@ -154,6 +178,9 @@ class RunSink:
         self._chunks: list[pa.Table] = []
         self._rows = 0
         self._journal = Journal(journal_dir, next_number)
+        self._sealed: list[_Sealed] = []
+        self._wake = anyio.Event()
+        self._compacting = anyio.Lock()
 
     def append(self, records: Sequence[ResultRecord]) -> None:
         """Journal records now (a write that returned survives kill -9)."""
@@ -163,42 +190,54 @@ class RunSink:
         if len(self._pending) >= self.CHUNK_ROWS:
             self._chunks.append(to_table(self._pending))
             self._pending = []
+        if self._rows >= self.part_rows:
+            self._seal()
 
     async def write(self, records: Sequence[ResultRecord]) -> None:
         self.append(records)
-        if self._rows >= self.part_rows:
-            await self.rotate()
 
     def commit(self) -> None:
         self._journal.commit()
 
-    async def rotate(self) -> None:
-        """Close the segment, write its records as a part off the event loop, drop it."""
-        journal, chunks, pending = self._journal, self._chunks, self._pending
+    def _seal(self) -> None:
+        """Close the open segment and queue it for compaction; open the next one."""
+        journal = self._journal
         journal.close()
-        self._journal = Journal(self.journal_dir, journal.number + 1)
-        self._chunks, self._pending, self._rows = [], [], 0
-        if chunks or pending:
-            await anyio.to_thread.run_sync(
-                self._compact, journal.path, journal.number, chunks, pending
-            )
+        if self._pending:
+            self._chunks.append(to_table(self._pending))
+        if self._chunks:
+            self._sealed.append(_Sealed(journal.path, journal.number, self._chunks))
+            self._wake.set()
         else:
             journal.path.unlink(missing_ok=True)
+        self._journal = Journal(self.journal_dir, journal.number + 1)
+        self._chunks, self._pending, self._rows = [], [], 0
 
-    def _compact(
-        self, segment: Path, number: int, chunks: list[pa.Table], pending: list[ResultRecord]
-    ) -> None:
-        if pending:
-            chunks = [*chunks, to_table(pending)]
-        write_part(self.parts_dir, number, pa.concat_tables(chunks))
-        segment.unlink()
+    async def compactor(self) -> None:
+        """Write sealed segments as parts, off the event loop, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            await self._compact_sealed()
+
+    async def _compact_sealed(self) -> None:
+        async with self._compacting:
+            while self._sealed:
+                sealed = self._sealed[0]
+                await anyio.to_thread.run_sync(self._compact, sealed)
+                self._sealed.pop(0)
+
+    def _compact(self, sealed: _Sealed) -> None:
+        write_part(self.parts_dir, sealed.number, pa.concat_tables(sealed.chunks))
+        sealed.segment.unlink()
         fsync_dir(self.journal_dir)
 
     async def close(self) -> None:
-        """Make everything durable and compact the open segment (shielded by the caller)."""
-        await self.rotate()
+        """Seal the open segment and write every part still due (shielded by the caller)."""
+        self._seal()
         self._journal.close()
         self._journal.path.unlink(missing_ok=True)
+        await self._compact_sealed()
 
 
 def iter_tables(parts_dir: Path, columns: Iterable[str] | None = None) -> Iterable[pa.Table]:

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from runner.errors import RunLocked, RunNotFound, StorageFailed, UsageError
 from runner.journal import read_segment, segments, storage_error
+from runner.records import hash_key, work_key
 from runner.sink import compact_leftovers, fsync_dir, parts
 
 DIR_MODE = 0o700
@@ -80,7 +81,12 @@ class Settled:
     ok: int
     failed: int
     skipped: int
-    keys: frozenset[tuple[str, str, str]]  # (row_id, model, request_hash) needing no request
+    keys: frozenset[int]  # work_key() of everything that needs no new request
+    ok_hashes: frozenset[int]  # hash_key() of requests that have an ok answer to reuse
+
+    @classmethod
+    def nothing(cls) -> Settled:
+        return cls(0, 0, 0, frozenset(), frozenset())
 
 
 class RunDir:
@@ -192,32 +198,35 @@ class RunDir:
 
         Keys carry the request hash, so a row whose request changed is not settled.
         """
-        latest: dict[tuple[str, str], tuple[str, str]] = {}
+        columns = ["row_id", "model", "request_hash", "status", "reused"]
+        latest: dict[tuple[str, str], tuple[str, str, bool]] = {}
         for path in parts(self.parts_dir):
-            table = pq.read_table(
-                path, columns=["row_id", "model", "request_hash", "status", "final"]
-            )
+            table = pq.read_table(path, columns=[*columns, "final"])
             table = table.filter(pc.field("final"))
-            for row_id, model, digest, status in zip(
-                table.column("row_id").to_pylist(),
-                table.column("model").to_pylist(),
-                table.column("request_hash").to_pylist(),
-                table.column("status").to_pylist(),
-                strict=True,
-            ):
-                latest[(row_id, model)] = (status, digest)
+            values = [table.column(c).to_pylist() for c in columns]
+            for row_id, model, digest, status, reused in zip(*values, strict=True):
+                latest[(row_id, model)] = (status, digest, reused)
         for segment in segments(self.journal_dir):
             for record in read_segment(segment):
                 if record.get("final"):
-                    key = (record["row_id"], record["model"])
-                    latest[key] = (record["status"], record["request_hash"])
+                    latest[(record["row_id"], record["model"])] = (
+                        record["status"],
+                        record["request_hash"],
+                        bool(record.get("reused")),
+                    )
         counts = {"ok": 0, "failed": 0, "skipped": 0}
-        keys = set()
-        for (row_id, model), (status, digest) in latest.items():
+        keys: set[int] = set()
+        ok_hashes: set[int] = set()
+        for (row_id, model), (status, digest, reused) in latest.items():
             counts[status] = counts.get(status, 0) + 1
             if status != "failed" or not retry_failed:
-                keys.add((row_id, model, digest))
-        return Settled(counts["ok"], counts["failed"], counts["skipped"], frozenset(keys))
+                keys.add(work_key(row_id, model, digest))
+            if status == "ok" and not reused:
+                ok_hashes.add(hash_key(digest))
+        latest.clear()
+        return Settled(
+            counts["ok"], counts["failed"], counts["skipped"], frozenset(keys), frozenset(ok_hashes)
+        )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
