@@ -26,6 +26,7 @@ from runner.errors import (
     EXIT_STOPPED,
     Interrupted,
     RunStopped,
+    StorageFailed,
     UsageError,
     primary,
 )
@@ -289,12 +290,14 @@ async def _execute(
         stop_reason = str(exc)
     finally:
         with anyio.CancelScope(shield=True):
-            await _finish(run, manifest, session, sink, progress, settled, stop_reason, pool)
+            stop_reason = await _finish(
+                run, manifest, session, sink, progress, settled, stop_reason, pool
+            )
         if on_progress:
             on_progress(progress)
     state = manifest["state"]
     if pool is not None and pool.stopping and state != "completed":
-        stop_reason = "interrupted"
+        stop_reason = stop_reason or "interrupted"
     return Outcome(run, state, progress, time.monotonic() - started, len(settled.keys), stop_reason)
 
 
@@ -307,10 +310,17 @@ async def _finish(
     settled: Settled,
     stop_reason: str | None,
     pool: Pool | None,
-) -> None:
-    """Make every answer durable and record how the session ended; bounded in time."""
-    with anyio.move_on_after(60):
-        await sink.close()
+) -> str | None:
+    """Make every answer durable and record how the session ended; bounded in time.
+
+    Returns the stop reason, which a storage failure here may set: whatever was journaled
+    stays in the journal and the next resume compacts it.
+    """
+    try:
+        with anyio.move_on_after(60):
+            await sink.close()
+    except StorageFailed as exc:
+        stop_reason = stop_reason or str(exc)
     pending = None
     if progress.rows_total is not None:
         pending = progress.rows_total - progress.rows_done_before - progress.done - progress.skipped
@@ -332,7 +342,11 @@ async def _finish(
         failed=progress.failed,
         requests=progress.requests,
     )
-    run.write_manifest(manifest)
+    try:
+        run.write_manifest(manifest)
+    except StorageFailed as exc:
+        stop_reason = stop_reason or str(exc)
+    return stop_reason
 
 
 async def _tick(sink: RunSink, progress: Progress, on_progress: ProgressHook | None) -> None:

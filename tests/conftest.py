@@ -76,13 +76,15 @@ def spec_text(
     request_extra: str = "",
     run_extra: str = "",
     name: str = "t",
+    concurrency: int = 16,
 ) -> str:
     """A job spec with sensible test defaults; pieces can be replaced or extended."""
     return (
         f'name = "{name}"\n\n[input]\npath = "{input_path}"\n{input_extra}\n\n'
         f'[endpoint]\nbase_url = "{base_url}"\ntimeout_s = 10\n{endpoint_extra}\n\n'
         f'[request]\nmodel = "gpt-4o-mini"\nmax_tokens = 64\n{request_extra}\n\n'
-        f"[run]\nconcurrency = 16\nbackoff_base_s = 0.01\nbackoff_max_s = 0.05\n{run_extra}\n"
+        f"[run]\nconcurrency = {concurrency}\nbackoff_base_s = 0.01\nbackoff_max_s = 0.05\n"
+        f"{run_extra}\n"
     )
 
 

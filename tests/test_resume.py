@@ -1,0 +1,299 @@
+"""Crash-safe runs: kill -9, SIGINT, the lock, recovery from torn files, reuse of answers.
+
+Runs here are real `python -m runner` processes against a simulator in this process, so the
+simulator's counters see every request any of them sends, across kills and resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pyarrow.parquet as pq
+import pytest
+
+from runner import job
+from runner.journal import segment_name
+from runner.report import RunDB
+from runner.simulator import SimulatorConfig, SimulatorThread
+from runner.state import RunDir, list_runs
+
+from .conftest import run_cli, spec_text, write_rows, write_spec
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorThread]:
+    with SimulatorThread(SimulatorConfig(latency_ms=50, jitter_ms=10)) as s:
+        yield s
+
+
+def start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", *args, "--runs-dir", str(tmp_path / "runs")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def the_run(tmp_path: Path) -> RunDir:
+    runs = list_runs(tmp_path / "runs")
+    assert len(runs) == 1
+    return RunDir(tmp_path / "runs" / runs[0]["run_id"])
+
+
+def committed(run: RunDir) -> list[dict[str, Any]]:
+    with RunDB(run, with_input=False) as db:
+        return db.arrow("SELECT row_id, status, content FROM results").to_pylist()
+
+
+def wait_for_results(run_dir: Path, at_least: int, timeout: float = 30) -> None:
+    """Block until the run has journaled at least `at_least` records."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # a test-side wait on another process's files
+        done = 0
+        if (run_dir / "journal").is_dir():
+            for seg in (run_dir / "journal").glob("*.jsonl"):
+                done += seg.read_bytes().count(b"\n")
+            for part in (run_dir / "parts").glob("*.parquet"):
+                done += pq.ParquetFile(part).metadata.num_rows
+        if done >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"run did not reach {at_least} results in {timeout} s")
+
+
+def make_job(tmp_path: Path, sim: SimulatorThread, count: int, **pieces: Any) -> Path:
+    data = [
+        {"id": f"r{i}", "text": f"Row {i}: tell me about the number {i}."} for i in range(count)
+    ]
+    write_rows(tmp_path / "data.jsonl", data)
+    return write_spec(tmp_path, spec_text(base_url=sim.base_url, **pieces))
+
+
+def test_kill_9_three_times_then_resume_holds_every_row_once(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """SIGKILL at three random moments: every row ends once; re-bought <= in flight x kills."""
+    concurrency, rows, kills = 64, 20_000, 3
+    spec = make_job(tmp_path, sim, rows, concurrency=concurrency)
+    rng = random.Random(1234)
+    proc = start(tmp_path, "submit", str(spec))
+    for kill in range(kills):
+        if kill == 0:
+            deadline = time.monotonic() + 30
+            while not (tmp_path / "runs").is_dir() or not list((tmp_path / "runs").iterdir()):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+        run_dir = next((tmp_path / "runs").iterdir())
+        wait_for_results(run_dir, at_least=(kill + 1) * 2_000 + rng.randrange(0, 2_000))
+        time.sleep(rng.uniform(0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+        proc = start(tmp_path, "resume", run_dir.name)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    got = committed(the_run(tmp_path))
+    assert len(got) == rows
+    assert len({r["row_id"] for r in got}) == rows
+    assert all(r["status"] == "ok" for r in got)
+    assert sim.stats.resent_after_ok <= concurrency * kills
+
+
+def test_sigint_drains_stops_with_exit_3_and_resume_resends_nothing(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """SIGINT: exit 3 with the resume hint; resume sends no request already answered."""
+    spec = make_job(tmp_path, sim, 3_000, concurrency=32)
+    proc = start(tmp_path, "submit", str(spec))
+    deadline = time.monotonic() + 30
+    while not list((tmp_path / "runs").glob("*/manifest.json")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    wait_for_results(next((tmp_path / "runs").iterdir()), at_least=500)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    run = the_run(tmp_path)
+    assert f"resume with: runner resume {run.run_id}" in err
+    assert "stopped" in err.splitlines()[-1]
+    assert run.read_manifest()["state"] == "stopped"
+    done_before = len(committed(run))
+    assert 500 <= done_before < 3_000
+    assert sim.stats.resent_after_ok == 0
+    resumed = run_cli("resume", run.run_id, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sim.stats.resent_after_ok == 0  # the drain journaled everything in flight
+    assert len(committed(run)) == 3_000
+
+
+def test_second_process_on_a_locked_run_is_refused_and_sends_nothing(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """While one process holds a run, `resume` exits 2 naming the PID and sends zero requests."""
+    spec = make_job(tmp_path, sim, 50)
+    first = run_cli("submit", str(spec), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = the_run(tmp_path)
+    requests = sim.stats.requests
+    run.lock()  # this test process now plays the running owner
+    try:
+        second = run_cli(
+            "resume", run.run_id, "--retry-failed", "--runs-dir", str(tmp_path / "runs"),
+            cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        run.unlock()
+    assert second.returncode == 2
+    assert f"in use by process {os.getpid()}" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert sim.stats.requests == requests
+
+
+def test_status_and_report_work_while_the_run_is_in_progress(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """`status` and `report` read a running run without its lock and see live progress."""
+    spec = make_job(tmp_path, sim, 4_000, concurrency=16)
+    proc = start(tmp_path, "submit", str(spec))
+    try:
+        deadline = time.monotonic() + 30
+        while not list((tmp_path / "runs").glob("*/manifest.json")):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        run_dir = next((tmp_path / "runs").iterdir())
+        wait_for_results(run_dir, at_least=200)
+        runs = str(tmp_path / "runs")
+        status = run_cli("status", run_dir.name, "--json", "--runs-dir", runs, cwd=tmp_path)
+        assert status.returncode == 0, status.stderr
+        info = json.loads(status.stdout)
+        assert info["state"] == "running" and info["pid"] == proc.pid
+        assert 200 <= info["ok"] < 4_000
+        report = run_cli(
+            "report", run_dir.name, "--format", "json", "--runs-dir", runs, cwd=tmp_path
+        )
+        assert report.returncode == 0, report.stderr
+        assert json.loads(report.stdout)["ok"] >= info["ok"]
+        assert proc.poll() is None  # still running: the readers did not disturb it
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 3
+
+
+def test_torn_journal_line_and_leftover_tmp_part_are_recovered(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """A torn last journal line and a half-written .tmp part are recovered without loss."""
+    spec = make_job(tmp_path, sim, 300)
+    done = run_cli("submit", str(spec), "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run = the_run(tmp_path)
+    [part] = list(run.parts_dir.glob("*.parquet"))
+    records = pq.read_table(part).to_pylist()
+    # Rebuild the state a crash leaves: the answers only in a journal segment with a torn
+    # tail, and a .tmp part that never got renamed.
+    part.unlink()
+    lines = [json.dumps({**r, "started_at": 0.0, "finished_at": 0.0}) for r in records[:200]]
+    segment = run.journal_dir / segment_name(1)
+    segment.write_text("\n".join(lines) + "\n" + lines[200 - 1][: len(lines[0]) // 2])
+    (run.parts_dir / "part-000001.parquet.tmp").write_bytes(b"PAR1 half a file")
+    manifest = run.read_manifest()
+    manifest["state"] = "running"
+    run.write_manifest(manifest)
+    requests = sim.stats.requests
+
+    status = run_cli(
+        "status", run.run_id, "--json", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path
+    )
+    assert status.returncode == 0 and json.loads(status.stdout)["ok"] == 200
+
+    resumed = run_cli("resume", run.run_id, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert sim.stats.requests - requests == 100  # only the 100 rows that were never journaled
+    assert sim.stats.resent_after_ok == 100  # (the simulator had answered them before)
+    assert not list(run.parts_dir.glob("*.tmp"))
+    got = committed(run)
+    assert sorted(r["row_id"] for r in got) == sorted(f"r{i}" for i in range(300))
+
+
+@pytest.mark.anyio
+async def test_duplicate_prompts_are_sent_once(tmp_path: Path) -> None:
+    """With 30 % duplicate prompts, each distinct request is sent once and every row is ok."""
+    rng = random.Random(5)
+    texts = [f"Distinct prompt {i}" for i in range(700)]
+    data = [{"id": i, "text": texts[i] if i < 700 else rng.choice(texts)} for i in range(1000)]
+    rng.shuffle(data)
+    with SimulatorThread(SimulatorConfig(latency_ms=20)) as sim:
+        write_rows(tmp_path / "data.jsonl", data)
+        spec = write_spec(tmp_path, spec_text(base_url=sim.base_url))
+        outcome = await job.submit(job.prepare(spec), tmp_path / "runs", handle_signals=False)
+        assert outcome.exit_code == 0
+        assert sim.stats.requests == 700
+        assert sim.stats.resent_after_ok == 0
+    assert outcome.progress.reused == 300
+    with RunDB(outcome.run, with_input=False) as db:
+        got = db.arrow("SELECT row_id, content, reused, prompt_tokens FROM results").to_pylist()
+    by_text = {}
+    text_of = {str(r["id"]): r["text"] for r in data}
+    for r in got:
+        assert r["content"], r
+        by_text.setdefault(text_of[r["row_id"]], set()).add(r["content"])
+    assert len(got) == 1000
+    assert all(len(contents) == 1 for contents in by_text.values())  # twins share the answer
+    assert sum(r["reused"] for r in got) == 300
+    assert sum(r["prompt_tokens"] for r in got) == sim.stats.prompt_tokens  # paid once
+
+
+def test_resume_refuses_a_changed_input_unless_allowed(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """A changed input is refused; with --allow-changed-input only changed rows are sent."""
+    spec = make_job(tmp_path, sim, 100)
+    runs = str(tmp_path / "runs")
+    assert run_cli("submit", str(spec), "--runs-dir", runs, cwd=tmp_path).returncode == 0
+    run = the_run(tmp_path)
+    data = [{"id": f"r{i}", "text": f"Row {i}: tell me about the number {i}."} for i in range(100)]
+    for i in (3, 50):
+        data[i]["text"] = f"Row {i} was edited."
+    write_rows(tmp_path / "data.jsonl", data)
+    requests = sim.stats.requests
+    refused = run_cli("resume", run.run_id, "--runs-dir", runs, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "--allow-changed-input" in refused.stderr
+    allowed = run_cli(
+        "resume", run.run_id, "--allow-changed-input", "--runs-dir", runs, cwd=tmp_path
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert sim.stats.requests - requests == 2
+    got = {r["row_id"]: r["content"] for r in committed(run)}
+    assert len(got) == 100 and "edited" in got["r3"]
+
+
+def test_cancelled_session_can_be_resumed_in_process(tmp_path: Path, sim: SimulatorThread) -> None:
+    """A session cancelled from outside leaves a resumable run (library use, no signals)."""
+    spec = make_job(tmp_path, sim, 400)
+
+    async def main() -> None:
+        prepared = job.prepare(spec)
+        with anyio.move_on_after(0.5):
+            await job.submit(prepared, tmp_path / "runs", handle_signals=False)
+        run = the_run(tmp_path)
+        assert run.read_manifest()["state"] == "stopped"
+        outcome = await job.resume(run.run_id, tmp_path / "runs", handle_signals=False)
+        assert outcome.state == "completed"
+
+    anyio.run(main)
+    assert len(committed(the_run(tmp_path))) == 400
