@@ -32,7 +32,7 @@ from runner.errors import (
 )
 from runner.limiter import Limiter
 from runner.pool import Pool
-from runner.records import Progress, WorkItem, work_key
+from runner.records import Progress, WorkItem
 from runner.retry import RetryPolicy
 from runner.sink import RunSink
 from runner.source import CheckResult, InputFile, RequestBuilder, Skip, check_input
@@ -91,13 +91,20 @@ def prepare(spec_path: str | Path, *, check_whole_file: bool | None = None) -> P
 
 def _prepare_loaded(spec: LoadedSpec, check_whole_file: bool | None) -> Prepared:
     job = spec.job
-    shown = os.path.relpath(spec.input_path) if spec.input_path.is_absolute() else None
-    source = InputFile(spec.input_path, job.input, shown=shown)
+    source = InputFile(spec.input_path, job.input, shown=_shown(spec.input_path))
     builder = RequestBuilder(job, source)
     source.check_columns()
     whole = job.input.check_whole_file if check_whole_file is None else check_whole_file
     check = check_input(source, builder) if whole else None
     return Prepared(spec, source, builder, check)
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 async def submit(
@@ -166,21 +173,23 @@ async def resume(
             display=str(run.spec_path),
         )
         check_environment(spec)
-        prepared = _prepare_loaded(spec, None)
         old = manifest.get("input", {})
-        now = input_fingerprint(prepared.source.path, old.get("rows"))
+        now = input_fingerprint(spec.input_path, old.get("rows"))
         changed = any(now[k] != old.get(k) for k in ("size", "mtime", "hash"))
         if changed and not allow_changed_input:
             raise UsageError(
-                f"{prepared.source.shown}: the input changed since run {run.run_id} started; "
-                "rerun with --allow-changed-input to send only rows whose request changed"
+                f"{_shown(spec.input_path)}: the input changed since run "
+                f"{run.run_id} started; rerun with --allow-changed-input to send only rows "
+                "whose request changed"
             )
+        # An unchanged input was checked whole when the run was submitted.
+        prepared = _prepare_loaded(spec, None if changed else False)
         if changed:
             manifest["input"] = input_fingerprint(
                 prepared.source.path, prepared.check.rows if prepared.check else None
             )
         next_segment = run.recover()
-        settled = run.settled(retry_failed=retry_failed)
+        settled = run.settled(retry_failed=retry_failed, by_request=changed)
         if on_start:
             on_start(run)
         return await _execute(
@@ -198,16 +207,24 @@ async def resume(
 
 
 def _items(prepared: Prepared, settled: Settled) -> Iterator[WorkItem | Skip]:
-    keys = settled.keys
-    for row in prepared.source.rows():
-        for item in prepared.builder.build(row):
-            if keys and work_key(item.row_id, item.model, _hash_of(item)) in keys:
-                continue
-            yield item
-
-
-def _hash_of(item: WorkItem | Skip) -> str:
-    return item.request_hash if isinstance(item, WorkItem) else ""
+    source, builder = prepared.source, prepared.builder
+    if settled.count == 0:
+        for row in source.rows():
+            yield from builder.build(row)
+        return
+    models = builder.models
+    for row in source.rows():
+        # Matching by position skips settled rows without building their requests.
+        if (
+            settled.keys is None
+            and models
+            and all(settled.done(row.index, m, "", "") for m in models)
+        ):
+            continue
+        for item in builder.build(row):
+            digest = item.request_hash if isinstance(item, WorkItem) else ""
+            if not settled.done(item.row_index, item.model, item.row_id, digest):
+                yield item
 
 
 async def _execute(
@@ -223,11 +240,15 @@ async def _execute(
     job = prepared.spec.job
     endpoint = job.endpoint
     total = None
+    models = max(len(job.request.models) if job.request else 1, 1)
     if prepared.check is not None:
         total = prepared.check.items + prepared.check.skipped
+        manifest.setdefault("counts", {})["total"] = total
     elif (hint := prepared.source.row_count_hint()) is not None:
-        total = hint * max(len(job.request.models) if job.request else 1, 1)
-    progress = Progress(rows_total=total, rows_done_before=len(settled.keys))
+        total = hint * models
+    elif (known := manifest.get("counts", {}).get("total")) is not None:
+        total = known
+    progress = Progress(rows_total=total, rows_done_before=settled.count)
     session: dict[str, Any] = {"started_at": utc_now(), "pid": os.getpid()}
     manifest.setdefault("sessions", []).append(session)
     manifest["state"] = "running"
@@ -298,7 +319,7 @@ async def _execute(
     state = manifest["state"]
     if pool is not None and pool.stopping and state != "completed":
         stop_reason = stop_reason or "interrupted"
-    return Outcome(run, state, progress, time.monotonic() - started, len(settled.keys), stop_reason)
+    return Outcome(run, state, progress, time.monotonic() - started, settled.count, stop_reason)
 
 
 async def _finish(
@@ -330,7 +351,7 @@ async def _finish(
     manifest["counts"] = {
         "total": progress.rows_total,
         "ok": settled.ok + progress.ok,
-        "failed": settled.failed + progress.failed,
+        "failed": (0 if settled.retry_failed else settled.failed) + progress.failed,
         "skipped": settled.skipped + progress.skipped,
         "requests": manifest.get("counts", {}).get("requests", 0) + progress.requests,
     }

@@ -21,7 +21,7 @@ import os
 import platform
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -74,19 +74,44 @@ def input_fingerprint(path: Path, rows: int | None) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True, slots=True)
-class Settled:
-    """What earlier sessions of a run already settled."""
+_CODES = {"ok": 1, "failed": 2, "skipped": 3}
 
-    ok: int
-    failed: int
-    skipped: int
-    keys: frozenset[int]  # work_key() of everything that needs no new request
-    ok_hashes: frozenset[int]  # hash_key() of requests that have an ok answer to reuse
+
+@dataclass(slots=True)
+class Settled:
+    """What earlier sessions of a run settled, compact enough for millions of rows.
+
+    By default rows are matched by position: one status byte per row and model (the input is
+    unchanged, so row N is still row N). After an input change, rows are matched by
+    (row id, model, request hash) instead, so only rows whose request changed are sent.
+    """
+
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    retry_failed: bool = False
+    # model -> status byte per row_index (0 = nothing yet, else _CODES)
+    by_row: dict[str, bytearray] = field(default_factory=dict)
+    keys: set[int] | None = None  # work_key() of settled work, when matching by request
+    ok_hashes: set[int] = field(default_factory=set)  # hash_key() of answers to reuse
 
     @classmethod
     def nothing(cls) -> Settled:
-        return cls(0, 0, 0, frozenset(), frozenset())
+        return cls()
+
+    @property
+    def count(self) -> int:
+        return self.ok + self.skipped + (0 if self.retry_failed else self.failed)
+
+    def done(self, row_index: int, model: str, row_id: str, request_hash: str) -> bool:
+        """Whether this work needs no new request."""
+        if self.keys is not None:
+            return work_key(row_id, model, request_hash) in self.keys
+        codes = self.by_row.get(model)
+        if codes is None or row_index >= len(codes):
+            return False
+        code = codes[row_index]
+        return code != 0 and (code != 2 or not self.retry_failed)
 
 
 class RunDir:
@@ -193,40 +218,68 @@ class RunDir:
         except OSError as exc:
             raise storage_error("recover journal in", self.journal_dir, exc) from None
 
-    def settled(self, *, retry_failed: bool = False) -> Settled:
-        """Work already settled by committed parts and the journal (the latest record wins).
+    def settled(self, *, retry_failed: bool = False, by_request: bool = False) -> Settled:
+        """Work settled by committed parts and the journal; the latest final record wins.
 
-        Keys carry the request hash, so a row whose request changed is not settled.
+        Parts and segments are read in the order they were written, so a later record (a
+        failed row answered on a --retry-failed resume) overwrites an earlier one.
         """
-        columns = ["row_id", "model", "request_hash", "status", "reused"]
-        latest: dict[tuple[str, str], tuple[str, str, bool]] = {}
+        result = Settled(retry_failed=retry_failed)
+        latest: dict[tuple[str, str], tuple[int, str]] | None = {} if by_request else None
+        columns = ["row_index", "row_id", "model", "request_hash", "status", "reused"]
         for path in parts(self.parts_dir):
             table = pq.read_table(path, columns=[*columns, "final"])
             table = table.filter(pc.field("final"))
             values = [table.column(c).to_pylist() for c in columns]
-            for row_id, model, digest, status, reused in zip(*values, strict=True):
-                latest[(row_id, model)] = (status, digest, reused)
+            for row in zip(*values, strict=True):
+                _settle(result, latest, *row)
         for segment in segments(self.journal_dir):
-            for record in read_segment(segment):
-                if record.get("final"):
-                    latest[(record["row_id"], record["model"])] = (
-                        record["status"],
-                        record["request_hash"],
-                        bool(record.get("reused")),
+            for r in read_segment(segment):
+                if r.get("final"):
+                    _settle(
+                        result,
+                        latest,
+                        r["row_index"],
+                        r["row_id"],
+                        r["model"],
+                        r["request_hash"],
+                        r["status"],
+                        bool(r.get("reused")),
                     )
-        counts = {"ok": 0, "failed": 0, "skipped": 0}
-        keys: set[int] = set()
-        ok_hashes: set[int] = set()
-        for (row_id, model), (status, digest, reused) in latest.items():
-            counts[status] = counts.get(status, 0) + 1
-            if status != "failed" or not retry_failed:
-                keys.add(work_key(row_id, model, digest))
-            if status == "ok" and not reused:
-                ok_hashes.add(hash_key(digest))
-        latest.clear()
-        return Settled(
-            counts["ok"], counts["failed"], counts["skipped"], frozenset(keys), frozenset(ok_hashes)
-        )
+        for codes in result.by_row.values():
+            result.ok += codes.count(1)
+            result.failed += codes.count(2)
+            result.skipped += codes.count(3)
+        if latest is not None:
+            result.keys = {
+                work_key(row_id, model, digest)
+                for (row_id, model), (code, digest) in latest.items()
+                if code != 2 or not retry_failed
+            }
+        return result
+
+
+def _settle(
+    result: Settled,
+    latest: dict[tuple[str, str], tuple[int, str]] | None,
+    row_index: int,
+    row_id: str,
+    model: str,
+    digest: str,
+    status: str,
+    reused: bool,
+) -> None:
+    code = _CODES.get(status, 0)
+    codes = result.by_row.get(model)
+    if codes is None:
+        codes = result.by_row[model] = bytearray()
+    if row_index >= len(codes):
+        codes.extend(bytes(max(row_index + 1 - len(codes), len(codes))))
+    codes[row_index] = code
+    if latest is not None:
+        latest[(row_id, model)] = (code, digest)
+    if code == 1 and not reused:
+        result.ok_hashes.add(hash_key(digest))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
