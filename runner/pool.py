@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import anyio
@@ -61,7 +61,7 @@ class Pool:
         concurrency: int,
         retry_finish_reasons: Sequence[str] = (),
         startup_failures_to_stop: int = 3,
-        answered: Iterable[int] = (),
+        answered: set[int] | None = None,
     ) -> None:
         self.client = client
         self.policy = policy
@@ -80,7 +80,8 @@ class Pool:
         self._orphans: list[ResultRecord] = []
         # Content-addressed reuse: hash_key() of requests with an ok answer in this run, and
         # the requests in flight now. An identical request waits for its twin, then reuses it.
-        self._answered: set[int] = set(answered)
+        # (Taken over, not copied: it can hold millions of keys on a big resume.)
+        self._answered: set[int] = answered if answered is not None else set()
         self._in_flight: dict[str, anyio.Event] = {}
 
     def stop(self) -> None:
