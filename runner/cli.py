@@ -251,7 +251,7 @@ def status(run: str, runs_dir: Path, as_json: bool) -> None:
     click.echo(
         f"{info['run_id']}  {info['state']}"
         + (f" (pid {info['pid']})" if info["pid"] else "")
-        + f"\n  rows      {done:,} of {total if total is not None else '?':,} done{pct}: "
+        + f"\n  rows      {done:,} of {'?' if total is None else f'{total:,}'} done{pct}: "
         f"{info['ok']:,} ok, {info['failed']:,} failed, {info['skipped']:,} skipped"
         f"\n  requests  {info['requests']:,}"
         f"\n  tokens    {info['prompt_tokens'] or 0:,} prompt, "

@@ -348,6 +348,9 @@ async def _finish(
     interrupted = pool is not None and pool.stopping
     complete = stop_reason is None and not interrupted and (pending is None or pending <= 0)
     manifest["state"] = "completed" if complete else "stopped"
+    if complete and progress.rows_total is None:
+        # An unchecked input's size is known once every row went through.
+        progress.rows_total = progress.rows_done_before + progress.done + progress.skipped
     manifest["counts"] = {
         "total": progress.rows_total,
         "ok": settled.ok + progress.ok,

@@ -139,7 +139,7 @@ def summary(run: RunDir) -> dict[str, Any]:
     )
     result["state"] = manifest.get("state")
     result["run_id"] = run.run_id
-    return {k: (0 if v is None and k.endswith("tokens") is False else v) for k, v in result.items()}
+    return result
 
 
 EXPORT_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}

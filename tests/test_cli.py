@@ -1,0 +1,567 @@
+"""The `runner` command line: act through real processes, check through the library.
+
+One finished run is built per module and reused by every read-only command; tests that
+submit or resume build their own small runs in their own folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from runner.cli import cli
+from runner.report import RunDB
+from runner.simulator import SimulatorThread
+from runner.state import RunDir, list_runs
+
+from .conftest import run_cli, spec_text, write_rows, write_spec
+
+ROWS = 40
+
+
+def rows(count: int, marker: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    """Input rows with an id, a prompt and one extra column that must survive export."""
+    marker = marker or {}
+    return [
+        {
+            "id": f"r{i}",
+            "text": f"Question {i}: what is {i} squared? {marker.get(i, '')}",
+            "topic": f"t{i % 3}",
+        }
+        for i in range(count)
+    ]
+
+
+def make_job(folder: Path, data: list[dict[str, Any]], **pieces: Any) -> Path:
+    """Write data.jsonl and job.toml into folder; returns the spec's path."""
+    write_rows(folder / "data.jsonl", data)
+    return write_spec(folder, spec_text(**pieces))
+
+
+def only_run(runs_dir: Path) -> RunDir:
+    """The single run under runs_dir."""
+    (path,) = [p for p in runs_dir.iterdir() if (p / "manifest.json").exists()]
+    return RunDir(path)
+
+
+def results(run: RunDir) -> list[dict[str, Any]]:
+    with RunDB(run, with_input=False) as db:
+        return db.arrow("SELECT * FROM results ORDER BY row_index, model").to_pylist()
+
+
+def one_line(stderr: str) -> str:
+    """The stderr of a failed command, which must be exactly one line."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def parse_table(text: str) -> list[dict[str, str]]:
+    """Rows of a `--format table` output whose cells hold no spaces."""
+    header, rule, *body = text.strip().splitlines()
+    assert set(rule.replace(" ", "")) == {"-"}, text
+    names = header.split()
+    return [dict(zip(names, line.split(), strict=True)) for line in body]
+
+
+def parse_csv(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+PARSERS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
+    "table": parse_table,
+    "csv": parse_csv,
+    "json": json.loads,
+}
+
+
+def plain(value: Any) -> str:
+    """A cell as text, whatever the format: `1,234` (table), `1234` (csv) and 1234 (json)."""
+    return "" if value is None else str(value).replace(",", "")
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished run made by `runner submit`, and the process that made it."""
+
+    folder: Path
+    runs_dir: Path
+    run: RunDir
+    submitted: subprocess.CompletedProcess[str]
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, "--runs-dir", str(self.runs_dir), cwd=self.folder, env=env)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Finished]:
+    """A completed 40-row JSONL run of job `cli`, submitted through the CLI."""
+    folder = tmp_path_factory.mktemp("cli")
+    make_job(folder, rows(ROWS), name="cli")
+    # Module fixtures start before the autouse clean_environment: clean the same way here.
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            upper = name.upper()
+            if upper.endswith(("_API_KEY", "_PROXY")) or upper in ("NO_PROXY", "SSL_CERT_FILE"):
+                mp.delenv(name)
+        submitted = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=folder)
+    assert submitted.returncode == 0, submitted.stderr
+    runs_dir = folder / "runs"
+    yield Finished(folder, runs_dir, only_run(runs_dir), submitted)
+
+
+# -- submit ------------------------------------------------------------------------------
+
+
+def test_submit_prints_the_run_id_and_a_completed_summary(finished: Finished) -> None:
+    """A clean submit exits 0, names the run first and ends with a `completed` summary."""
+    run_id = finished.run.run_id
+    lines = finished.submitted.stderr.splitlines()
+    assert lines[0] == f"run {run_id}: {Path('runs') / run_id}"
+    assert f"run {run_id}: completed" in lines
+    assert f"  rows      {ROWS} ok, 0 failed, 0 skipped this session" in lines
+    assert f"  export    runner export {run_id} out.parquet" in lines
+    assert finished.submitted.stdout == ""
+    manifest = finished.run.read_manifest()
+    assert manifest["state"] == "completed"
+    assert manifest["counts"]["ok"] == ROWS
+    assert [r["row_id"] for r in results(finished.run)] == [f"r{i}" for i in range(ROWS)]
+
+
+def test_submit_progress_is_plain_lines_when_stderr_is_not_a_terminal(finished: Finished) -> None:
+    """Without a terminal, progress is whole plain lines: no tqdm bar, no carriage returns."""
+    stderr = finished.submitted.stderr
+    assert "\r" not in stderr and "\x1b" not in stderr
+    assert "row/s" not in stderr and "%|" not in stderr
+    progress = [line for line in stderr.splitlines() if " rows  ok=" in line]
+    assert progress, stderr
+    for line in progress:
+        assert re.fullmatch(
+            r"\d+/\d+ rows  ok=\d+ failed=\d+ retrying=\d+ req/s=\d+ tokens=[\d,]+", line
+        ), line
+
+
+def test_submit_with_rejected_rows_exits_1(tmp_path: Path) -> None:
+    """Rows the server rejects with a 400 fail (not retried) and the submit exits 1."""
+    make_job(tmp_path, rows(20, {3: "[[sim:400]]", 11: "[[sim:400]]"}))
+    done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "  rows      18 ok, 2 failed, 0 skipped this session" in done.stderr.splitlines()
+    failed = [r for r in results(only_run(tmp_path / "runs")) if r["status"] == "failed"]
+    assert [(r["row_id"], r["http_status"], r["attempts"]) for r in failed] == [
+        ("r3", 400, 1),
+        ("r11", 400, 1),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("temperature = 3", "error: job.toml: request.temperature: must be between 0 and 2"),
+        ("temprature = 0.5", "error: job.toml: request.temprature: unknown key"),
+    ],
+)
+def test_bad_spec_exits_2_with_one_line(tmp_path: Path, extra: str, message: str) -> None:
+    """An invalid spec exits 2 with one error line, no traceback, and no run folder."""
+    make_job(tmp_path, rows(5), request_extra=extra)
+    done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 2
+    assert one_line(done.stderr).startswith(message)
+    assert not list_runs(tmp_path / "runs")
+
+
+def test_runner_debug_prints_the_traceback(tmp_path: Path) -> None:
+    """With RUNNER_DEBUG=1 the same spec error comes with a traceback, and still exits 2."""
+    make_job(tmp_path, rows(5), request_extra="temperature = 3")
+    done = run_cli("submit", "job.toml", cwd=tmp_path, env={"RUNNER_DEBUG": "1"})
+    assert done.returncode == 2
+    assert done.stderr.startswith("Traceback (most recent call last):")
+    assert "SpecError" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: job.toml: request.temperature")
+
+
+@pytest.mark.parametrize(
+    ("spec", "input_path", "named"),
+    [("job.toml", "missing.jsonl", "missing.jsonl"), ("absent.toml", "data.jsonl", "absent.toml")],
+)
+def test_missing_file_exits_2_naming_it(
+    tmp_path: Path, spec: str, input_path: str, named: str
+) -> None:
+    """A missing input file (or spec file) exits 2 with one line naming that file."""
+    make_job(tmp_path, rows(5), input_path=input_path)
+    done = run_cli("submit", spec, "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 2
+    assert one_line(done.stderr).startswith(f"error: {named}:")
+    assert not list_runs(tmp_path / "runs")
+
+
+# -- runs, status ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_runs_lists_the_run_with_its_counts(finished: Finished, fmt: str) -> None:
+    """`runner runs` lists the run with job, state and ok/failed/total, in every format."""
+    done = finished.cli("runs", "--format", fmt)
+    assert done.returncode == 0, done.stderr
+    if fmt == "csv":
+        assert done.stdout.splitlines()[0] == "run_id,job,state,ok,failed,total,created_at"
+    listed = PARSERS[fmt](done.stdout)
+    assert isinstance(listed, list) and all(isinstance(r, dict) for r in listed)
+    (row,) = [r for r in listed if r["run_id"] == finished.run.run_id]
+    manifest = finished.run.read_manifest()
+    assert {k: plain(v) for k, v in row.items()} == {
+        "run_id": finished.run.run_id,
+        "job": "cli",
+        "state": "completed",
+        "ok": str(ROWS),
+        "failed": "0",
+        "total": str(ROWS),
+        "created_at": manifest["created_at"],
+    }
+
+
+def run_ref(finished: Finished, kind: str) -> str:
+    return {
+        "id": finished.run.run_id,
+        "path": str(finished.run.path),
+        "job": "cli",
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["id", "path", "job"])
+def test_status_text(finished: Finished, kind: str) -> None:
+    """`runner status RUN` shows state and counts for RUN given as id, folder or job name."""
+    done = finished.cli("status", run_ref(finished, kind))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"{finished.run.run_id}  completed"
+    assert (
+        lines[1] == f"  rows      {ROWS} of {ROWS} done (100.0 %): {ROWS} ok, 0 failed, 0 skipped"
+    )
+    assert lines[-1] == f"  folder    {finished.run.path.resolve()}"
+
+
+@pytest.mark.parametrize("kind", ["id", "path", "job"])
+def test_status_json(finished: Finished, kind: str) -> None:
+    """`runner status RUN --json` agrees with the results for RUN as id, folder or job name."""
+    done = finished.cli("status", run_ref(finished, kind), "--json")
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    got = results(finished.run)
+    assert info["run_id"] == finished.run.run_id
+    assert info["job_name"] == "cli"
+    assert info["state"] == "completed" and info["pid"] is None
+    assert (info["total"], info["ok"], info["failed"], info["skipped"]) == (ROWS, ROWS, 0, 0)
+    assert info["requests"] == ROWS
+    assert info["prompt_tokens"] == sum(r["prompt_tokens"] for r in got)
+    assert info["completion_tokens"] == sum(r["completion_tokens"] for r in got)
+    assert info["path"] == str(finished.run.path.resolve())
+
+
+def test_job_name_means_the_latest_run(tmp_path: Path) -> None:
+    """Given a job name, `status` picks that job's latest run."""
+    make_job(tmp_path, rows(5))
+    ids = []
+    for _ in range(2):
+        done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        ids.append(done.stderr.split(":", 1)[0].removeprefix("run "))
+    assert ids[0] != ids[1]
+    done = run_cli("status", "t", "--json", "--runs-dir", "runs", cwd=tmp_path)
+    assert json.loads(done.stdout)["run_id"] == ids[1]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["status", "--json"],
+        ["report"],
+        ["query", "SELECT 1"],
+        ["export", "o.csv"],
+        ["resume"],
+    ],
+    ids=lambda c: "-".join(c).replace(" ", "_"),
+)
+def test_unknown_run_exits_2_with_one_line(finished: Finished, command: list[str]) -> None:
+    """Every command taking RUN refuses an unknown run with exit 2 and one line."""
+    done = finished.cli(command[0], "no-such-run", *command[1:])
+    assert done.returncode == 2
+    assert (
+        one_line(done.stderr) == f"error: no run or job named 'no-such-run' in {finished.runs_dir}"
+    )
+    assert done.stdout == ""
+
+
+def test_status_of_a_no_check_run_does_not_claim_zero_rows(tmp_path: Path) -> None:
+    """After `submit --no-check` on JSONL (total unknown up front) status never says 0 rows."""
+    make_job(tmp_path, rows(20))
+    done = run_cli("submit", "job.toml", "--no-check", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    info = run_cli("status", "t", "--json", "--runs-dir", "runs", cwd=tmp_path)
+    assert json.loads(info.stdout)["total"] in (None, 20)
+    text = run_cli("status", "t", "--runs-dir", "runs", cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "20 of 0 done" not in text.stdout
+
+
+# -- report, query -----------------------------------------------------------------------
+
+
+def parse_report(fmt: str, text: str) -> dict[str, Any]:
+    if fmt == "json":
+        parsed: dict[str, Any] = json.loads(text)
+        return parsed
+    metrics = parse_table(text) if fmt == "table" else parse_csv(text)
+    return {m["metric"]: m["value"] for m in metrics}
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_report_token_totals_are_the_sums_over_results(finished: Finished, fmt: str) -> None:
+    """`runner report` in every format shows counts and token totals equal to the results' sums."""
+    done = finished.cli("report", finished.run.run_id, "--format", fmt)
+    assert done.returncode == 0, done.stderr
+    info = parse_report(fmt, done.stdout)
+    got = results(finished.run)
+    expected = {
+        "ok": ROWS,
+        "failed": 0,
+        "skipped": 0,
+        "requests": ROWS,
+        "total": ROWS,
+        "prompt_tokens": sum(r["prompt_tokens"] for r in got),
+        "completion_tokens": sum(r["completion_tokens"] for r in got),
+        "total_tokens": sum(r["total_tokens"] for r in got),
+        "state": "completed",
+        "run_id": finished.run.run_id,
+    }
+    assert {k: plain(info[k]) for k in expected} == {k: str(v) for k, v in expected.items()}
+    assert expected["total_tokens"] == expected["prompt_tokens"] + expected["completion_tokens"]
+    if fmt == "json":
+        assert info["top_errors"] == []
+
+
+QUERY = "SELECT row_id, status, prompt_tokens FROM results ORDER BY row_index"
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_query_in_every_format(finished: Finished, fmt: str) -> None:
+    """`runner query` prints the same rows the library's query returns, in every format."""
+    done = finished.cli("query", finished.run.run_id, QUERY, "--format", fmt)
+    assert done.returncode == 0, done.stderr
+    if fmt == "csv":
+        assert done.stdout.splitlines()[0] == "row_id,status,prompt_tokens"
+    got = PARSERS[fmt](done.stdout)
+    assert isinstance(got, list) and all(isinstance(r, dict) for r in got)
+    with RunDB(finished.run) as db:
+        names, expected = db.query(QUERY)
+    assert len(expected) == ROWS
+    assert [{k: plain(v) for k, v in r.items()} for r in got] == [
+        {n: plain(v) for n, v in zip(names, row, strict=True)} for row in expected
+    ]
+
+
+def test_query_input_view_joins_results_on_row_index(finished: Finished) -> None:
+    """The `input` view carries the input's columns and joins `results` on `row_index`."""
+    sql = (
+        "SELECT count(*) AS n, count(*) FILTER (i.id = r.row_id) AS same_id, "
+        "count(DISTINCT i.topic) AS topics FROM input i JOIN results r ON r.row_index = i.row_index"
+    )
+    done = finished.cli("query", "cli", sql, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"n": ROWS, "same_id": ROWS, "topics": 3}]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["SELEC 1", "SELECT * FROM no_such_view", "SELECT no_such_column FROM results"],
+)
+def test_broken_query_exits_2_with_one_line(finished: Finished, sql: str) -> None:
+    """A query DuckDB refuses exits 2 with one line starting `error: query failed`."""
+    done = finished.cli("query", finished.run.run_id, sql)
+    assert done.returncode == 2
+    assert one_line(done.stderr).startswith("error: query failed")
+    assert done.stdout == ""
+
+
+# -- export ------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+READERS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {
+    ".parquet": lambda path: pq.read_table(path).to_pylist(),
+    ".jsonl": read_jsonl,
+    ".csv": lambda path: parse_csv(path.read_text()),
+}
+
+
+@pytest.mark.parametrize("suffix", sorted(READERS))
+def test_export_writes_input_and_answers_in_input_order(
+    finished: Finished, tmp_path: Path, suffix: str
+) -> None:
+    """`runner export` writes input columns then answers, in input order, readable back."""
+    out = tmp_path / f"out{suffix}"
+    done = finished.cli("export", finished.run.run_id, str(out))
+    assert done.returncode == 0, done.stderr
+    assert one_line(done.stderr) == f"wrote {ROWS} rows to {out}"
+    exported = READERS[suffix](out)
+    assert list(exported[0])[:4] == ["id", "text", "topic", "row_id"]
+    assert {"model", "status", "content", "prompt_tokens", "finish_reason"} <= set(exported[0])
+    assert [r["id"] for r in exported] == [f"r{i}" for i in range(ROWS)]
+    answers = {r["row_id"]: r for r in results(finished.run)}
+    for row in exported:
+        assert row["row_id"] == row["id"]
+        assert row["status"] == "ok"
+        assert row["content"] == answers[row["id"]]["content"]
+        assert plain(row["prompt_tokens"]) == str(answers[row["id"]]["prompt_tokens"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_export_with_two_models_has_a_row_per_input_row_per_model(tmp_path: Path) -> None:
+    """With a list of models, the export holds one row per input row per model, in input order."""
+    text = spec_text().replace('model = "gpt-4o-mini"', 'model = ["gpt-4o-mini", "gpt-4o"]')
+    write_rows(tmp_path / "data.jsonl", rows(10))
+    write_spec(tmp_path, text)
+    assert run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path).returncode == 0
+    done = run_cli("export", "t", "out.parquet", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    exported = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert len(exported) == 20 == len(results(only_run(tmp_path / "runs")))
+    assert [r["id"] for r in exported] == [f"r{i // 2}" for i in range(20)]
+    for i in range(0, 20, 2):
+        assert {exported[i]["model"], exported[i + 1]["model"]} == {"gpt-4o-mini", "gpt-4o"}
+    assert all(r["status"] == "ok" and r["content"] for r in exported)
+
+
+def test_export_to_an_unknown_suffix_exits_2(finished: Finished, tmp_path: Path) -> None:
+    """An output file type export does not know exits 2 with one line and writes nothing."""
+    out = tmp_path / "out.xlsx"
+    done = finished.cli("export", finished.run.run_id, str(out))
+    assert done.returncode == 2
+    assert one_line(done.stderr).startswith(f"error: {out}: unknown output type")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- resume ------------------------------------------------------------------------------
+
+
+def test_resume_of_a_completed_run_sends_nothing(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    """Resuming a completed run sends no request, keeps every result and exits 0."""
+    make_job(tmp_path, rows(20), base_url=simulator.base_url)
+    assert run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path).returncode == 0
+    run = only_run(tmp_path / "runs")
+    sent = simulator.stats.requests
+    assert sent == 20
+    before = results(run)
+    done = run_cli("resume", run.run_id, "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert simulator.stats.requests == sent
+    assert f"run {run.run_id}: completed" in done.stderr.splitlines()
+    assert "0 ok, 0 failed, 0 skipped this session (20 settled before)" in done.stderr
+    assert results(run) == before
+    manifest = run.read_manifest()
+    assert manifest["state"] == "completed" and len(manifest["sessions"]) == 2
+
+
+# -- simulate, help, entry points --------------------------------------------------------
+
+
+def test_simulate_serves_and_stops_on_sigterm() -> None:
+    """`runner simulate --port 0` prints its URL, answers a completion, and exits on SIGTERM."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runner", "simulate", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        found = re.fullmatch(r"simulator listening on (http://127\.0\.0\.1:(\d+)/v1)\n", line)
+        assert found and int(found[2]) > 0, line
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+        request = urllib.request.Request(
+            found[1] + "/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer = json.load(response)
+        assert answer["choices"][0]["message"]["content"]
+        assert answer["usage"]["total_tokens"] > 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=5) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_group_help_lists_every_command(tmp_path: Path) -> None:
+    """`runner --help` exits 0 and lists every command."""
+    done = run_cli("--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    commands = done.stdout.split("Commands:", 1)[1]
+    assert sorted(line.split()[0] for line in commands.strip().splitlines()) == sorted(cli.commands)
+
+
+ENTRY_POINTS = {
+    "python -m runner": [sys.executable, "-m", "runner"],
+    "console script": [str(Path(sys.executable).parent / "runner")],
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_entry_point_prints_the_version(entry: str, tmp_path: Path) -> None:
+    """`--version` prints the installed package version, from either entry point."""
+    done = subprocess.run(
+        [*ENTRY_POINTS[entry], "--version"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(f"version {metadata.version('runner')}")
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_entry_point_runs_a_command(entry: str, finished: Finished) -> None:
+    """Both entry points run a real command (`runs --format json`) the same way."""
+    done = subprocess.run(
+        [*ENTRY_POINTS[entry], "runs", "--format", "json", "--runs-dir", str(finished.runs_dir)],
+        cwd=finished.folder,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [r["run_id"] for r in json.loads(done.stdout)] == [finished.run.run_id]
