@@ -1,0 +1,150 @@
+"""Disk and process faults: full disk, fsync errors, unwritable folders, a second signal."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from runner import job, journal
+from runner.report import RunDB
+from runner.simulator import SimulatorConfig, SimulatorThread
+from runner.state import RunDir, list_runs
+
+from .conftest import run_cli, spec_text, write_rows, write_spec
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorThread]:
+    with SimulatorThread(SimulatorConfig(latency_ms=5)) as s:
+        yield s
+
+
+def make_job(tmp_path: Path, sim: SimulatorThread, count: int) -> Path:
+    data = [{"id": f"r{i}", "text": f"Row {i}: what is {i} times {i}?"} for i in range(count)]
+    write_rows(tmp_path / "data.jsonl", data)
+    return write_spec(tmp_path, spec_text(base_url=sim.base_url))
+
+
+def row_ids(run: RunDir) -> list[str]:
+    with RunDB(run, with_input=False) as db:
+        return [r["row_id"] for r in db.arrow("SELECT row_id FROM results").to_pylist()]
+
+
+def failing_after(real: Any, calls: int, err: int) -> Any:
+    """A stand-in for an os function that fails with `err` after `calls` successful calls."""
+    count = {"n": 0}
+
+    def fake(*args: Any) -> Any:
+        count["n"] += 1
+        if count["n"] > calls:
+            raise OSError(err, os.strerror(err))
+        return real(*args)
+
+    return fake
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("function", "calls", "err", "message"),
+    [
+        ("write", 20, errno.ENOSPC, "the disk is full"),
+        ("fsync", 4, errno.EIO, "Input/output error"),
+    ],
+)
+async def test_disk_full_or_fsync_error_stops_the_run_and_resume_loses_nothing(
+    tmp_path: Path,
+    sim: SimulatorThread,
+    monkeypatch: pytest.MonkeyPatch,
+    function: str,
+    calls: int,
+    err: int,
+    message: str,
+) -> None:
+    """A failing journal write or fsync stops the run (exit 3); resume then completes it once."""
+    spec = make_job(tmp_path, sim, 1_000)
+    real = getattr(os, function)
+    # Only the journal's own calls fail: a module stand-in that delegates everything else.
+    faulty = types.SimpleNamespace(**{n: getattr(os, n) for n in dir(os) if not n.startswith("__")})
+    setattr(faulty, function, failing_after(real, calls, err))
+    monkeypatch.setattr(journal, "os", faulty)
+    outcome = await job.submit(job.prepare(spec), tmp_path / "runs", handle_signals=False)
+    assert outcome.state == "stopped" and outcome.exit_code == 3
+    assert outcome.stop_reason is not None and message in outcome.stop_reason
+    run = outcome.run
+    kept = row_ids(run)
+    assert 0 < len(kept) < 1_000
+
+    monkeypatch.setattr(journal, "os", os)  # space is back
+    resent = sim.stats.resent_after_ok
+    resumed = await job.resume(run.run_id, tmp_path / "runs", handle_signals=False)
+    assert resumed.state == "completed"
+    ids = row_ids(run)
+    assert sorted(ids) == sorted(f"r{i}" for i in range(1_000))
+    assert set(kept) <= set(ids)
+    # Re-bought at most what was answered but not yet durable when the disk failed.
+    assert sim.stats.resent_after_ok - resent <= 16 * 4
+
+
+def test_unwritable_runs_folder_is_caught_before_the_first_request(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """A runs folder that cannot be created stops with exit 3 before any request is sent."""
+    spec = make_job(tmp_path, sim, 10)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    done = run_cli("submit", str(spec), "--runs-dir", str(blocker / "runs"), cwd=tmp_path)
+    assert done.returncode == 3
+    assert "not writable" in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2
+    assert sim.stats.requests == 0
+
+
+def test_second_signal_stops_at_once_without_corrupting_the_run(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """Two SIGINTs: exit 3 at once, every part readable, and resume completes every row."""
+    sim.set_config(latency_ms=200)
+    spec = write_spec(
+        tmp_path,
+        spec_text(base_url=sim.base_url, concurrency=32, run_extra="grace_s = 60"),
+    )
+    write_rows(tmp_path / "data.jsonl", [{"id": f"r{i}", "text": f"Row {i}"} for i in range(2_000)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "submit", str(spec), "--runs-dir", str(tmp_path / "runs")],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while sim.stats.ok < 100:  # a test-side wait on another process
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 10  # not the 60 s grace
+    assert proc.returncode == 3, err
+    [info] = list_runs(tmp_path / "runs")
+    run = RunDir(tmp_path / "runs" / info["run_id"])
+    for part in run.parts_dir.glob("*"):
+        assert part.suffix == ".parquet"
+        pq.read_table(part)
+    sim.set_config(latency_ms=0)
+    resumed = run_cli("resume", run.run_id, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    ids = row_ids(run)
+    assert len(ids) == len(set(ids)) == 2_000
