@@ -285,25 +285,66 @@ def runs(runs_dir: Path, fmt: str) -> None:
     _emit(header, rows, fmt)
 
 
+def _prices_option(func: F) -> F:
+    return click.option(
+        "--prices",
+        "prices_file",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        default=None,
+        help='A TOML price table ([prices."model"] input/cached_input/output in USD per '
+        "million tokens) that re-prices the run over the spec's and the built-in prices.",
+    )(func)
+
+
 @cli.command()
 @click.argument("run")
 @_runs_dir_option
 @_format_option
-def report(run: str, runs_dir: Path, fmt: str) -> None:
-    """Rows, requests, tokens and top errors of RUN (works while it runs)."""
+@click.option(
+    "--by",
+    type=click.Choice(["model", "status", "finish_reason", "error_type", "hour"]),
+    default=None,
+    help="One table grouped by this column instead of the overview.",
+)
+@_prices_option
+def report(run: str, runs_dir: Path, fmt: str, by: str | None, prices_file: Path | None) -> None:
+    """Rows, requests, tokens, cost, latency and errors of RUN (works while it runs).
+
+    Costs are computed now from stored tokens: the spec's [prices] table wins over the
+    built-in genai-prices data, and --prices wins over both. Every cost says where it came
+    from (provider, override, price-table, free); an unpriced model is shown as unpriced.
+    """
     from runner import report as reports
     from runner.state import resolve_run
 
-    info = reports.summary(resolve_run(run, runs_dir))
-    errors = info.pop("top_errors")
+    target = resolve_run(run, runs_dir)
+    sections = reports.report(target, by=by, prices=reports.price_rows(target, prices_file))
     if fmt == "json":
-        info["top_errors"] = errors
-        click.echo(reports.to_json(info))
-        return
-    _emit(["metric", "value"], list(info.items()), fmt)
-    if errors and fmt == "table":
-        click.echo("")
-        _emit(["error_type", "rows"], [(e["error_type"], e["rows"]) for e in errors], fmt)
+        click.echo(
+            reports.to_json(
+                {
+                    title: [dict(zip(names, row, strict=True)) for row in rows]
+                    for title, names, rows in sections
+                }
+            )
+        )
+    elif fmt == "csv" and len(sections) > 1:
+        # One table: the section's title, then that section's columns as name=value pairs.
+        rows = [
+            (title, " ".join(f"{n}={_plain(v)}" for n, v in zip(names, row, strict=True)))
+            for title, names, rows_ in sections
+            for row in rows_
+        ]
+        _emit(["section", "values"], rows, "csv")
+    else:
+        for i, (title, names, rows_) in enumerate(sections):
+            if fmt == "table":
+                click.echo(("\n" if i else "") + f"{title}")
+            _emit(names, rows_, fmt)
+
+
+def _plain(value: Any) -> str:
+    return "" if value is None else str(value)
 
 
 @cli.command()
@@ -311,13 +352,17 @@ def report(run: str, runs_dir: Path, fmt: str) -> None:
 @click.argument("sql")
 @_runs_dir_option
 @_format_option
-def query(run: str, sql: str, runs_dir: Path, fmt: str) -> None:
-    """Run SQL over RUN's views: results, attempts, input."""
-    from runner.report import RunDB
+@_prices_option
+def query(run: str, sql: str, runs_dir: Path, fmt: str, prices_file: Path | None) -> None:
+    """Run SQL over RUN's views: results, attempts, costed, prices, input.
+
+    The SQL can read the run's own files only: no other file, no URL, no extension.
+    """
+    from runner import report as reports
     from runner.state import resolve_run
 
-    with RunDB(resolve_run(run, runs_dir)) as db:
-        names, rows = db.query(sql)
+    target = resolve_run(run, runs_dir)
+    names, rows = reports.query(target, sql, prices=reports.price_rows(target, prices_file))
     _emit(names, rows, fmt)
 
 

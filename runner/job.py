@@ -32,6 +32,7 @@ from runner.errors import (
 )
 from runner.limiter import Limiter
 from runner.pool import Pool
+from runner.pricing import parse_price_table
 from runner.records import Progress, WorkItem
 from runner.retry import RetryPolicy
 from runner.sink import RunSink
@@ -91,6 +92,7 @@ def prepare(spec_path: str | Path, *, check_whole_file: bool | None = None) -> P
 
 def _prepare_loaded(spec: LoadedSpec, check_whole_file: bool | None) -> Prepared:
     job = spec.job
+    parse_price_table(job.prices, path=str(spec.path))
     source = InputFile(spec.input_path, job.input, shown=_shown(spec.input_path))
     builder = RequestBuilder(job, source)
     source.check_columns()
@@ -249,7 +251,11 @@ async def _execute(
     elif (known := manifest.get("counts", {}).get("total")) is not None:
         total = known
     progress = Progress(rows_total=total, rows_done_before=settled.count)
-    session: dict[str, Any] = {"started_at": utc_now(), "pid": os.getpid()}
+    session: dict[str, Any] = {
+        "started_at": utc_now(),
+        "started_epoch": time.time(),
+        "pid": os.getpid(),
+    }
     manifest.setdefault("sessions", []).append(session)
     manifest["state"] = "running"
     run.write_manifest(manifest)
@@ -360,6 +366,7 @@ async def _finish(
     }
     session.update(
         ended_at=utc_now(),
+        ended_epoch=time.time(),
         outcome=manifest["state"],
         stop_reason=stop_reason or ("interrupted" if interrupted else None),
         ok=progress.ok,

@@ -1,25 +1,444 @@
-"""Pacing shared by every worker: the pool-wide pause after a 429.
+"""Pacing shared by every worker: 429 pauses, request/token buckets, adaptive concurrency.
 
 Owns the decision of *when* the next request may start. Knows nothing of HTTP or results;
-the pool tells it what happened. (Request/token buckets and adaptive concurrency belong here
-too as they arrive.) Waits are computed deadlines, never polling loops.
+the pool tells it what happened (an outcome, the tokens used, the response headers). Imports
+only anyio and the standard library (nothing from the runner above `records`). Waits are
+computed deadlines or wake-ups, never polling loops; every time-based piece takes an
+injected clock (and the limiter an injected sleep) so tests need no real sleeps.
+
+    Limiter.acquire(est_tokens) ──> concurrency slot (AIMD limit) ──> gate (one head waiter)
+        └─> pause, request bucket, token bucket: checked and debited in one synchronous step
+    Limiter.release(ticket, outcome=..., used_tokens=..., headers=...)
+        └─> frees the slot, settles the token reservation, observe(headers), feeds AIMD
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Literal
 
 import anyio
 
+Outcome = Literal["ok", "rate_limited", "error"]
+_OUTCOMES = frozenset(("ok", "rate_limited", "error"))
+
+# --- header parsing ------------------------------------------------------------------------
+
+# `ms` and the micro spellings come before `m` and `s`: alternation takes the first that fits.
+_GO_PART = re.compile("([0-9]+(?:\\.[0-9]*)?|\\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_GO_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,  # the micro sign; Go accepts it and the Greek mu below
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_MAX_TEXT = 64  # no real header value is longer; bounds the work done on garbage
+_EPOCH_S = 1e9  # a "reset" larger than this is a Unix time in seconds (2001 onwards)
+_EPOCH_MS = 1e12  # ... and larger than this, in milliseconds
+
+
+def parse_go_duration(text: str) -> float | None:
+    """Seconds in a Go duration (`20ms`, `6m0s`, `1h2m3.5s`, `150us`); None if it is not one."""
+    if not isinstance(text, str):
+        return None
+    s = text.strip().removeprefix("+")
+    if s == "0":
+        return 0.0
+    if not s or len(s) > _MAX_TEXT:
+        return None
+    total = 0.0
+    pos = 0
+    while pos < len(s):
+        part = _GO_PART.match(s, pos)
+        if part is None:
+            return None
+        total += float(part.group(1)) * _GO_UNITS[part.group(2)]
+        pos = part.end()
+    return total if math.isfinite(total) else None
+
+
+def parse_reset_seconds(text: str, now: float | None = None) -> float | None:
+    """Seconds until a limit resets: a number of seconds, a Unix time, or a Go duration.
+
+    A number above 1e9 is taken as a Unix time in seconds (above 1e12, in milliseconds) and
+    `now` (wall-clock seconds, `time.time()` when None) is subtracted. Never negative; None
+    when the text is none of these.
+    """
+    if not isinstance(text, str):
+        return None
+    s = text.strip()
+    if len(s) > _MAX_TEXT:
+        return None
+    try:
+        value = float(s)
+    except ValueError:
+        return parse_go_duration(s)
+    if not math.isfinite(value) or value < 0:
+        return None
+    if value > _EPOCH_S:
+        wall = time.time() if now is None else now
+        value = (value / 1000 if value > _EPOCH_MS else value) - wall
+    return max(value, 0.0)
+
+
+def _parse_count(text: str | None) -> int | None:
+    if not isinstance(text, str) or len(text) > _MAX_TEXT:
+        return None
+    try:
+        value = float(text.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class RateHeaders:
+    """What a response said about its rate limits; a field is None when it was not said."""
+
+    request_limit: int | None = None
+    request_remaining: int | None = None
+    request_reset_s: float | None = None
+    token_limit: int | None = None
+    token_remaining: int | None = None
+    token_reset_s: float | None = None
+
+
+_REQUEST_NAMES = (
+    ("x-ratelimit-limit-requests", "x-ratelimit-limit-minute"),
+    ("x-ratelimit-remaining-requests", "x-ratelimit-remaining-minute"),
+    ("x-ratelimit-reset-requests", "x-ratelimit-reset-minute"),
+)
+_TOKEN_NAMES = (
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+)
+_ALL_NAMES = frozenset(name for pair in _REQUEST_NAMES for name in pair) | set(_TOKEN_NAMES)
+
+
+def parse_rate_headers(headers: Mapping[str, str], now: float) -> RateHeaders | None:
+    """Read OpenAI-style (`-requests`, `-tokens`) and routeway-style (`-minute`) limit headers.
+
+    Names must be lower-cased. The `-minute` trio is a per-minute request limit and is used
+    where the `-requests` one is absent. `now` is wall-clock seconds, for resets given as a
+    Unix time. None when no such header is present; unreadable values become None fields.
+    """
+    if not any(name in headers for name in _ALL_NAMES):
+        return None
+
+    def first(names: tuple[str, ...]) -> str | None:
+        for name in names:
+            value = headers.get(name)
+            if value is not None:
+                return value
+        return None
+
+    def reset(value: str | None) -> float | None:
+        return None if value is None else parse_reset_seconds(value, now)
+
+    limit, remaining, reset_at = (first(names) for names in _REQUEST_NAMES)
+    return RateHeaders(
+        request_limit=_parse_count(limit),
+        request_remaining=_parse_count(remaining),
+        request_reset_s=reset(reset_at),
+        token_limit=_parse_count(headers.get(_TOKEN_NAMES[0])),
+        token_remaining=_parse_count(headers.get(_TOKEN_NAMES[1])),
+        token_reset_s=reset(headers.get(_TOKEN_NAMES[2])),
+    )
+
+
+# --- token bucket --------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """A token bucket holding at most `per_minute`, refilled continuously at `per_minute`/60 s.
+
+    Times are seconds on the caller's clock (the limiter's monotonic clock); an instant earlier
+    than one already seen counts as that one. The level may go negative (debt) when real usage
+    turns out larger than the reservation; nothing is granted until the debt is paid back.
+
+    An amount larger than the capacity could never be granted by the classic rule, so it is
+    granted when the bucket is full and leaves it in debt: a huge request waits for a full
+    bucket, then its excess delays everything after it.
+    """
+
+    __slots__ = ("_level", "_slow_rate", "_slow_until", "_updated", "capacity", "granted", "rate")
+
+    def __init__(self, per_minute: float, *, now: float = 0.0) -> None:
+        if not per_minute > 0 or not math.isfinite(per_minute):
+            raise ValueError(f"a bucket needs a positive finite rate, not {per_minute!r}")
+        self.capacity = float(per_minute)
+        self.rate = self.capacity / 60.0  # per second
+        self._level = self.capacity  # starts full
+        self._updated = now
+        # After observe(): until `_slow_until` the server refills slower than we would.
+        self._slow_rate = self.rate
+        self._slow_until = now
+        self.granted = 0.0  # running total of grants: tells observe() what a server missed
+
+    def level(self, now: float) -> float:
+        """Tokens available at `now` (negative while in debt)."""
+        self._refill(now)
+        return self._level
+
+    def set_rate(self, per_minute: float, now: float) -> None:
+        """Change the capacity and refill rate (a limit learned from the server)."""
+        if not per_minute > 0 or not math.isfinite(per_minute):
+            raise ValueError(f"a bucket needs a positive finite rate, not {per_minute!r}")
+        self._refill(now)
+        self.capacity = float(per_minute)
+        self.rate = self.capacity / 60.0
+        self._slow_rate = min(self._slow_rate, self.rate)
+        self._level = min(self._level, self.capacity)
+
+    def wait_time(self, amount: float, now: float) -> float:
+        """Seconds until `amount` could be granted (0 if now); debits nothing."""
+        self._refill(now)
+        target = min(amount, self.capacity)
+        deficit = target - self._level
+        if deficit <= 1e-9 * max(1.0, target):  # float slack: a computed deadline must suffice
+            return 0.0
+        slow_span = max(self._slow_until - now, 0.0)
+        slow_gain = slow_span * self._slow_rate
+        if slow_gain >= deficit:
+            return deficit / self._slow_rate
+        return slow_span + (deficit - slow_gain) / self.rate
+
+    def try_acquire(self, amount: float, now: float) -> float:
+        """Debit `amount` and return 0, or return the seconds to wait and debit nothing."""
+        wait = self.wait_time(amount, now)
+        if wait == 0.0:
+            self._level -= amount
+            self.granted += amount
+        return wait
+
+    def adjust(self, delta: float, now: float) -> None:
+        """Correct a grant once real usage is known: `delta` = used - reserved (may be < 0)."""
+        self._refill(now)
+        self._level = min(self._level - delta, self.capacity)
+
+    def refund(self, amount: float, now: float) -> None:
+        """Give back `amount` that was reserved but not used."""
+        self.adjust(-amount, now)
+
+    def observe(
+        self,
+        remaining: float,
+        limit: float | None,
+        reset_s: float | None,
+        now: float,
+        *,
+        since: float = 0.0,
+    ) -> None:
+        """Clamp to the server's view: `remaining` left now, full again in `reset_s`.
+
+        Takes the smaller of the two views. The level drops to what the server says is left,
+        less `since` (what was granted after the server counted; it had not seen those yet).
+        And if the server refills slower than this bucket ((limit - remaining) / reset_s,
+        its remaining room spread over its reset window), the bucket refills at that slower
+        rate until the reset, so requests slow down before the server's window is spent
+        rather than after. For a server that refills continuously at the same limit both
+        views agree and nothing changes.
+        """
+        self._refill(now)
+        self._level = min(self._level, remaining - since)
+        self._slow_until = now  # a fresh view replaces the last one
+        self._slow_rate = self.rate
+        if limit is None or reset_s is None or reset_s <= 0 or limit <= remaining:
+            return
+        server_rate = (limit - remaining) / reset_s
+        if server_rate < self.rate:
+            self._slow_rate = server_rate
+            self._slow_until = now + reset_s
+
+    def _refill(self, now: float) -> None:
+        start = self._updated
+        if now <= start:
+            return
+        level = self._level
+        if start < self._slow_until:
+            edge = min(now, self._slow_until)
+            level += (edge - start) * self._slow_rate
+            start = edge
+        level += (now - start) * self.rate
+        self._level = min(level, self.capacity)  # both rates >= 0: capping at the end is exact
+        self._updated = now
+
+
+# --- adaptive concurrency ------------------------------------------------------------------
+
+
+class AIMD:
+    """Additive-increase, multiplicative-decrease concurrency limit.
+
+    Grows by one slot per `window` clean answers (default: the current limit, about one slot
+    per round of requests); halves on a 429, once per burst. A burst is the 429s of requests
+    that were already in flight when the limit was cut (they were sent under the old limit;
+    pass the `epoch` the request started in to tell them apart) plus anything within
+    `cooldown_s` of the cut. So 64 simultaneous 429s halve once, not 64 times. The limit
+    stays within [minimum, maximum].
+    """
+
+    __slots__ = (
+        "_clean",
+        "_cut_at",
+        "cooldown_s",
+        "cuts",
+        "epoch",
+        "limit",
+        "maximum",
+        "minimum",
+        "window",
+    )
+
+    def __init__(
+        self,
+        initial: int,
+        *,
+        minimum: int = 1,
+        maximum: int | None = None,
+        window: int | None = None,
+        cooldown_s: float = 1.0,
+    ) -> None:
+        if minimum < 1:
+            raise ValueError(f"minimum must be at least 1, not {minimum}")
+        if maximum is not None and maximum < minimum:
+            raise ValueError(f"maximum {maximum} is below minimum {minimum}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be at least 1, not {window}")
+        self.minimum = minimum
+        self.maximum = maximum
+        self.window = window
+        self.cooldown_s = cooldown_s
+        self.limit = self._bounded(initial)
+        self.epoch = 0  # bumped at every cut
+        self.cuts = 0
+        self._clean = 0  # clean answers since the last change
+        self._cut_at = -math.inf
+
+    def _bounded(self, value: int) -> int:
+        value = max(value, self.minimum)
+        return value if self.maximum is None else min(value, self.maximum)
+
+    def on_success(self, *, started_epoch: int | None = None) -> bool:
+        """Count a clean answer; True if the limit grew."""
+        if started_epoch is not None and started_epoch < self.epoch:
+            return False  # sent under the old, larger limit: no evidence about the new one
+        self._clean += 1
+        if self._clean < (self.window or self.limit):
+            return False
+        self._clean = 0
+        grown = self._bounded(self.limit + 1)
+        if grown == self.limit:
+            return False
+        self.limit = grown
+        return True
+
+    def on_rate_limited(self, now: float, *, started_epoch: int | None = None) -> bool:
+        """Halve the limit unless this 429 belongs to the burst already answered; True if cut."""
+        if started_epoch is not None and started_epoch < self.epoch:
+            return False
+        if now - self._cut_at < self.cooldown_s:
+            return False
+        self._cut_at = now
+        self._clean = 0
+        self.epoch += 1
+        self.cuts += 1
+        self.limit = self._bounded(self.limit // 2)
+        return True
+
+
+# --- the limiter ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class Ticket:
+    """One granted request start; hand it back to `Limiter.release` exactly once.
+
+    Compared by identity (it is also the borrower of a concurrency slot).
+    """
+
+    est_tokens: int
+    epoch: int = 0
+    granted_at: float = 0.0
+    request_mark: float | None = None  # the request bucket's `granted` after this grant
+    token_mark: float | None = None
+    released: bool = False
+
+
+def estimate_tokens(prompt_tokens: int, max_tokens: int | None, *, completion: int = 256) -> int:
+    """Tokens to reserve for a request: the prompt estimate plus `max_tokens` (else a guess).
+
+    Providers count `max_tokens` against a token limit when the request arrives, so reserve
+    it; `release` corrects the reservation with the real usage.
+    """
+    return max(prompt_tokens, 0) + (completion if max_tokens is None else max(max_tokens, 0))
+
 
 class Limiter:
-    """Gates request starts; one instance per run, shared by all workers."""
+    """Gates request starts; one instance per run (or per model), shared by all workers.
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    With nothing configured it only holds the pool-wide 429 pause, as `ready()` always did.
+    `requests_per_minute` / `tokens_per_minute` add token buckets; `concurrency` adds a slot
+    limit that, when `adaptive`, follows an AIMD controller (never above `concurrency`).
+    When `adaptive`, `x-ratelimit-*` headers passed to `release` also teach the buckets the
+    server's limits (never above a configured one) and clamp them to what the server says is
+    left; a bucket is created from headers when none was configured.
+    """
+
+    def __init__(
+        self,
+        *,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        concurrency: int | None = None,
+        adaptive: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        if concurrency is not None and concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self._clock = clock
+        self._wall_clock = wall_clock
+        self._sleep = sleep
+        self.adaptive = adaptive
         self._resume_at = 0.0
+        self._rpm = requests_per_minute
+        self._tpm = tokens_per_minute
+        now = clock()
+        self._requests = (
+            None if requests_per_minute is None else TokenBucket(requests_per_minute, now=now)
+        )
+        self._tokens = (
+            None if tokens_per_minute is None else TokenBucket(tokens_per_minute, now=now)
+        )
+        self._concurrency = concurrency
+        self._aimd = (
+            AIMD(concurrency, maximum=concurrency) if adaptive and concurrency is not None else None
+        )
+        self._slots = None if concurrency is None else anyio.CapacityLimiter(concurrency)
+        # One task at a time waits on the pause and the buckets; the rest queue here in order.
+        self._gate = anyio.Lock()
+        self._doze: anyio.CancelScope | None = None
+        self._in_flight_tokens = 0
+        # Counters for reports and the progress bar.
         self.pauses = 0
+        self.rate_limited = 0
+        self.waits_s = 0.0
+        self.in_flight = 0
+
+    # -- the pool-wide pause (unchanged API) --
 
     def pause_for(self, seconds: float) -> None:
         """Hold every worker for `seconds` (a 429's Retry-After): one pause for the pool."""
@@ -36,6 +455,197 @@ class Limiter:
         """Return when a request may start; sleeps to the computed resume instant."""
         wait = self._resume_at - self._clock()
         if wait > 0:
-            await anyio.sleep(wait)
+            await self._sleep(wait)
             # Another 429 may have pushed the resume instant further meanwhile.
             await self.ready()
+
+    # -- what reports and the progress bar read --
+
+    @property
+    def concurrency_limit(self) -> int | None:
+        """The current concurrency limit (the AIMD one when adaptive); None when unlimited."""
+        return self._aimd.limit if self._aimd is not None else self._concurrency
+
+    @property
+    def requests_per_minute(self) -> float | None:
+        """The request limit in force (configured or learned from headers)."""
+        return None if self._requests is None else self._requests.capacity
+
+    @property
+    def tokens_per_minute(self) -> float | None:
+        """The token limit in force (configured or learned from headers)."""
+        return None if self._tokens is None else self._tokens.capacity
+
+    # -- acquire / release --
+
+    async def acquire(self, est_tokens: int = 0) -> Ticket:
+        """Wait for a slot, the pause, and room in both buckets; then take them, all at once.
+
+        `est_tokens` is reserved from the token bucket (see `estimate_tokens`). The checks
+        and the debit happen in one synchronous step, so no other worker can slip in between.
+        """
+        ticket = Ticket(est_tokens=max(int(est_tokens), 0))
+        started = self._clock()
+        slots = self._slots
+        if slots is not None:
+            try:
+                slots.acquire_on_behalf_of_nowait(ticket)
+            except anyio.WouldBlock:
+                await slots.acquire_on_behalf_of(ticket)
+        try:
+            # Fast path: nobody is queued and everything has room: no await at all.
+            if self._gate.locked() or self._grant_or_wait(ticket) > 0:
+                async with self._gate:
+                    while (wait := self._grant_or_wait(ticket)) > 0:
+                        await self._sleep_or_wake(wait)
+        except BaseException:
+            if slots is not None:
+                slots.release_on_behalf_of(ticket)
+            raise
+        self.waits_s += max(ticket.granted_at - started, 0.0)
+        return ticket
+
+    def release(
+        self,
+        ticket: Ticket,
+        *,
+        outcome: Outcome,
+        used_tokens: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Hand back a ticket with what happened; synchronous, so safe in `finally`.
+
+        `used_tokens` is the real usage (total tokens); None keeps the reservation as spent.
+        `headers` are the response's lower-cased headers (only `x-ratelimit-*` are read).
+        A second release of the same ticket does nothing.
+        """
+        if outcome not in _OUTCOMES:
+            raise ValueError(f"outcome must be one of {sorted(_OUTCOMES)}, not {outcome!r}")
+        if ticket.released:
+            return
+        ticket.released = True
+        if self._slots is not None:
+            self._slots.release_on_behalf_of(ticket)
+        self.in_flight -= 1
+        self._in_flight_tokens -= ticket.est_tokens
+        now = self._clock()
+        more_room = False
+        tokens = self._tokens
+        if used_tokens is not None and tokens is not None:
+            # A bucket learned after the grant holds no reservation: debit the usage whole.
+            reserved = ticket.est_tokens if ticket.token_mark is not None else 0
+            tokens.adjust(used_tokens - reserved, now)
+            more_room = used_tokens < reserved
+        if headers and self.adaptive:
+            seen = parse_rate_headers(headers, self._wall_clock())
+            if seen is not None:
+                more_room |= self._observe(seen, ticket, now)
+        aimd = self._aimd
+        if outcome == "rate_limited":
+            self.rate_limited += 1
+            if aimd is not None and aimd.on_rate_limited(now, started_epoch=ticket.epoch):
+                self._set_slots(aimd.limit)
+        elif outcome == "ok" and aimd is not None and aimd.on_success(started_epoch=ticket.epoch):
+            self._set_slots(aimd.limit)
+        if more_room and self._doze is not None:
+            self._doze.cancel()  # the waiting head re-checks now rather than at its deadline
+
+    def _set_slots(self, limit: int) -> None:
+        # Lowering it lets the requests in flight above it drain; raising it admits waiters.
+        if self._slots is not None:
+            self._slots.total_tokens = limit
+
+    def _grant_or_wait(self, ticket: Ticket) -> float:
+        """Grant (debit everything, return 0) or return the seconds until it could be."""
+        now = self._clock()
+        requests, tokens = self._requests, self._tokens
+        wait = self._resume_at - now
+        if requests is not None:
+            wait = max(wait, requests.wait_time(1, now))
+        if tokens is not None:
+            wait = max(wait, tokens.wait_time(ticket.est_tokens, now))
+        if wait > 0:
+            return wait
+        if requests is not None:
+            requests.try_acquire(1, now)
+            ticket.request_mark = requests.granted
+        if tokens is not None:
+            tokens.try_acquire(ticket.est_tokens, now)
+            ticket.token_mark = tokens.granted
+        ticket.epoch = self._aimd.epoch if self._aimd is not None else 0
+        ticket.granted_at = now
+        self.in_flight += 1
+        self._in_flight_tokens += ticket.est_tokens
+        return 0.0
+
+    async def _sleep_or_wake(self, seconds: float) -> None:
+        """Sleep until the computed deadline, or until a release gives room back."""
+        with anyio.CancelScope() as scope:
+            self._doze = scope
+            try:
+                await self._sleep(seconds)
+            finally:
+                self._doze = None
+
+    def _observe(self, seen: RateHeaders, ticket: Ticket, now: float) -> bool:
+        """Learn limits from headers and clamp the buckets; True if a limit was raised."""
+        raised = False
+        self._requests, up = _learn(self._requests, self._rpm, seen.request_limit, now)
+        raised |= up
+        if self._requests is not None and seen.request_remaining is not None:
+            if ticket.request_mark is not None:
+                since = self._requests.granted - ticket.request_mark
+            else:
+                since = float(self.in_flight)  # the bucket is new: the others may be unseen
+            self._requests.observe(
+                seen.request_remaining, seen.request_limit, seen.request_reset_s, now, since=since
+            )
+        self._tokens, up = _learn(self._tokens, self._tpm, seen.token_limit, now)
+        raised |= up
+        if self._tokens is not None and seen.token_remaining is not None:
+            if ticket.token_mark is not None:
+                since = self._tokens.granted - ticket.token_mark
+            else:
+                since = float(self._in_flight_tokens)
+            self._tokens.observe(
+                seen.token_remaining, seen.token_limit, seen.token_reset_s, now, since=since
+            )
+        return raised
+
+
+def _learn(
+    bucket: TokenBucket | None, configured: float | None, limit: int | None, now: float
+) -> tuple[TokenBucket | None, bool]:
+    """The bucket after the server stated `limit` per minute; True if its capacity rose."""
+    if limit is None or limit <= 0:
+        return bucket, False
+    target = float(limit) if configured is None else min(configured, float(limit))
+    if bucket is None:
+        return TokenBucket(target, now=now), True
+    if bucket.capacity == target:
+        return bucket, False
+    rose = target > bucket.capacity
+    bucket.set_rate(target, now)
+    return bucket, rose
+
+
+class Limiters:
+    """The limiter for each model: a per-model one where configured, else the default."""
+
+    __slots__ = ("default", "per_model")
+
+    def __init__(self, default: Limiter, per_model: Mapping[str, Limiter] | None = None) -> None:
+        self.default = default
+        self.per_model: dict[str, Limiter] = dict(per_model or {})
+
+    def for_model(self, model: str) -> Limiter:
+        """The limiter for `model` (matched exactly, suffixes such as `:free` included)."""
+        return self.per_model.get(model, self.default)
+
+    def __iter__(self) -> Iterator[Limiter]:
+        """Each distinct limiter once, the default first (for reports that sum counters)."""
+        seen: set[int] = set()
+        for limiter in (self.default, *self.per_model.values()):
+            if id(limiter) not in seen:
+                seen.add(id(limiter))
+                yield limiter

@@ -6,13 +6,19 @@ never prints: it returns rows and dicts for `cli` to render.
 
 Views:  attempts  every journaled attempt (retries included)
         results   one row per (row_id, model): the latest final record
+        costed    results plus cost_usd and cost_provenance (provider, override,
+                  price-table, free, unpriced, unknown-usage, none)
+        prices    the price table in force (model, rates per million tokens, provenance)
         input     the run's input file, with its 0-based `row_index`
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tomllib
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,14 @@ import pyarrow as pa
 
 from runner.errors import UsageError
 from runner.journal import read_segment, segments
+from runner.pricing import (
+    COST_SQL,
+    PriceRow,
+    PriceSource,
+    load_price_file,
+    parse_price_table,
+    price_sql_table,
+)
 from runner.sink import ANSWER_COLUMNS, REUSED_COLUMNS, SCHEMA, parts, to_table
 from runner.source import detect_format
 from runner.state import RunDir
@@ -33,7 +47,9 @@ def _sql_str(value: str) -> str:
 class RunDB:
     """An in-memory DuckDB connection with the run's views."""
 
-    def __init__(self, run: RunDir, *, with_input: bool = True) -> None:
+    def __init__(
+        self, run: RunDir, *, with_input: bool = True, prices: Sequence[PriceRow] = ()
+    ) -> None:
         self.run = run
         self.manifest = run.read_manifest()
         self.con = duckdb.connect(":memory:")
@@ -64,6 +80,45 @@ class RunDB:
         self.input_path: Path | None = None
         if with_input:
             self._input_view()
+        self._price_view(prices)
+
+    def _price_view(self, prices: Sequence[PriceRow]) -> None:
+        """`prices` table, and `costed`: results with a cost and its provenance per row."""
+        self.con.execute(
+            "CREATE TABLE prices (model VARCHAR, input_per_mtok DOUBLE, "
+            "cached_input_per_mtok DOUBLE, output_per_mtok DOUBLE, provenance VARCHAR)"
+        )
+        if prices:
+            self.con.executemany("INSERT INTO prices VALUES (?, ?, ?, ?, ?)", list(prices))
+        self.con.execute(
+            "CREATE VIEW costed AS SELECT r.*, "
+            "CASE WHEN r.provider_cost IS NOT NULL THEN r.provider_cost "
+            "WHEN r.status = 'skipped' OR r.reused THEN 0.0 "
+            "WHEN p.input_per_mtok IS NULL THEN NULL "
+            "WHEN r.prompt_tokens IS NULL OR r.completion_tokens IS NULL THEN NULL "
+            f"ELSE {COST_SQL} END AS cost_usd, "
+            "CASE WHEN r.provider_cost IS NOT NULL THEN 'provider' "
+            "WHEN r.status = 'skipped' OR r.reused THEN 'none' "
+            "WHEN p.input_per_mtok IS NULL THEN 'unpriced' "
+            "WHEN r.prompt_tokens IS NULL OR r.completion_tokens IS NULL THEN 'unknown-usage' "
+            "ELSE p.provenance END AS cost_provenance "
+            "FROM results r LEFT JOIN prices p ON p.model = r.model"
+        )
+
+    def sandbox(self) -> None:
+        """Lock user SQL in: only the run's own files, no network, no extensions.
+
+        The order matters (DuckDB refuses other orders): views first, then the allowed paths,
+        then external access off, then the extension switches, then the lock.
+        """
+        allowed = [str(self.run.path) + "/"]
+        self.con.execute(f"SET allowed_directories = [{', '.join(map(_sql_str, allowed))}]")
+        if self.input_path is not None:
+            self.con.execute(f"SET allowed_paths = [{_sql_str(str(self.input_path))}]")
+        self.con.execute("SET enable_external_access = false")
+        self.con.execute("SET autoload_known_extensions = false")
+        self.con.execute("SET autoinstall_known_extensions = false")
+        self.con.execute("SET lock_configuration = true")
 
     def _input_view(self) -> None:
         info = self.manifest.get("input", {})
@@ -105,6 +160,11 @@ class RunDB:
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         try:
             cursor = self.con.execute(sql, params or [])
+        except duckdb.PermissionException as exc:
+            raise UsageError(
+                "query refused: SQL here may read this run's own files only, no other file, "
+                f"URL or extension ({str(exc).splitlines()[0]})"
+            ) from None
         except duckdb.Error as exc:
             raise UsageError(f"query failed: {str(exc).splitlines()[0]}") from None
         names = [d[0] for d in cursor.description or []]
@@ -140,6 +200,177 @@ def summary(run: RunDir) -> dict[str, Any]:
     result["state"] = manifest.get("state")
     result["run_id"] = run.run_id
     return result
+
+
+def price_rows(run: RunDir, prices_file: Path | None = None) -> list[PriceRow]:
+    """The price table for a run: the spec's overrides, a --prices file over them, then
+    genai-prices for every model the run used."""
+    try:
+        frozen = tomllib.loads(run.spec_path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        frozen = {}
+    overrides = parse_price_table(frozen.get("prices", {}), path=str(run.spec_path))
+    if prices_file is not None:
+        overrides = {**overrides, **load_price_file(prices_file)}
+    models = _models_of(run)
+    source = PriceSource(overrides)
+    return price_sql_table({m: source.price(m) for m in models}, models)
+
+
+def _models_of(run: RunDir) -> list[str]:
+    with RunDB(run, with_input=False) as db:
+        return [str(m) for (m,) in db.query("SELECT DISTINCT model FROM attempts ORDER BY 1")[1]]
+
+
+Section = tuple[str, list[str], list[tuple[Any, ...]]]  # title, column names, rows
+GROUPS = {
+    "model": "model",
+    "status": "status",
+    "finish_reason": "finish_reason",
+    "error_type": "error_type",
+    "hour": "strftime(date_trunc('hour', finished_at), '%Y-%m-%d %H:00Z')",
+}
+
+
+def report(run: RunDir, *, by: str | None = None, prices: Sequence[PriceRow] = ()) -> list[Section]:
+    """The report's sections: a one-screen overview, or one table grouped `by` a column."""
+    with RunDB(run, with_input=False, prices=prices) as db:
+        if by is not None:
+            return [_grouped(db, by)]
+        return _overview(db)
+
+
+def _grouped(db: RunDB, by: str) -> Section:
+    if by not in GROUPS:
+        raise UsageError(f"--by must be one of {', '.join(GROUPS)} (got {by!r})")
+    key = GROUPS[by]
+    names, rows = db.query(
+        f"SELECT {key} AS {by}, count(*) AS rows, "
+        "count(*) FILTER (status = 'ok') AS ok, count(*) FILTER (status = 'failed') AS failed, "
+        "sum(prompt_tokens) AS prompt_tokens, sum(cached_tokens) AS cached_tokens, "
+        "sum(completion_tokens) AS completion_tokens, sum(reasoning_tokens) AS reasoning_tokens, "
+        "round(sum(cost_usd), 6) AS cost_usd, "
+        "count(*) FILTER (cost_usd IS NULL AND status != 'skipped') AS uncosted_rows, "
+        "string_agg(DISTINCT cost_provenance, '+' ORDER BY cost_provenance) "
+        "FILTER (cost_provenance != 'none') AS cost_provenance, "
+        "round(quantile_cont(latency_ms, 0.5) FILTER (attempts > 0 AND status = 'ok'), 1) "
+        "AS latency_p50_ms "
+        f"FROM costed GROUP BY ALL ORDER BY {by} NULLS LAST"
+    )
+    return (f"by {by}", names, rows)
+
+
+def _overview(db: RunDB) -> list[Section]:
+    manifest = db.manifest
+    (row,) = db.query(
+        "SELECT count(*) FILTER (status = 'ok'), count(*) FILTER (status = 'failed'), "
+        "count(*) FILTER (status = 'skipped'), count(*) FILTER (reused), "
+        "sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), sum(reasoning_tokens), "
+        "sum(total_tokens), "
+        "quantile_cont(latency_ms, [0.5, 0.9, 0.99]) FILTER (attempts > 0 AND status = 'ok') "
+        "FROM results"
+    )[1]
+    ok, failed, skipped, reused, prompt, cached, completion, reasoning, total, lat = row
+    (requests, retries, billed) = db.query(
+        "SELECT count(*) FILTER (attempts > 0), count(*) FILTER (NOT final AND attempts > 0), "
+        "count(*) FILTER (possibly_billed) FROM attempts"
+    )[1][0]
+    rows_total = (manifest.get("counts") or {}).get("total")
+    settled = ok + failed + skipped
+    wall = _wall_seconds(manifest)
+    lat = lat or [None, None, None]
+    overview: list[tuple[Any, ...]] = [
+        ("run", db.run.run_id),
+        ("state", _state(db.run, manifest)),
+        ("rows total", rows_total),
+        ("rows ok", ok),
+        ("rows failed", failed),
+        ("rows skipped", skipped),
+        ("rows pending", None if rows_total is None else max(rows_total - settled, 0)),
+        ("rows answered by an identical request", reused),
+        ("requests sent (retries included)", requests),
+        ("retried attempts", retries),
+        ("wall time s", round(wall, 1)),
+        ("throughput rows/s", round(settled / wall, 1) if wall else None),
+        ("latency p50 ms", _round(lat[0])),
+        ("latency p90 ms", _round(lat[1])),
+        ("latency p99 ms", _round(lat[2])),
+    ]
+    tokens: list[tuple[Any, ...]] = [
+        ("prompt", prompt),
+        ("cached (inside prompt)", cached),
+        ("completion", completion),
+        ("reasoning (inside completion)", reasoning),
+        ("total", total),
+    ]
+    cost = db.query(
+        "SELECT model, count(*) FILTER (status != 'skipped') AS rows, "
+        "round(sum(cost_usd), 6) AS cost_usd, "
+        "count(*) FILTER (cost_usd IS NULL AND status != 'skipped') AS uncosted_rows, "
+        "string_agg(DISTINCT cost_provenance, '+' ORDER BY cost_provenance) "
+        "FILTER (cost_provenance != 'none') AS provenance "
+        "FROM costed GROUP BY model ORDER BY model"
+    )
+    errors = db.query(
+        "SELECT error_type, count(*) FILTER (final) AS failed_rows, "
+        "count(*) FILTER (NOT final) AS failed_attempts, "
+        "count(*) FILTER (possibly_billed) AS possibly_billed "
+        "FROM attempts WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 3 DESC, 1 LIMIT 10"
+    )
+    billed_rows = [
+        ("attempts that may have been billed without a usable answer", billed),
+    ]
+    return [
+        ("overview", ["metric", "value"], overview),
+        ("tokens", ["tokens", "count"], tokens),
+        ("cost", *cost),
+        ("errors", *errors),
+        ("possibly billed", ["metric", "value"], billed_rows),
+    ]
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _state(run: RunDir, manifest: dict[str, Any]) -> str:
+    return "running" if run.holder_pid() else str(manifest.get("state"))
+
+
+def _wall_seconds(manifest: dict[str, Any]) -> float:
+    """Time spent running, summed over sessions (a session still open counts until now)."""
+    total = 0.0
+    now = datetime.now(UTC)
+    for session in manifest.get("sessions", []):
+        if isinstance(session.get("started_epoch"), float):
+            ended = session.get("ended_epoch")
+            end = ended if isinstance(ended, float) else now.timestamp()
+            total += max(end - session["started_epoch"], 0.0)
+            continue
+        started = _parse_time(session.get("started_at"))
+        ended = _parse_time(session.get("ended_at")) or now
+        if started is not None:
+            total += max((ended - started).total_seconds(), 0.0)
+    return total
+
+
+def _parse_time(text: Any) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def query(
+    run: RunDir, sql: str, *, prices: Sequence[PriceRow] = ()
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run user SQL over the views, sandboxed to the run's own files."""
+    needs_input = re.search(r"\binput\b", sql, re.IGNORECASE) is not None
+    with RunDB(run, with_input=needs_input, prices=prices) as db:
+        db.sandbox()
+        return db.query(sql)
 
 
 EXPORT_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}

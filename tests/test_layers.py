@@ -34,7 +34,8 @@ HOMES = {
     "duckdb": {"report"},
     "tqdm": {"cli"},
     "click": {"cli"},
-    "pydantic": {"spec"},
+    "pydantic": {"spec", "pricing"},
+    "genai_prices": {"pricing"},
 }
 TOP_LEVEL = {"__init__", "__main__"}
 

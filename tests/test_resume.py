@@ -185,7 +185,9 @@ def test_status_and_report_work_while_the_run_is_in_progress(
             "report", run_dir.name, "--format", "json", "--runs-dir", runs, cwd=tmp_path
         )
         assert report.returncode == 0, report.stderr
-        assert json.loads(report.stdout)["ok"] >= info["ok"]
+        overview = {r["metric"]: r["value"] for r in json.loads(report.stdout)["overview"]}
+        assert overview["rows ok"] >= info["ok"]
+        assert overview["state"] == "running"
         assert proc.poll() is None  # still running: the readers did not disturb it
     finally:
         proc.send_signal(signal.SIGTERM)

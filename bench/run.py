@@ -1,0 +1,390 @@
+"""Throughput, CPU and memory of `runner submit` against plain aiohttp / httpx2 loops.
+
+    uv run python bench/run.py [--only W1,W2] [--quick] [--w4-baselines] [--no-help-times]
+
+The simulator runs in its own process on core 1 (taskset, where it exists); every client
+runs as a fresh process on core 0:
+  runner    `.venv/bin/runner submit SPEC --runs-dir ...` (spec from common.make_spec)
+  aiohttp   bench/baseline_aiohttp.py  (fixed worker pool over a bounded queue, Parquet at end)
+  httpx2    bench/baseline_httpx2.py   (the same loop over httpx2)
+Per run: wall time from process start to exit (rows/s = rows / that), the rate over the run
+itself (runner: first started_at to last finished_at in its parts; baselines: first send to
+last answer, reported by the child), user+sys CPU (RUSAGE_CHILDREN deltas around one reaped
+child), peak RSS (VmHWM read by an atexit hook in the child, injected through a generated
+sitecustomize on PYTHONPATH; ru_maxrss is not used since Linux carries it over exec), and
+the time from process start to the first request the simulator sees (GET /_sim/stats every
+~5 ms). Progress goes to stderr, the table to stdout, raw figures to bench/out/results.json.
+
+Workloads (--quick divides row counts by 10):
+  W1  20,000 rows, 0 ms latency, 64 concurrent
+  W2   5,000 rows, 200 +- 50 ms latency, 256 concurrent (ideal 1,280 rows/s)
+  W3  20,000 rows, 1 s latency, 2,048 concurrent (ideal 2,048 rows/s)
+  W4  1,000,000 rows, 0 ms, 64 concurrent: runner only (+ a 100,000-row runner run for the
+      peak-RSS flatness check); baselines with --w4-baselines
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from common import OUT, ROOT, make_input, make_spec, pinned, simulator
+
+BIN = Path(sys.executable).parent
+HOOK_DIR = OUT / "hwm-hook"
+HOOK = """\
+import atexit, os
+_path = os.environ.get("BENCH_HWM_FILE")
+if _path:
+    def _hwm():
+        with open("/proc/self/status") as f:
+            kb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+        with open(_path, "w") as f:
+            f.write(str(kb))
+    atexit.register(_hwm)
+"""
+CLIENT_CPU, SIM_CPU = 0, 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    rows: int
+    latency_ms: float
+    jitter_ms: float
+    concurrency: int
+
+    @property
+    def ideal(self) -> float | None:
+        return self.concurrency / (self.latency_ms / 1000) if self.latency_ms else None
+
+    def switches(self) -> list[str]:
+        return ["--latency-ms", f"{self.latency_ms:g}", "--jitter-ms", f"{self.jitter_ms:g}"]
+
+
+WORKLOADS = {
+    "W1": Workload("W1", 20_000, 0, 0, 64),
+    "W2": Workload("W2", 5_000, 200, 50, 256),
+    "W3": Workload("W3", 20_000, 1000, 0, 2048),
+    "W4": Workload("W4", 1_000_000, 0, 0, 64),
+}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def sim_get(base_url: str, path: str, data: bytes | None = None) -> Any:
+    url = base_url.removesuffix("/v1") + path
+    with urllib.request.urlopen(url, data=data, timeout=5) as resp:
+        return json.load(resp)
+
+
+def raise_nofile(need: int) -> dict[str, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one; children (simulator, clients) inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    before = soft
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log(f"WARNING: RLIMIT_NOFILE {soft} < {need} descriptors needed by the largest workload")
+    return {"soft_before": before, "soft": soft, "hard": hard, "needed": need}
+
+
+def run_client(
+    client: str, w: Workload, rows: int, base_url: str, timeout: float
+) -> dict[str, Any]:
+    """One fresh client process; returns its figures."""
+    tag = f"{w.name}-{client}-{rows}"
+    input_path = make_input(rows)
+    logs = OUT / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    runs_dir = OUT / "bench-runs" / tag
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    result_path = OUT / f"baseline-{tag}.parquet"
+    if client == "runner":
+        spec = make_spec(f"bench-{tag}", input_path, base_url, concurrency=w.concurrency)
+        argv = [str(BIN / "runner"), "submit", str(spec), "--runs-dir", str(runs_dir)]
+    else:
+        script = ROOT / "bench" / f"baseline_{client}.py"
+        argv = [sys.executable, str(script), str(input_path), str(result_path), base_url,
+                str(w.concurrency), str(timeout)]  # fmt: skip
+    hwm_file = logs / f"{tag}.hwm"
+    hwm_file.unlink(missing_ok=True)
+    env = dict(os.environ, BENCH_HWM_FILE=str(hwm_file))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOK_DIR), env.get("PYTHONPATH")]))
+    sim_get(base_url, "/_sim/reset", b"")
+    out_path, err_path = logs / f"{tag}.out", logs / f"{tag}.err"
+    log(f"{w.name} {client:<7} {rows:>9,} rows, {w.concurrency} concurrent ...")
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        proc = subprocess.Popen(pinned(CLIENT_CPU, argv), cwd=ROOT, env=env, stdout=out, stderr=err)
+        killer = threading.Timer(timeout, proc.kill)  # every run stops by itself
+        killer.start()
+        sampled = [0]
+        sampler = threading.Thread(target=_sample_hwm, args=(proc, sampled), daemon=True)
+        sampler.start()
+        first = _first_request(proc, base_url, started, min(timeout, 120.0))
+        code = proc.wait()
+        wall = time.perf_counter() - started
+        killer.cancel()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sampler.join(timeout=1)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    stats = sim_get(base_url, "/_sim/stats")
+    peak_kb = int(hwm_file.read_text()) if hwm_file.exists() else None
+    r: dict[str, Any] = {
+        "workload": w.name, "client": client, "rows": rows, "concurrency": w.concurrency,
+        "latency_ms": w.latency_ms, "jitter_ms": w.jitter_ms, "exit": code,
+        "timed_out": wall >= timeout, "wall_s": wall, "rows_per_s": rows / wall,
+        "cpu_s": cpu, "cpu_s_per_1k": cpu / rows * 1000,
+        "peak_rss_mb": (peak_kb if peak_kb is not None else sampled[0]) / 1024,
+        "peak_rss_source": "atexit VmHWM" if peak_kb is not None else "sampled VmHWM",
+        "first_request_s": first, "sim_requests": stats.get("requests"),
+        "sim_resent_after_ok": stats.get("resent_after_ok"), "ideal_rows_per_s": w.ideal,
+    }  # fmt: skip
+    if client == "runner":
+        r.update(_runner_figures(runs_dir))
+        shutil.rmtree(runs_dir, ignore_errors=True)
+    else:
+        lines = out_path.read_text().strip().splitlines()
+        child = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+        r["ok"], r["run_s"] = child.get("ok"), child.get("run_seconds")
+        result_path.unlink(missing_ok=True)
+    r["run_rows_per_s"] = rows / r["run_s"] if r.get("run_s") else None
+    if code != 0 or r.get("ok") != rows:
+        tail = err_path.read_text()[-1500:]
+        log(f"  PROBLEM: exit {code}, ok {r.get('ok')} of {rows}; stderr tail:\n{tail}")
+    log(
+        f"  {wall:.2f} s wall, {r['rows_per_s']:,.0f} rows/s, CPU {cpu:.2f} s, "
+        f"peak {r['peak_rss_mb']:.0f} MB, first request {_fmt(first, '.3f')} s"
+    )
+    return r
+
+
+def _sample_hwm(proc: subprocess.Popen[bytes], box: list[int]) -> None:
+    """Fallback peak RSS: VmHWM of the live process every 50 ms (misses the last instants)."""
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.returncode is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    box[0] = max(box[0], int(line.split()[1]))
+        except (OSError, ValueError):
+            return
+        time.sleep(0.05)
+
+
+def _first_request(
+    proc: subprocess.Popen[bytes], base_url: str, started: float, limit: float
+) -> float | None:
+    """Seconds from process start to the first chat request the simulator counted."""
+    while proc.poll() is None and time.perf_counter() - started < limit:
+        if sim_get(base_url, "/_sim/stats")["requests"] > 0:
+            return time.perf_counter() - started
+        time.sleep(0.005)
+    return None
+
+
+def _runner_figures(runs_dir: Path) -> dict[str, Any]:
+    manifests = list(runs_dir.glob("*/manifest.json"))
+    if len(manifests) != 1:
+        return {"ok": None, "run_s": None}
+    manifest = json.loads(manifests[0].read_text())
+    parts = manifests[0].parent / "parts"
+    run_s = None
+    if any(parts.glob("part-*.parquet")):
+        t = pq.read_table(parts, columns=["started_at", "finished_at"])
+        lo = pc.min(t.column("started_at").cast("int64")).as_py()
+        hi = pc.max(t.column("finished_at").cast("int64")).as_py()
+        run_s = (hi - lo) / 1e6
+    return {"ok": manifest.get("counts", {}).get("ok"), "run_s": run_s,
+            "state": manifest.get("state")}  # fmt: skip
+
+
+def help_times(repeats: int = 5) -> dict[str, Any]:
+    """Median wall time of `runner --help` (console script) and `python -m runner --help`."""
+    result: dict[str, Any] = {}
+    for label, argv in (
+        ("runner --help", [str(BIN / "runner"), "--help"]),
+        ("python -m runner --help", [sys.executable, "-m", "runner", "--help"]),
+    ):
+        subprocess.run(pinned(CLIENT_CPU, argv), capture_output=True, timeout=60, check=True)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            subprocess.run(pinned(CLIENT_CPU, argv), capture_output=True, timeout=60, check=True)
+            times.append(time.perf_counter() - started)
+        result[label] = {"median_s": statistics.median(times), "runs_s": times}
+        log(f"{label}: median {statistics.median(times) * 1000:.0f} ms over {repeats}")
+    return result
+
+
+def plan(w: Workload, quick: bool, w4_baselines: bool) -> list[tuple[str, int]]:
+    rows = w.rows // 10 if quick else w.rows
+    if w.name == "W4":
+        runs = [("runner", rows), ("runner", rows // 10)]
+        if w4_baselines:
+            runs += [("aiohttp", rows), ("httpx2", rows)]
+        return runs
+    return [("runner", rows), ("aiohttp", rows), ("httpx2", rows)]
+
+
+def timeout_for(w: Workload, rows: int) -> float:
+    # Generous: 250 rows/s at worst (or a tenth of the ideal rate), plus start-up.
+    floor = min(250.0, (w.ideal or 2500.0) / 10)
+    return 120.0 + rows / floor
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'load':<4} {'client':<8} {'rows':>9} {'wall s':>8} {'rows/s':>8} {'run r/s':>8} "
+        f"{'%ideal':>11} {'CPU s/1k':>8} {'RSS MB':>7} {'1st req s':>9} {'ok':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        ideal = r["ideal_rows_per_s"]
+        share = "-"
+        if ideal:
+            share = f"{r['rows_per_s'] / ideal:.0%}"
+            if r["run_rows_per_s"]:
+                share += f"/{r['run_rows_per_s'] / ideal:.0%}"
+        ok = "TIMEOUT" if r["timed_out"] else _fmt(r["ok"], ",")
+        lines.append(
+            f"{r['workload']:<4} {r['client']:<8} {r['rows']:>9,} {r['wall_s']:>8.2f} "
+            f"{r['rows_per_s']:>8,.0f} {_fmt(r['run_rows_per_s'], ',.0f'):>8} {share:>11} "
+            f"{r['cpu_s_per_1k']:>8.3f} {r['peak_rss_mb']:>7.0f} "
+            f"{_fmt(r['first_request_s'], '.3f'):>9} {ok:>9}"
+        )
+    lines.append("")
+    lines.append("%ideal = wall rate / run rate as a share of concurrency / latency.")
+    lines.append(
+        "runner / baseline ratios (same run; rows/s < 1 and CPU > 1 mean runner is worse):"
+    )
+    for name in dict.fromkeys(r["workload"] for r in results):
+        mine = [r for r in results if r["workload"] == name]
+        runner = max(
+            (r for r in mine if r["client"] == "runner"), key=lambda r: r["rows"], default=None
+        )
+        for base in (r for r in mine if r["client"] != "runner"):
+            if runner is None or base["rows"] != runner["rows"]:
+                continue
+            run_ratio = "-"
+            if runner["run_rows_per_s"] and base["run_rows_per_s"]:
+                run_ratio = f"{runner['run_rows_per_s'] / base['run_rows_per_s']:.2f}x"
+            lines.append(
+                f"  {name} runner/{base['client']:<8}"
+                f" rows/s {runner['rows_per_s'] / base['rows_per_s']:.2f}x"
+                f"  run rows/s {run_ratio}"
+                f"  CPU/1k {runner['cpu_s_per_1k'] / base['cpu_s_per_1k']:.2f}x"
+                f"  peak RSS {runner['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"
+            )
+        runners = sorted((r for r in mine if r["client"] == "runner"), key=lambda r: r["rows"])
+        if len(runners) >= 2:
+            small, large = runners[0], runners[-1]
+            ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
+            verdict = "flat (<= 1.20)" if ratio <= 1.2 else "NOT flat (> 1.20)"
+            lines.append(
+                f"  {name} runner peak RSS {large['rows']:,} vs {small['rows']:,} rows: "
+                f"{large['peak_rss_mb']:.0f} / {small['peak_rss_mb']:.0f} MB = {ratio:.2f}"
+                f"  {verdict}"
+            )
+    return "\n".join(lines)
+
+
+def _git_state() -> dict[str, Any]:
+    """The commit measured, and the runner files that differed from it (others edit too)."""
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return done.stdout.strip()
+
+    try:
+        return {"head": git("rev-parse", "HEAD"),
+                "dirty": git("status", "--porcelain", "--", "runner").splitlines()}  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="W1,W2,W3,W4", help="comma-separated workloads")
+    parser.add_argument("--quick", action="store_true", help="row counts / 10 (smoke run)")
+    parser.add_argument("--w4-baselines", action="store_true", help="also run baselines on W4")
+    parser.add_argument("--no-help-times", action="store_true", help="skip `runner --help` timing")
+    parser.add_argument("--clients", default="runner,aiohttp,httpx2", help="clients to run")
+    parser.add_argument("--out", type=Path, default=OUT / "results.json")
+    args = parser.parse_args()
+    names = [n.strip().upper() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload(s) {unknown}; choose from {sorted(WORKLOADS)}")
+    clients = set(args.clients.split(","))
+    HOOK_DIR.mkdir(parents=True, exist_ok=True)
+    (HOOK_DIR / "sitecustomize.py").write_text(HOOK)
+    # Client + simulator sockets, plus files; the simulator and the clients inherit the limit.
+    nofile = raise_nofile(max(WORKLOADS[n].concurrency for n in names) * 2 + 256)
+    log(f"RLIMIT_NOFILE soft {nofile['soft_before']} -> {nofile['soft']} (hard {nofile['hard']})")
+    report: dict[str, Any] = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": sys.argv[1:],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "taskset": shutil.which("taskset") is not None,
+            "python": platform.python_version(),
+            "nofile": nofile,
+        },
+        "git": _git_state(),
+        "results": [],
+    }
+    for name in names:
+        w = WORKLOADS[name]
+        log(f"--- {name}: simulator {' '.join(w.switches())} (core {SIM_CPU})")
+        with simulator(*w.switches(), cpu=SIM_CPU) as base_url:
+            for client, rows in plan(w, args.quick, args.w4_baselines):
+                if client not in clients:
+                    continue
+                make_input(rows)  # built before the clock starts
+                r = run_client(client, w, rows, base_url, timeout_for(w, rows))
+                report["results"].append(r)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(report, indent=2))
+    if not args.no_help_times:
+        report["help_times"] = help_times()
+    args.out.write_text(json.dumps(report, indent=2))
+    print(table(report["results"]))
+    runner_rows = [r for r in report["results"] if r["client"] == "runner"]
+    if runner_rows:
+        print("\nFrom `runner submit` to the first request sent:")
+        for r in runner_rows:
+            print(f"  {r['workload']} {r['rows']:>9,} rows: {_fmt(r['first_request_s'], '.3f')} s")
+    if "help_times" in report:
+        print("\n`runner --help` time (median of 5, after one warm-up):")
+        for label, v in report["help_times"].items():
+            print(f"  {label:<26} {v['median_s'] * 1000:6.0f} ms")
+    print(f"\nraw figures: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

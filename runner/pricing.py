@@ -1,0 +1,410 @@
+"""Prices: per-model rates from the spec's override table or genai-prices, and costs from tokens.
+
+Costs are computed at report time from stored token counts, so re-pricing never needs a re-run.
+A rate comes from, in order: the override table (`[prices."model"]` in a spec or a price
+file), zero for `:free` ids, then the genai-prices bundled snapshot. A model found nowhere is
+*unpriced* (None), never $0; so is a row whose usage is unknown.
+
+This module is the one home of genai-prices, which is imported lazily (it costs ~200 ms) and
+only ever reads its bundled snapshot: nothing here updates prices or touches the network.
+Validates override entries with pydantic, as `spec` does specs. Imports only `errors` from the
+package.
+
+Simplifications of the table's rates (one rate per model, so SQL can join on it):
+- the base tier of tiered prices: long-prompt surcharges (e.g. above 200k prompt tokens on
+  Gemini 2.5 Pro or Claude Sonnet 4.5) are not applied, so such rows are understated;
+- prices in force today (UTC; `PriceSource(at=...)` picks another day); time-of-day prices
+  (DeepSeek off-peak) fold into the day's highest rate, so a report does not change with the
+  hour it is run at;
+- the standard service tier (no flex/priority/batch discounts), text tokens only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, time
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+from runner.errors import SpecError
+
+if TYPE_CHECKING:
+    from genai_prices.types import ModelInfo
+
+MTOK = Decimal(1_000_000)
+ZERO = Decimal(0)
+
+# Bare TOML keys need no quotes in a dotted field name; others are shown quoted.
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+# Model families whose first-party provider genai-prices knows, for ids that carry no
+# `vendor/` prefix. genai-prices also matches by name on its own; this list comes first so
+# that e.g. glm-* reaches z.ai (whose table has GLM-4.6) rather than zhipuai.
+_FAMILIES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern, re.IGNORECASE), provider)
+    for pattern, provider in (
+        (r"gpt-|chatgpt-|o[134](?:-|$)", "openai"),
+        (r"claude-", "anthropic"),
+        (r"gemini-|gemma-", "google"),
+        (r"deepseek", "deepseek"),
+        (r"(?:mi|code|dev|magi|mini|pix|vox)stral|mixtral|open-mi[sx]tral", "mistral"),
+        (r"grok-", "x-ai"),
+        (r"kimi-|moonshot", "moonshotai"),
+        (r"glm-", "zai"),
+        (r"command-", "cohere"),
+    )
+)
+# Open-weight families have no first-party price list; an aggregator's (OpenRouter's, keyed
+# `vendor/model`) is the closest to what a router charges.
+_AGGREGATOR = "openrouter"
+_OPEN_WEIGHT_VENDORS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"llama-", re.IGNORECASE), "meta-llama"),
+    (re.compile(r"qwen", re.IGNORECASE), "qwen"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """USD per million tokens for one model, and where the rates came from.
+
+    `provenance` is "override" (spec or price file), "price-table" (genai-prices) or "free"
+    (a `:free` id). `table_ref` names the genai-prices entry used ("provider/model").
+    """
+
+    input_per_mtok: Decimal
+    cached_input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    provenance: str
+    table_ref: str | None = None
+
+
+FREE = ModelPrice(ZERO, ZERO, ZERO, "free")
+
+
+def _number(value: object) -> object:
+    # bool is an int to Python and a string would parse; a price must be a TOML number.
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        raise ValueError(f"must be a number (got {value!r})")
+    return value
+
+
+def _rate(value: Decimal) -> Decimal:
+    # NaN and infinities are refused by pydantic's Decimal itself (finite_number).
+    if value < 0:
+        raise ValueError(f"must be at least 0 (got {value})")
+    return value
+
+
+Rate = Annotated[Decimal, BeforeValidator(_number), AfterValidator(_rate)]
+
+
+class PriceOverride(BaseModel):
+    """One `[prices."model"]` entry: USD per million tokens; cached_input defaults to input."""
+
+    # extra="forbid" turns a typo (`ouput`) into an error instead of an ignored key.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: Rate
+    output: Rate
+    cached_input: Rate | None = None
+
+    def to_price(self) -> ModelPrice:
+        cached = self.input if self.cached_input is None else self.cached_input
+        return ModelPrice(self.input, cached, self.output, "override")
+
+
+def parse_price_table(
+    data: object, *, path: str, where: str = "prices"
+) -> dict[str, PriceOverride]:
+    """Validate a table of model -> rates; raises SpecError naming `prices.<model>.<field>`."""
+    if not isinstance(data, dict):
+        raise SpecError(path, where, f"must be a table of models (got {_short(data)})")
+    table: dict[str, PriceOverride] = {}
+    for model, entry in data.items():
+        field = _join(where, str(model))
+        if not str(model).strip():
+            raise SpecError(path, field, "a model name cannot be empty")
+        if not isinstance(entry, dict):
+            raise SpecError(
+                path,
+                field,
+                "must be a table of input, output and optional cached_input "
+                f"(USD per million tokens; got {_short(entry)})",
+            )
+        try:
+            table[str(model)] = PriceOverride.model_validate(entry)
+        except ValidationError as exc:
+            raise _first_error(exc, path, field) from None
+    return table
+
+
+def load_price_file(path: str | Path) -> dict[str, PriceOverride]:
+    """Read a TOML price file: `[prices."model"]` tables, or the same tables at top level."""
+    shown = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(shown, "", "no such file") from None
+    except IsADirectoryError:
+        raise SpecError(shown, "", "is a directory, not a price file") from None
+    except UnicodeDecodeError:
+        raise SpecError(shown, "", "is not UTF-8 text") from None
+    except OSError as exc:
+        raise SpecError(shown, "", f"cannot be read ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(shown, "", f"invalid TOML: {exc}") from None
+    if "prices" not in data:
+        return parse_price_table(data, path=shown, where="")
+    for key in data:
+        if key != "prices":
+            raise SpecError(shown, key, 'unknown key (a price file holds [prices."model"] tables)')
+    return parse_price_table(data["prices"], path=shown)
+
+
+def _join(where: str, key: str) -> str:
+    # A key that is not a bare TOML key is shown quoted, escaped onto one line.
+    part = key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+    return f"{where}.{part}" if where else part
+
+
+def _first_error(exc: ValidationError, path: str, where: str) -> SpecError:
+    err = exc.errors(include_url=False)[0]
+    # The entry is flat: the first part of the location is the key (pydantic may append
+    # the union member or validator after it).
+    name = str(err["loc"][0])
+    field = _join(where, name)
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(name, list(PriceOverride.model_fields), n=1)
+        known = f"did you mean {close[0]!r}?" if close else "known: input, cached_input, output"
+        message = f"unknown key ({known})"
+    elif kind == "missing":
+        message = "is required"
+    elif kind == "finite_number":
+        message = f"must be a finite number (got {_short(err.get('input'))})"
+    elif kind == "value_error" and "error" in ctx:
+        message = str(ctx["error"])
+    else:
+        message = f"must be a number (got {_short(err.get('input'))})"
+    return SpecError(path, field, message)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _split(model_id: str) -> tuple[str | None, str, bool]:
+    """(vendor prefix or None, base id, is_free) of a routed model id."""
+    name, _, suffix = model_id.partition(":")
+    is_free = "free" in suffix.lower().split(":")
+    prefix, slash, base = name.rpartition("/")
+    return (prefix if slash and prefix else None), base, is_free
+
+
+def normalize_model(model_id: str) -> tuple[str, bool]:
+    """The id a price is looked up by, and whether the id is a `:free` variant.
+
+    Strips router suffixes (`:free`, `:thinking`, `:thinking:high`, anything after the first
+    `:`) and a vendor prefix (`openai/gpt-4o-mini` -> `gpt-4o-mini`).
+    """
+    _, base, is_free = _split(model_id)
+    return base, is_free
+
+
+class PriceSource:
+    """Rates per model id: overrides first, then `:free`, then the genai-prices table.
+
+    Lookups are cached per id (a report prices millions of rows of a few models). A fresh
+    source never reads the network: genai-prices' bundled snapshot is the table.
+    """
+
+    def __init__(
+        self, overrides: Mapping[str, PriceOverride] | None = None, *, at: datetime | None = None
+    ) -> None:
+        """`at` is the day whose table prices apply (default: today, UTC; naive means UTC)."""
+        self._overrides = {model: o.to_price() for model, o in (overrides or {}).items()}
+        self._cache: dict[str, ModelPrice | None] = {}
+        at = at or datetime.now(tz=UTC)
+        self._at = at if at.tzinfo else at.replace(tzinfo=UTC)
+
+    def price(self, model: str) -> ModelPrice | None:
+        """The rates for a model id as requested (suffixes and prefixes allowed), or None."""
+        try:
+            return self._cache[model]
+        except KeyError:
+            found = self._cache[model] = self._lookup(model)
+            return found
+
+    def _lookup(self, model: str) -> ModelPrice | None:
+        if model in self._overrides:
+            return self._overrides[model]
+        prefix, base, is_free = _split(model)
+        # A `:free` id costs nothing even if its paid sibling has an override.
+        if is_free:
+            return FREE
+        name = f"{prefix}/{base}" if prefix else base
+        for key in (name, base):
+            if key in self._overrides:
+                return self._overrides[key]
+        return _table_price(prefix, base, self._at)
+
+
+def _candidates(prefix: str | None, base: str) -> list[tuple[str | None, str]]:
+    """(provider id, model ref) pairs to try in genai-prices, best first."""
+    tries: list[tuple[str | None, str]] = []
+    if prefix:
+        tries.append((prefix.split("/")[0], base))
+    tries += [(provider, base) for pattern, provider in _FAMILIES if pattern.match(base)]
+    tries.append((None, base))  # genai-prices matches providers by model name
+    if prefix:
+        tries.append((_AGGREGATOR, f"{prefix}/{base}"))
+    tries += [
+        (_AGGREGATOR, f"{vendor}/{base}")
+        for pattern, vendor in _OPEN_WEIGHT_VENDORS
+        if pattern.match(base)
+    ]
+    return list(dict.fromkeys(tries))
+
+
+def _table_price(prefix: str | None, base: str, now: datetime) -> ModelPrice | None:
+    if not base:
+        return None
+    import genai_prices  # ~200 ms: only when a report needs a price from the table
+
+    usage = genai_prices.Usage(input_tokens=0, output_tokens=0)
+    for provider_id, ref in _candidates(prefix, base):
+        try:
+            found = genai_prices.calc_price(
+                usage, ref, provider_id=provider_id, genai_request_timestamp=now
+            )
+        except LookupError:
+            continue
+        price = _rates_today(found.model, now)
+        if price is not None:
+            return ModelPrice(*price, "price-table", f"{found.provider.id}/{found.model.id}")
+    return None
+
+
+def _rates_today(model: ModelInfo, now: datetime) -> tuple[Decimal, Decimal, Decimal] | None:
+    """(input, cached input, output) in force today: base tier, highest rate of the day."""
+    from genai_prices.types import TieredPrices, TimeOfDateConstraint
+
+    moments = [now]
+    if isinstance(model.prices, list):
+        # Sample every segment of today's time-of-day windows: each begins at a start or end.
+        for conditional in model.prices:
+            window = conditional.constraint
+            if isinstance(window, TimeOfDateConstraint):
+                moments += [_at(now, window.start_time), _at(now, window.end_time)]
+    rates: list[tuple[Decimal, Decimal, Decimal]] = []
+    for moment in moments:
+        prices = model.get_prices(moment)
+        values = [getattr(prices, key) for key in ("input_mtok", "cache_read_mtok", "output_mtok")]
+        inp, cached, out = (v.base if isinstance(v, TieredPrices) else v for v in values)
+        if inp is None or out is None:
+            return None  # not priced per text token (images, audio, per request)
+        rates.append((inp, inp if cached is None else cached, out))
+    return (
+        max(r[0] for r in rates),
+        max(r[1] for r in rates),
+        max(r[2] for r in rates),
+    )
+
+
+def _at(now: datetime, moment: time) -> datetime:
+    stamp = datetime.combine(now.date(), moment)
+    return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp
+
+
+def cost(
+    price: ModelPrice,
+    *,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    cached_tokens: int | None,
+) -> Decimal | None:
+    """USD for one answer; None when prompt or completion tokens are unknown (never 0).
+
+    OpenAI semantics: cached tokens are part of prompt_tokens and priced at the cached rate;
+    reasoning tokens are part of completion_tokens and priced as output.
+    """
+    if prompt_tokens is None or completion_tokens is None:
+        return None
+    cached = min(max(cached_tokens or 0, 0), prompt_tokens)
+    total = (
+        (prompt_tokens - cached) * price.input_per_mtok
+        + cached * price.cached_input_per_mtok
+        + completion_tokens * price.output_per_mtok
+    )
+    return total / MTOK
+
+
+def estimate_range(
+    price: ModelPrice, *, prompt_tokens: int, max_completion_tokens: int
+) -> tuple[Decimal, Decimal]:
+    """Dry-run bounds in USD: (the prompt alone, the prompt plus a full-length answer).
+
+    The prompt is priced uncached: the cache hit rate is unknown before a run.
+    """
+    low = cost(price, prompt_tokens=prompt_tokens, completion_tokens=0, cached_tokens=None)
+    high = cost(
+        price,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=max_completion_tokens,
+        cached_tokens=None,
+    )
+    assert low is not None and high is not None  # known token counts always give a cost
+    return low, high
+
+
+PriceRow = tuple[str, float | None, float | None, float | None, str]
+
+# Columns of the rows below, and the cost of one result row against them in SQL (the same
+# arithmetic as `cost`; NULL when usage or the price is unknown).
+PRICE_COLUMNS = (
+    "model",
+    "input_per_mtok",
+    "cached_input_per_mtok",
+    "output_per_mtok",
+    "provenance",
+)
+COST_SQL = (
+    "((prompt_tokens - least(greatest(coalesce(cached_tokens, 0), 0), prompt_tokens))"
+    " * input_per_mtok"
+    " + least(greatest(coalesce(cached_tokens, 0), 0), prompt_tokens) * cached_input_per_mtok"
+    " + completion_tokens * output_per_mtok) / 1e6"
+)
+
+
+def price_sql_table(
+    prices: Mapping[str, ModelPrice | None], models: Iterable[str]
+) -> list[PriceRow]:
+    """Rows of a `prices` table for SQL: one per model, NULL rates and "unpriced" if unknown."""
+    rows: list[PriceRow] = []
+    for model in dict.fromkeys(models):
+        price = prices.get(model)
+        if price is None:
+            rows.append((model, None, None, None, "unpriced"))
+        else:
+            rows.append(
+                (
+                    model,
+                    float(price.input_per_mtok),
+                    float(price.cached_input_per_mtok),
+                    float(price.output_per_mtok),
+                    price.provenance,
+                )
+            )
+    return rows
