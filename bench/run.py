@@ -1,6 +1,7 @@
 """Throughput, CPU and memory of `runner submit` against plain aiohttp / httpx2 loops.
 
-    uv run python bench/run.py [--only W1,W2] [--quick] [--w4-baselines] [--no-help-times]
+    uv run python bench/run.py [--only W1,W2] [--quick] [--w4-baselines] [--bytecode]
+                               [--no-help-times] [--no-warmup] [--clients runner,aiohttp]
 
 The simulator runs in its own process on core 1 (taskset, where it exists); every client
 runs as a fresh process on core 0:
@@ -14,6 +15,10 @@ child), peak RSS (VmHWM read by an atexit hook in the child, injected through a 
 sitecustomize on PYTHONPATH; ru_maxrss is not used since Linux carries it over exec), and
 the time from process start to the first request the simulator sees (GET /_sim/stats every
 ~5 ms). Progress goes to stderr, the table to stdout, raw figures to bench/out/results.json.
+Each subprocess has a timeout; the soft RLIMIT_NOFILE is raised to the hard limit here and
+inherited by the simulator and the clients. One unrecorded 200-row run per client comes
+first (page cache). With PYTHONDONTWRITEBYTECODE=1 and no .pyc in the venv, every process
+compiles its imports from source: --bytecode caches them under bench/out/pycache instead.
 
 Workloads (--quick divides row counts by 10):
   W1  20,000 rows, 0 ms latency, 64 concurrent
@@ -59,6 +64,7 @@ if _path:
     atexit.register(_hwm)
 """
 CLIENT_CPU, SIM_CPU = 0, 1
+WARMUP_ROWS = 200
 
 
 @dataclass(frozen=True)
@@ -335,12 +341,27 @@ def main() -> None:
     parser.add_argument("--no-help-times", action="store_true", help="skip `runner --help` timing")
     parser.add_argument("--clients", default="runner,aiohttp,httpx2", help="clients to run")
     parser.add_argument("--out", type=Path, default=OUT / "results.json")
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help=f"skip the unrecorded {WARMUP_ROWS}-row run of each client before the first workload",
+    )
+    parser.add_argument(
+        "--bytecode",
+        action="store_true",
+        help="let the children cache bytecode under bench/out/pycache (PYTHONPYCACHEPREFIX), "
+        "as an installed package would have .pyc files, even if PYTHONDONTWRITEBYTECODE is set",
+    )
     args = parser.parse_args()
     names = [n.strip().upper() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; choose from {sorted(WORKLOADS)}")
     clients = set(args.clients.split(","))
+    if args.bytecode:  # inherited by the simulator and every client
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = str(OUT / "pycache")
     HOOK_DIR.mkdir(parents=True, exist_ok=True)
     (HOOK_DIR / "sitecustomize.py").write_text(HOOK)
     # Client + simulator sockets, plus files; the simulator and the clients inherit the limit.
@@ -356,15 +377,20 @@ def main() -> None:
             "nofile": nofile,
         },
         "git": _git_state(),
+        "env": {k: os.environ.get(k) for k in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")},
         "results": [],
     }
+    warmed: set[str] = set()
     for name in names:
         w = WORKLOADS[name]
         log(f"--- {name}: simulator {' '.join(w.switches())} (core {SIM_CPU})")
         with simulator(*w.switches(), cpu=SIM_CPU) as base_url:
-            for client, rows in plan(w, args.quick, args.w4_baselines):
-                if client not in clients:
-                    continue
+            runs = [(c, n) for c, n in plan(w, args.quick, args.w4_baselines) if c in clients]
+            for client in dict.fromkeys(c for c, _ in runs if c not in warmed and args.warmup):
+                # Unrecorded: loads the files into the page cache (and bytecode, if cached).
+                run_client(client, w, WARMUP_ROWS, base_url, timeout_for(w, WARMUP_ROWS))
+                warmed.add(client)
+            for client, rows in runs:
                 make_input(rows)  # built before the clock starts
                 r = run_client(client, w, rows, base_url, timeout_for(w, rows))
                 report["results"].append(r)

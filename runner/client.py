@@ -132,11 +132,7 @@ class ChatClient:
         status = response.status_code
         if status == 200:
             return self._completion(response)
-        headers = {
-            name: value
-            for name, value in response.headers.items()
-            if name in KEPT_HEADERS or name.startswith(_RATE_PREFIXES)
-        }
+        headers = _rate_headers(response, KEPT_HEADERS)
         code, text = self._error_body(response)
         message = self._clean(f"{status} {code + ': ' if code else ''}{text}".strip())
         kind: type[AttemptError]
@@ -204,7 +200,17 @@ class ChatClient:
             cached_tokens=_int(prompt_details.get("cached_tokens")),
             reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
             provider_cost=_float(usage.get("cost")),
+            headers=_rate_headers(response) or None,
         )
+
+
+def _rate_headers(response: httpx2.Response, also: tuple[str, ...] = ()) -> dict[str, str]:
+    """The x-ratelimit-* headers (and `also`), lower-cased, for the limiter and retry policy."""
+    return {
+        name: value
+        for name, value in response.headers.items()
+        if name.startswith(_RATE_PREFIXES) or name in also
+    }
 
 
 def _dict(value: Any) -> dict[str, Any]:

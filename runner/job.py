@@ -26,18 +26,19 @@ from runner.errors import (
     EXIT_STOPPED,
     Interrupted,
     RunStopped,
+    SpecError,
     StorageFailed,
     UsageError,
     primary,
 )
-from runner.limiter import Limiter
+from runner.limiter import Limiter, Limiters
 from runner.pool import Pool
-from runner.pricing import parse_price_table
+from runner.pricing import Budget, PriceSource, parse_price_table, spent_before
 from runner.records import Progress, WorkItem
 from runner.retry import RetryPolicy
 from runner.sink import RunSink
 from runner.source import CheckResult, InputFile, RequestBuilder, Skip, check_input
-from runner.spec import SIMULATOR, LoadedSpec, check_environment, load_spec, parse_spec
+from runner.spec import SIMULATOR, LoadedSpec, RunSpec, check_environment, load_spec, parse_spec
 from runner.state import (
     RunDir,
     Settled,
@@ -92,13 +93,55 @@ def prepare(spec_path: str | Path, *, check_whole_file: bool | None = None) -> P
 
 def _prepare_loaded(spec: LoadedSpec, check_whole_file: bool | None) -> Prepared:
     job = spec.job
-    parse_price_table(job.prices, path=str(spec.path))
+    prices = PriceSource(parse_price_table(job.prices, path=str(spec.path)))
+    if job.run.budget_usd is not None and job.request is not None:
+        _check_budgetable(spec, prices)
     source = InputFile(spec.input_path, job.input, shown=_shown(spec.input_path))
     builder = RequestBuilder(job, source)
     source.check_columns()
     whole = job.input.check_whole_file if check_whole_file is None else check_whole_file
     check = check_input(source, builder) if whole else None
     return Prepared(spec, source, builder, check)
+
+
+def _check_budgetable(spec: LoadedSpec, prices: PriceSource) -> None:
+    """A budget needs a price for every model and a cap on every answer."""
+    request = spec.job.request
+    assert request is not None
+    for model in request.models:
+        if prices.price(model) is None:
+            raise SpecError(
+                str(spec.path),
+                "run.budget_usd",
+                f"model {model!r} has no known price; add [prices.{model!r}] to use a budget",
+            )
+    if request.answer_cap is None:
+        raise SpecError(
+            str(spec.path),
+            "run.budget_usd",
+            "needs request.max_tokens or max_completion_tokens (each answer's worst case)",
+        )
+
+
+def _limiters(run: RunSpec) -> Limiters:
+    def make(rpm: float | None, tpm: float | None, concurrency: int) -> Limiter:
+        return Limiter(
+            requests_per_minute=rpm,
+            tokens_per_minute=tpm,
+            concurrency=concurrency,
+            adaptive=run.adaptive_concurrency,
+        )
+
+    default = make(run.requests_per_minute, run.tokens_per_minute, run.concurrency)
+    per_model = {
+        model: make(
+            limits.requests_per_minute,
+            limits.tokens_per_minute,
+            min(limits.concurrency or run.concurrency, run.concurrency),
+        )
+        for model, limits in run.limits.items()
+    }
+    return Limiters(default, per_model)
 
 
 def _shown(path: Path) -> str:
@@ -163,8 +206,12 @@ async def resume(
     on_progress: ProgressHook | None = None,
     start_simulator: SimulatorStarter | None = None,
     handle_signals: bool = True,
+    budget_usd: float | None = None,
 ) -> Outcome:
-    """Continue a run: send only what no earlier session settled."""
+    """Continue a run: send only what no earlier session settled.
+
+    `budget_usd` replaces the spec's run.budget_usd (the total for the run, all sessions).
+    """
     run = resolve_run(ref, runs_dir)
     run.lock()
     try:
@@ -175,6 +222,11 @@ async def resume(
             display=str(run.spec_path),
         )
         check_environment(spec)
+        if budget_usd is not None:
+            manifest["budget_usd"] = budget_usd
+        if manifest.get("budget_usd") is not None:
+            run_spec = spec.job.run.model_copy(update={"budget_usd": manifest["budget_usd"]})
+            spec.job = spec.job.model_copy(update={"run": run_spec})
         old = manifest.get("input", {})
         now = input_fingerprint(spec.input_path, old.get("rows"))
         changed = any(now[k] != old.get(k) for k in ("size", "mtime", "hash"))
@@ -206,6 +258,11 @@ async def resume(
         )
     finally:
         run.unlock()
+
+
+def _all_priced(prepared: Prepared, prices: PriceSource) -> bool:
+    request = prepared.spec.job.request
+    return request is not None and all(prices.price(m) is not None for m in request.models)
 
 
 def _items(prepared: Prepared, settled: Settled) -> Iterator[WorkItem | Skip]:
@@ -289,10 +346,23 @@ async def _execute(
                 max_delay_s=job.run.backoff_max_s,
                 max_retry_after_s=job.run.max_retry_after_s,
             )
+            limiters = _limiters(job.run)
+            prices = PriceSource(parse_price_table(job.prices, path=str(prepared.spec.path)))
+            budget = Budget(
+                prices,
+                limit_usd=job.run.budget_usd,
+                spent_usd=spent_before(
+                    prices,
+                    {m: (int(u[0]), int(u[1]), int(u[2]), u[3]) for m, u in settled.usage.items()},
+                ),
+            )
+            progress.cost_usd = 0.0 if _all_priced(prepared, prices) else None
+            progress.concurrency = limiters.default.concurrency_limit
             pool = Pool(
                 client=client,
                 policy=policy,
-                limiter=Limiter(),
+                limiters=limiters,
+                spender=budget,
                 sink=sink,
                 progress=progress,
                 concurrency=job.run.concurrency,
@@ -302,12 +372,13 @@ async def _execute(
             )
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(_tick, sink, progress, on_progress)
+                    tg.start_soon(_tick, sink, progress, on_progress, limiters)
                     tg.start_soon(sink.compactor)
                     if handle_signals:
                         tg.start_soon(_watch_signals, pool, job.run.grace_s)
                     await pool.run(_items(prepared, settled))
                     tg.cancel_scope.cancel()
+                stop_reason = pool.stop_reason
             except BaseExceptionGroup as group:
                 raise primary(group) from None
             finally:
@@ -380,11 +451,14 @@ async def _finish(
     return stop_reason
 
 
-async def _tick(sink: RunSink, progress: Progress, on_progress: ProgressHook | None) -> None:
+async def _tick(
+    sink: RunSink, progress: Progress, on_progress: ProgressHook | None, limiters: Limiters
+) -> None:
     """Commit the journal and report progress at a fixed rate (never per row)."""
     while True:
         await anyio.sleep(TICK_S)
         sink.commit()
+        progress.concurrency = limiters.default.concurrency_limit
         if on_progress:
             on_progress(progress)
 

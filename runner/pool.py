@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol
 
 import anyio
@@ -30,7 +30,7 @@ from runner.errors import (
     UnwantedAnswer,
     primary,
 )
-from runner.limiter import Limiter
+from runner.limiter import Limiters, Outcome, estimate_tokens
 from runner.records import Completion, Progress, ResultRecord, WorkItem, hash_key
 from runner.retry import Retrying, RetryPolicy
 from runner.source import Skip
@@ -38,6 +38,19 @@ from runner.source import Skip
 
 class Completer(Protocol):
     async def complete(self, body: bytes) -> Completion: ...
+
+
+class Spender(Protocol):
+    """Budget and cost keeping (pricing.Budget): reserve before a row, settle after it."""
+
+    def reserve(self, item: WorkItem) -> object | None:
+        """A reservation for the row's worst case, or None when it would pass the budget."""
+
+    def settle(self, reservation: object, record: ResultRecord) -> float | None:
+        """Replace the reservation with the row's actual cost; returns that cost if known."""
+
+    def reached(self) -> str:
+        """The one-line message for a stop at the budget."""
 
 
 class ResultSink(Protocol):
@@ -55,17 +68,20 @@ class Pool:
         *,
         client: Completer,
         policy: RetryPolicy,
-        limiter: Limiter,
+        limiters: Limiters,
         sink: ResultSink,
         progress: Progress,
         concurrency: int,
         retry_finish_reasons: Sequence[str] = (),
         startup_failures_to_stop: int = 3,
         answered: set[int] | None = None,
+        spender: Spender | None = None,
     ) -> None:
         self.client = client
         self.policy = policy
-        self.limiter = limiter
+        self.limiters = limiters
+        self.spender = spender
+        self.stop_reason: str | None = None
         self.sink = sink
         self.progress = progress
         self.concurrency = concurrency
@@ -187,8 +203,8 @@ class Pool:
 
         async def on_retry(exc: AttemptError, attempt: int, wait: float) -> None:
             self._note_failure(exc)
-            if isinstance(exc, RateLimited):
-                self.limiter.pause_for(wait)
+            if isinstance(exc, RateLimited) and current.item is not None:
+                self.limiters.for_model(current.item.model).pause_for(wait)
             if not current.retrying:
                 current.retrying = True
                 self.progress.retrying += 1
@@ -206,12 +222,18 @@ class Pool:
                 if key in self._answered:
                     await self._deliver(done, _reuse_record(item))
                     continue
+                reservation = self.spender.reserve(item) if self.spender else None
+                if self.spender and reservation is None:
+                    self._stop_at_budget()
+                    continue
                 current.start(item)
                 own = self._in_flight[item.request_hash] = anyio.Event()
                 try:
                     record = await self._process(item, current, retrying)
                     if record is not None and record.status == "ok":
                         self._answered.add(key)
+                    if self.spender is not None and record is not None:
+                        self._add_cost(self.spender.settle(reservation, record))
                 finally:
                     del self._in_flight[item.request_hash]
                     own.set()
@@ -225,15 +247,32 @@ class Pool:
     ) -> ResultRecord | None:
         progress = self.progress
 
+        limiter = self.limiters.for_model(item.model)
+        estimate = estimate_tokens(item.est_prompt_tokens, item.max_tokens)
+
         async def attempt() -> Completion:
             current.attempts += 1
-            await self.limiter.ready()
+            ticket = await limiter.acquire(estimate)
+            outcome: Outcome = "error"
+            used: int | None = None  # unknown: the reservation stays counted as spent
+            headers: Mapping[str, str] | None = None
             current.attempt_started = time.perf_counter()
             progress.in_flight += 1
             try:
                 answer = await self.client.complete(item.body)
+                outcome, used, headers = "ok", answer.total_tokens, answer.headers
+            except RateLimited as exc:
+                outcome, used, headers = "rate_limited", 0, exc.headers  # refused: none used
+                raise
+            except ConnectFailure as exc:
+                used, headers = 0, exc.headers  # never reached the server
+                raise
+            except AttemptError as exc:
+                headers = exc.headers
+                raise
             finally:
                 progress.in_flight -= 1
+                limiter.release(ticket, outcome=outcome, used_tokens=used, headers=headers)
             if answer.finish_reason in self.retry_finish_reasons:
                 raise UnwantedAnswer(f"finish_reason {answer.finish_reason}", answer=answer)
             return answer
@@ -257,6 +296,15 @@ class Pool:
         self._successes += 1
         self._blocking_failures = 0
         return current.success(answer)
+
+    def _stop_at_budget(self) -> None:
+        if self.stop_reason is None and self.spender is not None:
+            self.stop_reason = self.spender.reached()
+        self.stop()
+
+    def _add_cost(self, cost: float | None) -> None:
+        if self.progress.cost_usd is not None:
+            self.progress.cost_usd = None if cost is None else self.progress.cost_usd + cost
 
     def _note_failure(self, exc: AttemptError) -> None:
         """Stop the run when auth/connect failures come before any success or in a row."""

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from runner.errors import SpecError
+from runner.records import ResultRecord, WorkItem
 
 if TYPE_CHECKING:
     from genai_prices.types import ModelInfo
@@ -408,3 +409,95 @@ def price_sql_table(
                 )
             )
     return rows
+
+
+class Budget:
+    """Cost keeping for a run: worst-case reservations against an optional USD budget.
+
+    Before a row is sent, its worst case (estimated prompt + max_tokens, at the model's
+    price) is reserved; scheduling stops when spent + reserved would pass the budget. When
+    the row settles, the reservation is replaced by what it actually cost. Implements the
+    pool's `Spender` protocol.
+    """
+
+    def __init__(
+        self,
+        prices: PriceSource,
+        *,
+        limit_usd: float | None,
+        spent_usd: float = 0.0,
+        default_completion: int = 0,
+    ) -> None:
+        self.prices = prices
+        self.limit = None if limit_usd is None else Decimal(str(limit_usd))
+        self.spent = Decimal(str(spent_usd))
+        self.reserved = ZERO
+        self.default_completion = default_completion
+        self.unknown = 0  # settled rows whose cost is unknown (unpriced, or no usage)
+
+    def reserve(self, item: WorkItem) -> object | None:
+        price = self.prices.price(item.model)
+        if price is None:
+            worst = ZERO  # only possible without a budget: prepare refuses unpriced models
+        else:
+            cap = item.max_tokens if item.max_tokens is not None else self.default_completion
+            worst = estimate_range(
+                price, prompt_tokens=item.est_prompt_tokens, max_completion_tokens=cap
+            )[1]
+        if self.limit is not None and self.spent + self.reserved + worst > self.limit:
+            return None
+        self.reserved += worst
+        return worst
+
+    def settle(self, reservation: object, record: ResultRecord) -> float | None:
+        assert isinstance(reservation, Decimal)
+        self.reserved -= reservation
+        actual = self._actual(record, reservation)
+        if actual is None:
+            self.unknown += 1
+            return None
+        self.spent += actual
+        return float(actual)
+
+    def _actual(self, record: ResultRecord, reservation: Decimal) -> Decimal | None:
+        if record.reused or record.status == "skipped":
+            return ZERO
+        if record.provider_cost is not None:
+            return Decimal(str(record.provider_cost))
+        price = self.prices.price(record.model)
+        if price is None:
+            return None
+        if record.status == "failed":
+            # Possibly billed without an answer: keep the worst case; otherwise nothing.
+            return reservation if record.possibly_billed else ZERO
+        return cost(
+            price,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            cached_tokens=record.cached_tokens,
+        )
+
+    def reached(self) -> str:
+        limit = self.limit if self.limit is not None else ZERO
+        return (
+            f"budget reached: ${self.spent:.4f} of ${limit:.2f}; "
+            "resume with --budget-usd to continue"
+        )
+
+
+def spent_before(prices: PriceSource, usage: Mapping[str, tuple[int, int, int, float]]) -> float:
+    """What earlier sessions spent, from token sums per model (cost is linear in tokens).
+
+    `usage[model] = (prompt, cached, completion, provider_cost)`, the last summed over rows
+    whose provider reported a cost (their tokens are not in the first three).
+    """
+    total = ZERO
+    for model, (prompt, cached, completion, provider) in usage.items():
+        total += Decimal(str(provider))
+        price = prices.price(model)
+        if price is not None and (prompt or completion):
+            spent = cost(
+                price, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached
+            )
+            total += spent or ZERO
+    return float(total)

@@ -7,6 +7,7 @@ serialises a result straight into a journal line. Imports only `errors`.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -51,6 +52,8 @@ class Completion:
     reasoning_tokens: int | None
     provider_cost: float | None
     http_status: int = 200
+    # x-ratelimit-* headers of the answer (for the limiter), when the server sent any.
+    headers: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +109,8 @@ class Progress:
     reused: int = 0  # ok rows answered from an identical request (included in ok)
     retrying: int = 0  # items currently waiting for another attempt
     in_flight: int = 0
+    concurrency: int | None = None  # the adaptive concurrency limit now, when there is one
+    cost_usd: float | None = None  # this session's cost so far, when the models are priced
     requests: int = 0  # HTTP attempts finished, retries included
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -125,6 +130,8 @@ class Progress:
             reused=self.reused,
             retrying=self.retrying,
             in_flight=self.in_flight,
+            concurrency=self.concurrency,
+            cost_usd=self.cost_usd,
             requests=self.requests,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,

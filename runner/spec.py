@@ -234,8 +234,24 @@ class RequestSpec(_Strict):
         return self.max_completion_tokens or self.max_tokens
 
 
+class ModelLimits(_Strict):
+    """Client-side limits for one model (`[run.limits."gpt-4o"]`)."""
+
+    requests_per_minute: PositiveFloat | None = None
+    tokens_per_minute: PositiveFloat | None = None
+    concurrency: Annotated[int, _between(1, 10_000)] | None = None
+
+
 class RunSpec(_Strict):
     concurrency: Annotated[int, _between(1, 10_000)] = 64
+    # Client-side limits (token buckets); the provider's x-ratelimit-* headers are also obeyed.
+    requests_per_minute: PositiveFloat | None = None
+    tokens_per_minute: PositiveFloat | None = None
+    # Halve concurrency on a burst of 429s, grow back by one per window of clean answers.
+    adaptive_concurrency: bool = True
+    limits: dict[str, ModelLimits] = Field(default_factory=dict)
+    # Stop scheduling before spent + reserved worst-case cost would pass this (USD).
+    budget_usd: NonNegativeFloat | None = None
     max_attempts: Annotated[int, _between(1, 100)] = 6
     # Total time a row may take across all its attempts and waits.
     row_deadline_s: PositiveFloat = 900.0

@@ -27,13 +27,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from runner.errors import RunLocked, RunNotFound, StorageFailed, UsageError
 from runner.journal import read_segment, segments, storage_error
 from runner.records import hash_key, work_key
-from runner.sink import compact_leftovers, fsync_dir, parts
+from runner.sink import SCHEMA, compact_leftovers, fsync_dir, parts
 
 DIR_MODE = 0o700
 STATES = ("running", "stopped", "completed", "failed")
@@ -94,6 +95,9 @@ class Settled:
     by_row: dict[str, bytearray] = field(default_factory=dict)
     keys: set[int] | None = None  # work_key() of settled work, when matching by request
     ok_hashes: set[int] = field(default_factory=set)  # hash_key() of answers to reuse
+    # model -> [prompt, cached, completion, provider_cost] summed over paid ok answers; rows
+    # with a provider-reported cost count only in the last.
+    usage: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def nothing(cls) -> Settled:
@@ -233,8 +237,18 @@ class RunDir:
             values = [table.column(c).to_pylist() for c in columns]
             for row in zip(*values, strict=True):
                 _settle(result, latest, *row)
+            _add_usage(result, pq.read_table(path, columns=_USAGE_COLUMNS))
         for segment in segments(self.journal_dir):
-            for r in read_segment(segment):
+            records = read_segment(segment)
+            if records:
+                _add_usage(
+                    result,
+                    pa.Table.from_pylist(
+                        [{c: r.get(c) for c in _USAGE_COLUMNS} for r in records],
+                        schema=SCHEMA.select(_USAGE_COLUMNS),
+                    ),
+                )
+            for r in records:
                 if r.get("final"):
                     _settle(
                         result,
@@ -257,6 +271,48 @@ class RunDir:
                 if code != 2 or not retry_failed
             }
         return result
+
+
+_USAGE_COLUMNS = [
+    "model",
+    "status",
+    "final",
+    "reused",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "provider_cost",
+]
+
+
+def _add_usage(result: Settled, table: pa.Table) -> None:
+    """Sum paid usage per model (final ok answers that were really sent), vectorised."""
+    paid = table.filter(pc.field("final") & (pc.field("status") == "ok") & ~pc.field("reused"))
+    if not paid.num_rows:
+        return
+    has_cost = pc.is_valid(paid.column("provider_cost"))
+    for part, cost_known in (
+        (paid.filter(has_cost), True),
+        (paid.filter(pc.invert(has_cost)), False),
+    ):
+        if not part.num_rows:
+            continue
+        sums = part.group_by("model").aggregate(
+            [
+                ("prompt_tokens", "sum"),
+                ("cached_tokens", "sum"),
+                ("completion_tokens", "sum"),
+                ("provider_cost", "sum"),
+            ]
+        )
+        for row in sums.to_pylist():
+            acc = result.usage.setdefault(row["model"], [0, 0, 0, 0.0])
+            if cost_known:
+                acc[3] += row["provider_cost_sum"] or 0.0
+            else:
+                acc[0] += row["prompt_tokens_sum"] or 0
+                acc[1] += row["cached_tokens_sum"] or 0
+                acc[2] += row["completion_tokens_sum"] or 0
 
 
 def _settle(
