@@ -76,7 +76,13 @@ def cli() -> None:
     is_flag=True,
     help="Skip reading the whole input before sending (for huge, trusted inputs).",
 )
-def submit(spec: Path, runs_dir: Path, no_check: bool) -> None:
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check the spec and the whole input, print rows, estimated tokens and the cost "
+    "range by model; send nothing.",
+)
+def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
     """Start a run of the job spec SPEC (a TOML file).
 
     Ctrl-C stops feeding rows and lets requests in flight finish; a second Ctrl-C stops at
@@ -84,6 +90,27 @@ def submit(spec: Path, runs_dir: Path, no_check: bool) -> None:
     """
     from runner import job
 
+    if dry_run:
+        found = job.estimate(job.prepare(spec, check_whole_file=True, need_key=False))
+        click.echo(
+            f"{spec}: {found.rows:,} rows, {found.requests:,} requests, "
+            f"{found.skipped:,} skipped (empty prompt); nothing was sent"
+        )
+        names = [
+            "model",
+            "requests",
+            "est_prompt_tokens",
+            "max_completion_tokens",
+            "cost_low_usd",
+            "cost_high_usd",
+            "price",
+        ]
+        rows = [
+            (m, n, p, c, _usd(lo), _usd(hi) if c is not None else "no max_tokens", prov)
+            for m, n, p, c, lo, hi, prov in found.models
+        ]
+        _emit(names, rows, "table")
+        return
     prepared = job.prepare(spec, check_whole_file=False if no_check else None)
     _run_session(lambda hooks: job.submit(prepared, runs_dir, **hooks), prepared.spec.job.name)
 
@@ -97,7 +124,19 @@ def submit(spec: Path, runs_dir: Path, no_check: bool) -> None:
     is_flag=True,
     help="Resume although the input file changed; only rows whose request changed are sent.",
 )
-def resume(run: str, runs_dir: Path, retry_failed: bool, allow_changed_input: bool) -> None:
+@click.option(
+    "--budget-usd",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="A new total budget for the run in USD (replaces run.budget_usd).",
+)
+def resume(
+    run: str,
+    runs_dir: Path,
+    retry_failed: bool,
+    allow_changed_input: bool,
+    budget_usd: float | None,
+) -> None:
     """Continue RUN (a run id, a run folder, or a job name for its latest run).
 
     Sends only what no earlier session settled: answered rows are never requested again.
@@ -110,6 +149,7 @@ def resume(run: str, runs_dir: Path, retry_failed: bool, allow_changed_input: bo
             runs_dir,
             retry_failed=retry_failed,
             allow_changed_input=allow_changed_input,
+            budget_usd=budget_usd,
             **hooks,
         ),
         run,
@@ -175,6 +215,15 @@ class _ProgressRenderer:
             f"ok={progress.rows_done_before + progress.ok} failed={progress.failed} "
             f"retrying={progress.retrying} req/s={rate:.0f} tokens={tokens:,}"
         )
+        if progress.concurrency is not None:
+            fields += f" conc={progress.concurrency}"
+        if progress.cost_usd is not None:
+            fields += f" cost=${progress.cost_usd:.4f}"
+            settled = progress.done + progress.skipped
+            left = (progress.rows_total or 0) - progress.rows_done_before - settled
+            if settled and progress.rows_total is not None:
+                projected = progress.cost_usd * (1 + max(left, 0) / settled)
+                fields += f" (~${projected:.4f} at the end)"
         if self.tty:
             if self.bar is None:
                 from tqdm import tqdm
@@ -341,6 +390,10 @@ def report(run: str, runs_dir: Path, fmt: str, by: str | None, prices_file: Path
             if fmt == "table":
                 click.echo(("\n" if i else "") + f"{title}")
             _emit(names, rows_, fmt)
+
+
+def _usd(value: float | None) -> str:
+    return "unpriced" if value is None else f"${value:,.4f}"
 
 
 def _plain(value: Any) -> str:

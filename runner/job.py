@@ -33,7 +33,13 @@ from runner.errors import (
 )
 from runner.limiter import Limiter, Limiters
 from runner.pool import Pool
-from runner.pricing import Budget, PriceSource, parse_price_table, spent_before
+from runner.pricing import (
+    Budget,
+    PriceSource,
+    estimate_range,
+    parse_price_table,
+    spent_before,
+)
 from runner.records import Progress, WorkItem
 from runner.retry import RetryPolicy
 from runner.sink import RunSink
@@ -84,10 +90,13 @@ class Prepared:
     check: CheckResult | None
 
 
-def prepare(spec_path: str | Path, *, check_whole_file: bool | None = None) -> Prepared:
+def prepare(
+    spec_path: str | Path, *, check_whole_file: bool | None = None, need_key: bool = True
+) -> Prepared:
     """Validate everything that can be validated before a request is sent."""
     spec = load_spec(spec_path)
-    check_environment(spec)
+    if need_key:
+        check_environment(spec)
     return _prepare_loaded(spec, check_whole_file)
 
 
@@ -150,6 +159,37 @@ def _shown(path: Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What a dry run found: the input's size and the cost range by model, nothing sent."""
+
+    rows: int
+    requests: int
+    skipped: int
+    # (model, requests, est. prompt tokens, worst-case completion tokens (None: no cap),
+    #  cost low USD, cost high USD (None: unpriced or no cap), provenance)
+    models: list[tuple[str, int, int, int | None, float | None, float | None, str]]
+
+
+def estimate(prepared: Prepared) -> Estimate:
+    """A dry run: read and check the whole input, estimate tokens and cost; send nothing."""
+    check = prepared.check or check_input(prepared.source, prepared.builder)
+    prices = PriceSource(parse_price_table(prepared.spec.job.prices, path=str(prepared.spec.path)))
+    models = []
+    for model, (requests, prompt, completion) in sorted(check.by_model.items()):
+        price = prices.price(model)
+        cap = None if completion < 0 else completion
+        low = high = None
+        if price is not None:
+            low_d, high_d = estimate_range(
+                price, prompt_tokens=prompt, max_completion_tokens=cap or 0
+            )
+            low, high = float(low_d), (float(high_d) if cap is not None else None)
+        provenance = price.provenance if price is not None else "unpriced"
+        models.append((model, requests, prompt, cap, low, high, provenance))
+    return Estimate(check.rows, check.items, check.skipped, models)
 
 
 async def submit(

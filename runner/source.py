@@ -11,7 +11,7 @@ import hashlib
 import string
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -401,6 +401,8 @@ class CheckResult:
     items: int
     skipped: int
     est_prompt_tokens: int
+    # model -> [requests, estimated prompt tokens, worst-case completion tokens or -1 unknown]
+    by_model: dict[str, list[int]] = field(default_factory=dict)
 
 
 def check_input(source: InputFile, builder: RequestBuilder) -> CheckResult:
@@ -413,6 +415,7 @@ def check_input(source: InputFile, builder: RequestBuilder) -> CheckResult:
     hashes = array("q")
     ids_can_repeat = builder.spec.id_column is not None or builder.batch
     rows = items = skipped = tokens = 0
+    by_model: dict[str, list[int]] = {}
     for row in source.rows():
         rows += 1
         for item in builder.build(row):
@@ -421,12 +424,17 @@ def check_input(source: InputFile, builder: RequestBuilder) -> CheckResult:
             else:
                 items += 1
                 tokens += item.est_prompt_tokens
+                acc = by_model.setdefault(item.model, [0, 0, 0])
+                acc[0] += 1
+                acc[1] += item.est_prompt_tokens
+                if acc[2] >= 0:
+                    acc[2] = -1 if item.max_tokens is None else acc[2] + item.max_tokens
         if ids_can_repeat:
             hashes.append(hash(builder.row_id(row)))
     # Equal hashes (a duplicate, or rarely a collision) trigger an exact second pass.
     if hashes and len(pc.unique(pa.array(hashes, pa.int64()))) < len(hashes):
         _find_duplicate(source, builder)
-    return CheckResult(rows, items, skipped, tokens)
+    return CheckResult(rows, items, skipped, tokens, by_model)
 
 
 def _find_duplicate(source: InputFile, builder: RequestBuilder) -> None:

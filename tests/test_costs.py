@@ -1,0 +1,189 @@
+"""Costs: reports against the simulator's own counters, budgets, dry runs, the SQL sandbox."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from runner import job
+from runner.errors import SpecError, UsageError
+from runner.report import price_rows, query, report
+from runner.simulator import SimulatorConfig, SimulatorThread
+from runner.state import RunDir
+
+from .conftest import run_cli, spec_text, write_rows, write_spec
+
+OVERRIDE = '[prices."gpt-4o-mini"]\ninput = 1000.0\ncached_input = 250.0\noutput = 2000.0\n'
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorThread]:
+    with SimulatorThread(SimulatorConfig()) as s:
+        yield s
+
+
+def long_rows(count: int, marker: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    """Prompts long enough (>= 64 tokens) for the simulator to report cached tokens."""
+    marker = marker or {}
+    filler = "Please summarise the following notes about batch processing carefully. " * 4
+    return [{"id": f"r{i}", "text": f"{filler} Row {i}. {marker.get(i, '')}"} for i in range(count)]
+
+
+def sections(run: RunDir, **kwargs: Any) -> dict[str, list[dict[str, Any]]]:
+    found = report(run, prices=price_rows(run), **kwargs)
+    return {title: [dict(zip(n, r, strict=True)) for r in rows] for title, n, rows in found}
+
+
+async def submit(tmp_path: Path, text: str, data: list[dict[str, Any]]) -> job.Outcome:
+    write_rows(tmp_path / "data.jsonl", data)
+    spec = write_spec(tmp_path, text)
+    return await job.submit(job.prepare(spec), tmp_path / "runs", handle_signals=False)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("extra", "rates", "provenance"),
+    [
+        ("", (0.15, 0.075, 0.60), "price-table"),  # genai-prices' gpt-4o-mini
+        (OVERRIDE, (1000.0, 250.0, 2000.0), "override"),
+    ],
+)
+async def test_report_matches_simulator_counters_and_hand_computed_cost(
+    tmp_path: Path,
+    sim: SimulatorThread,
+    extra: str,
+    rates: tuple[float, float, float],
+    provenance: str,
+) -> None:
+    """Report tokens equal the simulator's counters; cost equals the hand computation."""
+    outcome = await submit(tmp_path, spec_text(base_url=sim.base_url) + extra, long_rows(200))
+    assert outcome.exit_code == 0
+    stats = sim.stats
+    assert stats.cached_tokens > 0  # the cached rate is really exercised
+    got = sections(outcome.run)
+    tokens = {r["tokens"]: r["count"] for r in got["tokens"]}
+    assert tokens["prompt"] == stats.prompt_tokens
+    assert tokens["cached (inside prompt)"] == stats.cached_tokens
+    assert tokens["completion"] == stats.completion_tokens
+    assert tokens["total"] == stats.total_tokens
+    inp, cached, out = rates
+    expected = (
+        (stats.prompt_tokens - stats.cached_tokens) * inp
+        + stats.cached_tokens * cached
+        + stats.completion_tokens * out
+    ) / 1e6
+    [cost] = got["cost"]
+    assert cost["cost_usd"] == pytest.approx(expected, rel=1e-9, abs=1e-6)
+    assert cost["provenance"] == provenance and cost["uncosted_rows"] == 0
+
+
+@pytest.mark.anyio
+async def test_unpriced_model_and_missing_usage_are_never_zero(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """An unpriced model reports as unpriced and an answer without usage as unknown, not $0."""
+    text = spec_text(base_url=sim.base_url).replace(
+        'model = "gpt-4o-mini"', 'model = ["gpt-4o-mini", "sim-echo"]'
+    )
+    outcome = await submit(tmp_path, text, long_rows(10, {3: "[[sim:no_usage]]"}))
+    assert outcome.exit_code == 0
+    by_model = {r["model"]: r for r in sections(outcome.run)["cost"]}
+    assert by_model["sim-echo"]["cost_usd"] is None
+    assert by_model["sim-echo"]["provenance"] == "unpriced"
+    assert by_model["gpt-4o-mini"]["uncosted_rows"] == 1
+    assert "unknown-usage" in by_model["gpt-4o-mini"]["provenance"]
+    rows = query(
+        outcome.run,
+        "SELECT cost_usd, cost_provenance FROM costed WHERE row_id = 'r3'",
+        prices=price_rows(outcome.run),
+    )
+    assert {tuple(r) for r in rows[1]} == {(None, "unknown-usage"), (None, "unpriced")}
+
+
+@pytest.mark.anyio
+async def test_budget_is_never_exceeded_and_resume_with_more_finishes(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """With a budget for about half the rows, spend stays under it; a bigger budget finishes."""
+    rates = (1000.0, 250.0, 2000.0)
+    text = spec_text(base_url=sim.base_url, run_extra="budget_usd = 15.0") + OVERRIDE
+    outcome = await submit(tmp_path, text, long_rows(400))
+    assert outcome.state == "stopped" and outcome.exit_code == 3
+    assert outcome.stop_reason is not None and outcome.stop_reason.startswith("budget reached")
+    assert "resume with --budget-usd" in outcome.stop_reason
+
+    def spent() -> float:
+        s = sim.stats
+        return (
+            (s.prompt_tokens - s.cached_tokens) * rates[0]
+            + s.cached_tokens * rates[1]
+            + s.completion_tokens * rates[2]
+        ) / 1e6
+
+    assert 0 < sim.stats.ok < 400
+    assert spent() <= 15.0
+    assert spent() >= 15.0 * 0.3  # the budget was used, not refused up front
+
+    resumed = await job.resume(
+        outcome.run.run_id, tmp_path / "runs", handle_signals=False, budget_usd=1000.0
+    )
+    assert resumed.state == "completed"
+    assert sim.stats.ok == 400 and sim.stats.resent_after_ok == 0
+
+
+def test_budget_refuses_an_unpriced_model_before_sending(tmp_path: Path) -> None:
+    """A budget with a model that has no price is refused at validation, naming the field."""
+    write_rows(tmp_path / "data.jsonl", long_rows(3))
+    text = spec_text(run_extra="budget_usd = 1.0").replace('"gpt-4o-mini"', '"sim-echo"')
+    spec = write_spec(tmp_path, text)
+    with pytest.raises(SpecError, match=r"run\.budget_usd: model 'sim-echo' has no known price"):
+        job.prepare(spec)
+
+
+def test_dry_run_estimates_and_sends_nothing(tmp_path: Path, sim: SimulatorThread) -> None:
+    """`submit --dry-run` prints rows, estimated tokens and a cost range, and sends nothing."""
+    write_rows(tmp_path / "data.jsonl", long_rows(50))
+    spec = write_spec(tmp_path, spec_text(base_url=sim.base_url) + OVERRIDE)
+    done = run_cli("submit", str(spec), "--dry-run", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "50 rows, 50 requests" in done.stdout
+    line = next(x for x in done.stdout.splitlines() if x.startswith("gpt-4o-mini"))
+    cells = line.split()
+    prompt_tokens, completion = int(cells[2].replace(",", "")), int(cells[3].replace(",", ""))
+    assert completion == 50 * 64  # max_tokens x rows
+    low = float(cells[4].strip("$").replace(",", ""))
+    high = float(cells[5].strip("$").replace(",", ""))
+    assert low == pytest.approx(prompt_tokens * 1000 / 1e6, abs=1e-4)
+    assert high == pytest.approx((prompt_tokens * 1000 + completion * 2000) / 1e6, abs=1e-4)
+    assert sim.stats.requests == 0
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM read_text('/etc/hostname')",
+        "SELECT * FROM read_parquet('https://example.com/x.parquet')",
+        "COPY (SELECT 1) TO '/tmp/runner-sandbox-escape.csv'",
+        "SET enable_external_access = true",
+        "INSTALL httpfs",
+    ],
+)
+async def test_query_refuses_external_files_and_urls(
+    tmp_path: Path, sim: SimulatorThread, sql: str
+) -> None:
+    """User SQL cannot read other files, URLs or extensions, nor unlock the sandbox."""
+    outcome = await submit(tmp_path, spec_text(base_url=sim.base_url), long_rows(5))
+    with pytest.raises(UsageError, match=r"^query (refused|failed): "):
+        query(outcome.run, sql)
+    assert not await anyio.Path("/tmp/runner-sandbox-escape.csv").exists()
+    # The run's own files stay readable.
+    [part] = list(outcome.run.parts_dir.glob("*.parquet"))
+    _, rows = query(outcome.run, f"SELECT count(*) FROM read_parquet('{part}')")
+    assert rows == [(5,)]
