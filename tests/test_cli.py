@@ -155,7 +155,9 @@ def test_submit_progress_is_plain_lines_when_stderr_is_not_a_terminal(finished: 
     assert progress, stderr
     for line in progress:
         assert re.fullmatch(
-            r"\d+/\d+ rows  ok=\d+ failed=\d+ retrying=\d+ req/s=\d+ tokens=[\d,]+", line
+            r"\d+/\d+ rows  ok=\d+ failed=\d+ retrying=\d+ req/s=\d+ tokens=[\d,]+"
+            r"( conc=\d+)?( cost=\$[\d.]+( \(~\$[\d.]+ at the end\))?)?",
+            line,
         ), line
 
 
