@@ -367,7 +367,7 @@ def report(run: str, runs_dir: Path, fmt: str, by: str | None, prices_file: Path
     from runner.state import resolve_run
 
     target = resolve_run(run, runs_dir)
-    sections = reports.report(target, by=by, prices=reports.price_rows(target, prices_file))
+    sections = reports.report(target, by=by, prices_file=prices_file)
     if fmt == "json":
         click.echo(
             reports.to_json(

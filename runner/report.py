@@ -35,13 +35,31 @@ from runner.pricing import (
     parse_price_table,
     price_sql_table,
 )
-from runner.sink import ANSWER_COLUMNS, REUSED_COLUMNS, SCHEMA, parts, to_table
+from runner.sink import ANSWER_COLUMNS, COLUMNS, REUSED_COLUMNS, SCHEMA, parts, to_table
 from runner.source import detect_format
 from runner.state import RunDir
 
 
 def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+def _costed_sql(source: str) -> str:
+    """Rows of `source` with their cost and its provenance (provider, override, ...)."""
+    return (
+        "SELECT r.*, "
+        "CASE WHEN r.provider_cost IS NOT NULL THEN r.provider_cost "
+        "WHEN r.status = 'skipped' OR r.reused THEN 0.0 "
+        "WHEN p.input_per_mtok IS NULL THEN NULL "
+        "WHEN r.prompt_tokens IS NULL OR r.completion_tokens IS NULL THEN NULL "
+        f"ELSE {COST_SQL} END AS cost_usd, "
+        "CASE WHEN r.provider_cost IS NOT NULL THEN 'provider' "
+        "WHEN r.status = 'skipped' OR r.reused THEN 'none' "
+        "WHEN p.input_per_mtok IS NULL THEN 'unpriced' "
+        "WHEN r.prompt_tokens IS NULL OR r.completion_tokens IS NULL THEN 'unknown-usage' "
+        "ELSE p.provenance END AS cost_provenance "
+        f"FROM {source} r LEFT JOIN prices p ON p.model = r.model"
+    )
 
 
 class RunDB:
@@ -53,6 +71,8 @@ class RunDB:
         self.run = run
         self.manifest = run.read_manifest()
         self.con = duckdb.connect(":memory:")
+        # DuckDB draws its own progress bar on long queries; this module never prints.
+        self.con.execute("SET enable_progress_bar = false")
         files = [str(p) for p in parts(run.parts_dir)]
         journal = [r for s in segments(run.journal_dir) for r in read_segment(s)]
         self._journal = to_table(journal) if journal else SCHEMA.empty_table()
@@ -65,7 +85,7 @@ class RunDB:
         self.con.execute(f"CREATE VIEW attempts AS {source}SELECT * FROM journal_records")
         self.con.execute(
             "CREATE VIEW latest AS SELECT * EXCLUDE (final) FROM attempts WHERE final "
-            "QUALIFY row_number() OVER (PARTITION BY row_id, model "
+            "QUALIFY row_number() OVER (PARTITION BY row_index, model "
             "ORDER BY finished_at DESC, attempts DESC) = 1"
         )
         # A reused row shows the answer of the ok result it reused (same request hash).
@@ -80,30 +100,21 @@ class RunDB:
         self.input_path: Path | None = None
         if with_input:
             self._input_view()
-        self._price_view(prices)
-
-    def _price_view(self, prices: Sequence[PriceRow]) -> None:
-        """`prices` table, and `costed`: results with a cost and its provenance per row."""
         self.con.execute(
             "CREATE TABLE prices (model VARCHAR, input_per_mtok DOUBLE, "
             "cached_input_per_mtok DOUBLE, output_per_mtok DOUBLE, provenance VARCHAR)"
         )
+        self.use_prices(prices)
+
+    def models(self) -> list[str]:
+        return [str(m) for (m,) in self.query("SELECT DISTINCT model FROM attempts ORDER BY 1")[1]]
+
+    def use_prices(self, prices: Sequence[PriceRow]) -> None:
+        """Fill `prices`; `costed` is results with a cost and its provenance per row."""
+        self.con.execute("DELETE FROM prices")
         if prices:
             self.con.executemany("INSERT INTO prices VALUES (?, ?, ?, ?, ?)", list(prices))
-        self.con.execute(
-            "CREATE VIEW costed AS SELECT r.*, "
-            "CASE WHEN r.provider_cost IS NOT NULL THEN r.provider_cost "
-            "WHEN r.status = 'skipped' OR r.reused THEN 0.0 "
-            "WHEN p.input_per_mtok IS NULL THEN NULL "
-            "WHEN r.prompt_tokens IS NULL OR r.completion_tokens IS NULL THEN NULL "
-            f"ELSE {COST_SQL} END AS cost_usd, "
-            "CASE WHEN r.provider_cost IS NOT NULL THEN 'provider' "
-            "WHEN r.status = 'skipped' OR r.reused THEN 'none' "
-            "WHEN p.input_per_mtok IS NULL THEN 'unpriced' "
-            "WHEN r.prompt_tokens IS NULL OR r.completion_tokens IS NULL THEN 'unknown-usage' "
-            "ELSE p.provenance END AS cost_provenance "
-            "FROM results r LEFT JOIN prices p ON p.model = r.model"
-        )
+        self.con.execute(f"CREATE OR REPLACE VIEW costed AS {_costed_sql('results')}")
 
     def sandbox(self) -> None:
         """Lock user SQL in: only the run's own files, no network, no extensions.
@@ -202,7 +213,9 @@ def summary(run: RunDir) -> dict[str, Any]:
     return result
 
 
-def price_rows(run: RunDir, prices_file: Path | None = None) -> list[PriceRow]:
+def price_rows(
+    run: RunDir, prices_file: Path | None = None, *, models: Sequence[str] | None = None
+) -> list[PriceRow]:
     """The price table for a run: the spec's overrides, a --prices file over them, then
     genai-prices for every model the run used."""
     try:
@@ -212,16 +225,14 @@ def price_rows(run: RunDir, prices_file: Path | None = None) -> list[PriceRow]:
     overrides = parse_price_table(frozen.get("prices", {}), path=str(run.spec_path))
     if prices_file is not None:
         overrides = {**overrides, **load_price_file(prices_file)}
-    models = _models_of(run)
+    if models is None:
+        with RunDB(run, with_input=False) as db:
+            models = db.models()
     source = PriceSource(overrides)
     return price_sql_table({m: source.price(m) for m in models}, models)
 
 
-def _models_of(run: RunDir) -> list[str]:
-    with RunDB(run, with_input=False) as db:
-        return [str(m) for (m,) in db.query("SELECT DISTINCT model FROM attempts ORDER BY 1")[1]]
-
-
+_TEXT_COLUMNS = {*REUSED_COLUMNS, "error_message", "request_hash"}
 Section = tuple[str, list[str], list[tuple[Any, ...]]]  # title, column names, rows
 GROUPS = {
     "model": "model",
@@ -232,9 +243,21 @@ GROUPS = {
 }
 
 
-def report(run: RunDir, *, by: str | None = None, prices: Sequence[PriceRow] = ()) -> list[Section]:
+def report(
+    run: RunDir, *, by: str | None = None, prices_file: Path | None = None
+) -> list[Section]:
     """The report's sections: a one-screen overview, or one table grouped `by` a column."""
-    with RunDB(run, with_input=False, prices=prices) as db:
+    with RunDB(run, with_input=False) as db:
+        db.use_prices(price_rows(run, prices_file, models=db.models()))
+        # One pass to settle each row's latest state, without the answer texts (reports
+        # never show them); every section reads that.
+        lean = ", ".join(c for c in COLUMNS if c not in _TEXT_COLUMNS and c != "final")
+        db.con.execute(
+            f"CREATE TEMP TABLE costed_now AS SELECT {lean}, cost_usd, cost_provenance "
+            f"FROM ({_costed_sql('latest')})"
+        )
+        db.con.execute("CREATE OR REPLACE TEMP VIEW results AS SELECT * FROM costed_now")
+        db.con.execute("CREATE OR REPLACE TEMP VIEW costed AS SELECT * FROM costed_now")
         if by is not None:
             return [_grouped(db, by)]
         return _overview(db)

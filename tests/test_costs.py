@@ -34,7 +34,7 @@ def long_rows(count: int, marker: dict[int, str] | None = None) -> list[dict[str
 
 
 def sections(run: RunDir, **kwargs: Any) -> dict[str, list[dict[str, Any]]]:
-    found = report(run, prices=price_rows(run), **kwargs)
+    found = report(run, **kwargs)
     return {title: [dict(zip(n, r, strict=True)) for r in rows] for title, n, rows in found}
 
 
