@@ -283,6 +283,11 @@ async def resume(
                 prepared.source.path, prepared.check.rows if prepared.check else None
             )
         next_segment = run.recover()
+        if manifest.get("state") == "running" and manifest.get("sessions"):
+            # The last session crashed: count what it had on the wire and never heard back.
+            manifest["sessions"][-1]["unanswered_at_crash"] = run.unanswered_at_crash()
+            manifest["sessions"][-1]["outcome"] = "crashed"
+        run.clear_sending()
         settled = run.settled(retry_failed=retry_failed, by_request=changed)
         if on_start:
             on_start(run)
@@ -412,7 +417,7 @@ async def _execute(
             )
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(_tick, sink, progress, on_progress, limiters)
+                    tg.start_soon(_tick, sink, progress, on_progress, limiters, run, pool)
                     tg.start_soon(sink.compactor)
                     if handle_signals:
                         tg.start_soon(_watch_signals, pool, job.run.grace_s)
@@ -457,6 +462,7 @@ async def _finish(
     try:
         with anyio.move_on_after(60):
             await sink.close()
+        run.clear_sending()  # everything sent got an answer or was cut: none is in doubt
     except StorageFailed as exc:
         stop_reason = stop_reason or str(exc)
     pending = None
@@ -492,12 +498,19 @@ async def _finish(
 
 
 async def _tick(
-    sink: RunSink, progress: Progress, on_progress: ProgressHook | None, limiters: Limiters
+    sink: RunSink,
+    progress: Progress,
+    on_progress: ProgressHook | None,
+    limiters: Limiters,
+    run: RunDir,
+    pool: Pool,
 ) -> None:
-    """Commit the journal and report progress at a fixed rate (never per row)."""
+    """Commit the journal, snapshot what is on the wire and report progress, at a fixed
+    rate (never per row)."""
     while True:
         await anyio.sleep(TICK_S)
         sink.commit()
+        run.write_sending(pool.sending)
         progress.concurrency = limiters.default.concurrency_limit
         if on_progress:
             on_progress(progress)

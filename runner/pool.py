@@ -82,6 +82,9 @@ class Pool:
         self.limiters = limiters
         self.spender = spender
         self.stop_reason: str | None = None
+        # (row_id, model, attempt) of the requests on the wire now: snapshotted to disk so a
+        # crash can tell what may have been billed without an answer.
+        self.sending: set[tuple[str, str, int]] = set()
         self.sink = sink
         self.progress = progress
         self.concurrency = concurrency
@@ -258,6 +261,8 @@ class Pool:
             headers: Mapping[str, str] | None = None
             current.attempt_started = time.perf_counter()
             progress.in_flight += 1
+            sending = (item.row_id, item.model, current.attempts)
+            self.sending.add(sending)
             try:
                 answer = await self.client.complete(item.body)
                 outcome, used, headers = "ok", answer.total_tokens, answer.headers
@@ -272,6 +277,7 @@ class Pool:
                 raise
             finally:
                 progress.in_flight -= 1
+                self.sending.discard(sending)
                 limiter.release(ticket, outcome=outcome, used_tokens=used, headers=headers)
             if answer.finish_reason in self.retry_finish_reasons:
                 raise UnwantedAnswer(f"finish_reason {answer.finish_reason}", answer=answer)

@@ -243,9 +243,7 @@ GROUPS = {
 }
 
 
-def report(
-    run: RunDir, *, by: str | None = None, prices_file: Path | None = None
-) -> list[Section]:
+def report(run: RunDir, *, by: str | None = None, prices_file: Path | None = None) -> list[Section]:
     """The report's sections: a one-screen overview, or one table grouped `by` a column."""
     with RunDB(run, with_input=False) as db:
         db.use_prices(price_rows(run, prices_file, models=db.models()))
@@ -340,8 +338,12 @@ def _overview(db: RunDB) -> list[Section]:
         "count(*) FILTER (possibly_billed) AS possibly_billed "
         "FROM attempts WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 3 DESC, 1 LIMIT 10"
     )
+    crashed = sum(
+        int(session.get("unanswered_at_crash") or 0) for session in manifest.get("sessions", [])
+    )
     billed_rows = [
-        ("attempts that may have been billed without a usable answer", billed),
+        ("failed attempts sent without a usable answer (timeouts, drops, 5xx)", billed),
+        ("requests in flight at a crash, never answered", crashed),
     ]
     return [
         ("overview", ["metric", "value"], overview),

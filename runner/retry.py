@@ -8,6 +8,7 @@ tenacity. Knows errors, not HTTP: the headers it reads arrive on `AttemptError.h
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -42,7 +43,7 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
             value = float(raw_ms) / 1000
         except ValueError:
             value = None
-        if value is not None and value == value and value != float("inf"):
+        if value is not None and math.isfinite(value):
             return max(value, 0.0)
     raw = headers.get("retry-after")
     if raw is None:
@@ -58,7 +59,7 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
         if when.tzinfo is None:
             return None
         seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds or seconds == float("inf"):
+    if not math.isfinite(seconds):
         return None
     return max(seconds, 0.0)
 

@@ -129,6 +129,7 @@ class RunDir:
         self.lock_path = path / "lock"
         self.journal_dir = path / "journal"
         self.parts_dir = path / "parts"
+        self.sending_path = path / "journal" / "sending.json"
         self._lock_fd: int | None = None
 
     # -- creation and locking --------------------------------------------------------------
@@ -214,6 +215,39 @@ class RunDir:
             raise storage_error("write manifest", self.manifest_path, exc) from None
 
     # -- recovery and resume -----------------------------------------------------------------
+
+    def write_sending(self, sending: set[tuple[str, str, int]]) -> None:
+        """Snapshot the requests on the wire (a few times a second; replaced atomically)."""
+        try:
+            _write_atomic(self.sending_path, json.dumps(sorted(sending)).encode(), sync=False)
+        except OSError as exc:
+            raise storage_error("write", self.sending_path, exc) from None
+
+    def clear_sending(self) -> None:
+        self.sending_path.unlink(missing_ok=True)
+
+    def unanswered_at_crash(self) -> int:
+        """Requests on the wire at the last snapshot before a crash that never got a record.
+
+        They may have been billed without an answer (and were re-sent on resume).
+        """
+        try:
+            entries = json.loads(self.sending_path.read_text())
+        except (OSError, ValueError):
+            return 0
+        wanted = {(str(r), str(m), int(a)) for r, m, a in entries}
+        if not wanted:
+            return 0
+        ids = pa.array(sorted({r for r, _, _ in wanted}))
+        for path in parts(self.parts_dir):
+            table = pq.read_table(path, columns=["row_id", "model", "attempts"])
+            table = table.filter(pc.is_in(table.column("row_id"), value_set=ids))
+            for row in table.to_pylist():
+                wanted.discard((row["row_id"], row["model"], row["attempts"]))
+        for segment in segments(self.journal_dir):
+            for r in read_segment(segment):
+                wanted.discard((r["row_id"], r["model"], r["attempts"]))
+        return len(wanted)
 
     def recover(self) -> int:
         """Compact whatever an interrupted session left; returns the next segment number."""
@@ -338,18 +372,20 @@ def _settle(
         result.ok_hashes.add(hash_key(digest))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
 
 
 def resolve_run(ref: str, runs_dir: Path) -> RunDir:

@@ -110,6 +110,12 @@ def test_kill_9_three_times_then_resume_holds_every_row_once(
     assert len({r["row_id"] for r in got}) == rows
     assert all(r["status"] == "ok" for r in got)
     assert sim.stats.resent_after_ok <= concurrency * kills
+    # Each crashed session records what it had on the wire and never heard back about.
+    # (A kill that lands before a session has started leaves no session behind.)
+    sessions = the_run(tmp_path).read_manifest()["sessions"]
+    assert 1 <= len(sessions) - 1 <= kills
+    assert [s["outcome"] for s in sessions] == ["crashed"] * (len(sessions) - 1) + ["completed"]
+    assert all(0 <= s["unanswered_at_crash"] <= concurrency for s in sessions[:-1])
 
 
 def test_sigint_drains_stops_with_exit_3_and_resume_resends_nothing(
