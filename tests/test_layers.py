@@ -29,7 +29,7 @@ ORDER = [
 ]
 # Third-party libraries and the one module allowed to import each.
 HOMES = {
-    "httpx2": {"client"},
+    "aiohttp": {"client"},
     "tenacity": {"retry"},
     "duckdb": {"report"},
     "tqdm": {"cli"},
