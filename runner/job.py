@@ -288,7 +288,10 @@ async def resume(
             manifest["sessions"][-1]["unanswered_at_crash"] = run.unanswered_at_crash()
             manifest["sessions"][-1]["outcome"] = "crashed"
         run.clear_sending()
-        settled = run.settled(retry_failed=retry_failed, by_request=changed)
+        repeated = prepared.check.repeated if prepared.check else run.read_repeated()
+        if changed and prepared.check is not None:
+            run.write_repeated(prepared.check.repeated)
+        settled = run.settled(retry_failed=retry_failed, by_request=changed, reusable=repeated)
         if on_start:
             on_start(run)
         return await _execute(
@@ -414,6 +417,9 @@ async def _execute(
                 retry_finish_reasons=job.run.retry_finish_reasons,
                 startup_failures_to_stop=job.run.auth_failures_to_stop,
                 answered=settled.ok_hashes,
+                repeated=(
+                    prepared.check.repeated if prepared.check is not None else settled.reusable
+                ),
             )
             try:
                 async with anyio.create_task_group() as tg:

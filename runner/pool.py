@@ -76,6 +76,7 @@ class Pool:
         startup_failures_to_stop: int = 3,
         answered: set[int] | None = None,
         spender: Spender | None = None,
+        repeated: set[int] | None = None,
     ) -> None:
         self.client = client
         self.policy = policy
@@ -101,6 +102,9 @@ class Pool:
         # the requests in flight now. An identical request waits for its twin, then reuses it.
         # (Taken over, not copied: it can hold millions of keys on a big resume.)
         self._answered: set[int] = answered if answered is not None else set()
+        # When the input was checked, only requests that occur more than once can be
+        # reused: tracking just those keeps memory flat on inputs of unique prompts.
+        self._repeated = repeated
         self._in_flight: dict[str, anyio.Event] = {}
 
     def stop(self) -> None:
@@ -219,27 +223,32 @@ class Pool:
                 if self.stopping:
                     continue  # queued but never sent: stays pending for resume
                 key = hash_key(item.request_hash)
-                twin = self._in_flight.get(item.request_hash)
-                if twin is not None and key not in self._answered:
-                    await twin.wait()
-                if key in self._answered:
-                    await self._deliver(done, _reuse_record(item))
-                    continue
+                tracked = self._repeated is None or key in self._repeated
+                if tracked:
+                    twin = self._in_flight.get(item.request_hash)
+                    if twin is not None and key not in self._answered:
+                        await twin.wait()
+                    if key in self._answered:
+                        await self._deliver(done, _reuse_record(item))
+                        continue
                 reservation = self.spender.reserve(item) if self.spender else None
                 if self.spender and reservation is None:
                     self._stop_at_budget()
                     continue
                 current.start(item)
-                own = self._in_flight[item.request_hash] = anyio.Event()
+                own = None
+                if tracked:
+                    own = self._in_flight[item.request_hash] = anyio.Event()
                 try:
                     record = await self._process(item, current, retrying)
-                    if record is not None and record.status == "ok":
+                    if tracked and record is not None and record.status == "ok":
                         self._answered.add(key)
                     if self.spender is not None and record is not None:
                         self._add_cost(self.spender.settle(reservation, record))
                 finally:
-                    del self._in_flight[item.request_hash]
-                    own.set()
+                    if own is not None:
+                        del self._in_flight[item.request_hash]
+                        own.set()
                     if current.retrying:
                         self.progress.retrying -= 1
                 if record is not None:

@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from runner.errors import InputError
-from runner.records import WorkItem
+from runner.records import WorkItem, hash_key
 from runner.spec import InputSpec, JobSpec
 
 BATCH_ROWS = 8192
@@ -403,6 +403,8 @@ class CheckResult:
     est_prompt_tokens: int
     # model -> [requests, estimated prompt tokens, worst-case completion tokens or -1 unknown]
     by_model: dict[str, list[int]] = field(default_factory=dict)
+    # hash_key() of the requests that occur more than once: the only ones worth deduplicating
+    repeated: set[int] = field(default_factory=set)
 
 
 def check_input(source: InputFile, builder: RequestBuilder) -> CheckResult:
@@ -413,6 +415,7 @@ def check_input(source: InputFile, builder: RequestBuilder) -> CheckResult:
     source.check_columns()
     # 8 bytes a row: a set of Python ints would cost ~60 and grow the run's memory with input.
     hashes = array("q")
+    requests = array("Q")  # hash_key() of every request: 8 bytes each
     ids_can_repeat = builder.spec.id_column is not None or builder.batch
     rows = items = skipped = tokens = 0
     by_model: dict[str, list[int]] = {}
@@ -424,6 +427,7 @@ def check_input(source: InputFile, builder: RequestBuilder) -> CheckResult:
             else:
                 items += 1
                 tokens += item.est_prompt_tokens
+                requests.append(hash_key(item.request_hash))
                 acc = by_model.setdefault(item.model, [0, 0, 0])
                 acc[0] += 1
                 acc[1] += item.est_prompt_tokens
@@ -434,7 +438,12 @@ def check_input(source: InputFile, builder: RequestBuilder) -> CheckResult:
     # Equal hashes (a duplicate, or rarely a collision) trigger an exact second pass.
     if hashes and len(pc.unique(pa.array(hashes, pa.int64()))) < len(hashes):
         _find_duplicate(source, builder)
-    return CheckResult(rows, items, skipped, tokens, by_model)
+    repeated: set[int] = set()
+    if requests:
+        counts = pc.value_counts(pa.array(requests, pa.uint64()))
+        twice = counts.filter(pc.greater(counts.field("counts"), 1))
+        repeated = set(twice.field("values").to_pylist())
+    return CheckResult(rows, items, skipped, tokens, by_model, repeated)
 
 
 def _find_duplicate(source: InputFile, builder: RequestBuilder) -> None:

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import time
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -98,6 +99,8 @@ class Settled:
     # model -> [prompt, cached, completion, provider_cost] summed over paid ok answers; rows
     # with a provider-reported cost count only in the last.
     usage: dict[str, list[float]] = field(default_factory=dict)
+    # When known, only these request keys can be reused (the input repeats them).
+    reusable: set[int] | None = None
 
     @classmethod
     def nothing(cls) -> Settled:
@@ -216,6 +219,22 @@ class RunDir:
 
     # -- recovery and resume -----------------------------------------------------------------
 
+    def write_repeated(self, keys: set[int]) -> None:
+        """Keep the keys of the requests the input repeats, for resumes that skip the check."""
+        try:
+            _write_atomic(self.path / "repeated.bin", array("Q", sorted(keys)).tobytes())
+        except OSError as exc:
+            raise storage_error("write", self.path / "repeated.bin", exc) from None
+
+    def read_repeated(self) -> set[int] | None:
+        try:
+            data = (self.path / "repeated.bin").read_bytes()
+        except FileNotFoundError:
+            return None
+        keys = array("Q")
+        keys.frombytes(data)
+        return set(keys)
+
     def write_sending(self, sending: set[tuple[str, str, int]]) -> None:
         """Snapshot the requests on the wire (a few times a second; replaced atomically)."""
         try:
@@ -256,13 +275,19 @@ class RunDir:
         except OSError as exc:
             raise storage_error("recover journal in", self.journal_dir, exc) from None
 
-    def settled(self, *, retry_failed: bool = False, by_request: bool = False) -> Settled:
+    def settled(
+        self,
+        *,
+        retry_failed: bool = False,
+        by_request: bool = False,
+        reusable: set[int] | None = None,
+    ) -> Settled:
         """Work settled by committed parts and the journal; the latest final record wins.
 
         Parts and segments are read in the order they were written, so a later record (a
         failed row answered on a --retry-failed resume) overwrites an earlier one.
         """
-        result = Settled(retry_failed=retry_failed)
+        result = Settled(retry_failed=retry_failed, reusable=reusable)
         latest: dict[tuple[str, str], tuple[int, str]] | None = {} if by_request else None
         columns = ["row_index", "row_id", "model", "request_hash", "status", "reused"]
         for path in parts(self.parts_dir):
@@ -369,7 +394,9 @@ def _settle(
     if latest is not None:
         latest[(row_id, model)] = (code, digest)
     if code == 1 and not reused:
-        result.ok_hashes.add(hash_key(digest))
+        key = hash_key(digest)
+        if result.reusable is None or key in result.reusable:
+            result.ok_hashes.add(key)
 
 
 def _write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
