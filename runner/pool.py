@@ -32,7 +32,7 @@ from runner.errors import (
 )
 from runner.limiter import Limiters, Outcome, estimate_tokens
 from runner.records import Completion, Progress, ResultRecord, WorkItem, hash_key
-from runner.retry import Retrying, RetryPolicy
+from runner.retry import Retrier, RetryPolicy
 from runner.source import Skip
 
 
@@ -217,7 +217,7 @@ class Pool:
                 self.progress.retrying += 1
             await self._deliver(done, current.failure(exc, attempt, final=False))
 
-        retrying = self.policy.retrying(on_retry)
+        retrying = Retrier(self.policy, on_retry)
         async with work, done:
             async for item in work:
                 if self.stopping:
@@ -255,7 +255,7 @@ class Pool:
                     await self._deliver(done, record)
 
     async def _process(
-        self, item: WorkItem, current: _Current, retrying: Retrying
+        self, item: WorkItem, current: _Current, retrying: Retrier
     ) -> ResultRecord | None:
         progress = self.progress
 

@@ -363,3 +363,57 @@ def test_defaults_match_the_documented_policy() -> None:
         60.0,
         120.0,
     )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("max_attempts", [1, 2, 5])
+async def test_retrier_makes_exactly_max_attempts_and_reports_true_attempt_numbers(
+    max_attempts: int,
+) -> None:
+    """Retrier runs the first attempt bare and the rest in tenacity: same cap, same numbers."""
+    from runner.errors import ServerFailure
+    from runner.retry import Retrier
+
+    seen: list[tuple[int, float]] = []
+    calls = 0
+
+    async def on_retry(exc: Exception, attempt: int, wait: float) -> None:
+        seen.append((attempt, wait))
+
+    async def no_sleep(seconds: float) -> None:
+        return None
+
+    policy = RetryPolicy(
+        max_attempts=max_attempts,
+        base_delay_s=1,
+        max_delay_s=100,
+        jitter=lambda c: c,
+        sleep=no_sleep,
+    )
+
+    async def failing() -> str:
+        nonlocal calls
+        calls += 1
+        raise ServerFailure("boom", status=503)
+
+    with pytest.raises(ServerFailure):
+        await Retrier(policy, on_retry)(failing)
+    assert calls == max_attempts
+    assert seen == [(n, float(2 ** (n - 1))) for n in range(1, max_attempts)]
+
+
+@pytest.mark.anyio
+async def test_retrier_returns_the_first_success_without_retrying() -> None:
+    """A first attempt that succeeds is returned as is, with no retry hook called."""
+    from runner.retry import Retrier
+
+    hooks: list[int] = []
+
+    async def on_retry(exc: Exception, attempt: int, wait: float) -> None:
+        hooks.append(attempt)
+
+    async def ok() -> str:
+        return "answer"
+
+    assert await Retrier(RetryPolicy(), on_retry)(ok) == "answer"
+    assert hooks == []
