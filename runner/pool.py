@@ -10,6 +10,7 @@ only: the HTTP client, the sink and the source are passed in.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -51,6 +52,9 @@ class Spender(Protocol):
 
     def reached(self) -> str:
         """The one-line message for a stop at the budget."""
+
+    def paid(self, record: ResultRecord) -> float | None:
+        """Count a paid answer that did not settle its row (re-asked); returns its cost."""
 
 
 class ResultSink(Protocol):
@@ -185,6 +189,8 @@ class Pool:
             if record.attempts:
                 progress.requests += 1
             if not record.final:
+                progress.prompt_tokens += record.prompt_tokens or 0
+                progress.completion_tokens += record.completion_tokens or 0
                 continue
             if record.status == "ok":
                 progress.ok += 1
@@ -215,7 +221,13 @@ class Pool:
             if not current.retrying:
                 current.retrying = True
                 self.progress.retrying += 1
-            await self._deliver(done, current.failure(exc, attempt, final=False))
+            record = current.failure(exc, attempt, final=False)
+            if isinstance(exc, UnwantedAnswer) and isinstance(exc.answer, Completion):
+                # A re-asked answer was still paid for: keep its usage with the attempt.
+                record = current.paid_attempt(record, exc.answer)
+                if self.spender is not None:
+                    self._add_cost(self.spender.paid(record))
+            await self._deliver(done, record)
 
         retrying = Retrier(self.policy, on_retry)
         async with work, done:
@@ -377,6 +389,21 @@ class _Current:
             response_model=answer.response_model,
             response_id=answer.response_id,
             system_fingerprint=answer.system_fingerprint,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            total_tokens=answer.total_tokens,
+            cached_tokens=answer.cached_tokens,
+            reasoning_tokens=answer.reasoning_tokens,
+            provider_cost=answer.provider_cost,
+        )
+
+    def paid_attempt(self, record: ResultRecord, answer: Completion) -> ResultRecord:
+        return dataclasses.replace(
+            record,
+            content=answer.content,
+            finish_reason=answer.finish_reason,
+            response_model=answer.response_model,
+            response_id=answer.response_id,
             prompt_tokens=answer.prompt_tokens,
             completion_tokens=answer.completion_tokens,
             total_tokens=answer.total_tokens,

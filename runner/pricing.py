@@ -21,6 +21,7 @@ Simplifications of the table's rates (one rate per model, so SQL can join on it)
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
@@ -476,6 +477,15 @@ class Budget:
             completion_tokens=record.completion_tokens,
             cached_tokens=record.cached_tokens,
         )
+
+    def paid(self, record: ResultRecord) -> float | None:
+        """Count an answer that was paid for but did not settle its row (it was re-asked)."""
+        actual = self._actual(dataclasses.replace(record, status="ok"), ZERO)
+        if actual is None:
+            self.unknown += 1
+            return None
+        self.spent += actual
+        return float(actual)
 
     def reached(self) -> str:
         limit = self.limit if self.limit is not None else ZERO

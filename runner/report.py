@@ -247,6 +247,12 @@ def report(run: RunDir, *, by: str | None = None, prices_file: Path | None = Non
     """The report's sections: a one-screen overview, or one table grouped `by` a column."""
     with RunDB(run, with_input=False) as db:
         db.use_prices(price_rows(run, prices_file, models=db.models()))
+        # Every answer paid for: final ok ones and re-asked ones (non-final, with usage).
+        db.con.execute(
+            "CREATE TEMP VIEW paid AS SELECT * EXCLUDE (final) FROM attempts WHERE NOT reused "
+            "AND (prompt_tokens IS NOT NULL OR provider_cost IS NOT NULL "
+            "OR (final AND status = 'ok'))"
+        )
         # One pass to settle each row's latest state, without the answer texts (reports
         # never show them); every section reads that.
         lean = ", ".join(c for c in COLUMNS if c not in _TEXT_COLUMNS and c != "final")
@@ -291,7 +297,12 @@ def _overview(db: RunDB) -> list[Section]:
         "quantile_cont(latency_ms, [0.5, 0.9, 0.99]) FILTER (attempts > 0 AND status = 'ok') "
         "FROM results"
     )[1]
-    ok, failed, skipped, reused, prompt, cached, completion, reasoning, total, lat = row
+    ok, failed, skipped, reused, _p, _c, _o, _r, _t, lat = row
+    # Tokens of every answer paid for: re-asked answers (run.retry_finish_reasons) count too.
+    (prompt, cached, completion, reasoning, total) = db.query(
+        "SELECT sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), "
+        "sum(reasoning_tokens), sum(total_tokens) FROM paid"
+    )[1][0]
     (requests, retries, billed) = db.query(
         "SELECT count(*) FILTER (attempts > 0), count(*) FILTER (NOT final AND attempts > 0), "
         "count(*) FILTER (possibly_billed) FROM attempts"
@@ -325,12 +336,14 @@ def _overview(db: RunDB) -> list[Section]:
         ("total", total),
     ]
     cost = db.query(
-        "SELECT model, count(*) FILTER (status != 'skipped') AS rows, "
-        "round(sum(cost_usd), 6) AS cost_usd, "
+        "SELECT r.model, r.rows, round(p.cost_usd, 6) AS cost_usd, r.uncosted_rows, "
+        "r.provenance FROM (SELECT model, count(*) FILTER (status != 'skipped') AS rows, "
         "count(*) FILTER (cost_usd IS NULL AND status != 'skipped') AS uncosted_rows, "
         "string_agg(DISTINCT cost_provenance, '+' ORDER BY cost_provenance) "
         "FILTER (cost_provenance != 'none') AS provenance "
-        "FROM costed GROUP BY model ORDER BY model"
+        "FROM costed GROUP BY model) r "
+        f"LEFT JOIN (SELECT model, sum(cost_usd) AS cost_usd FROM ({_costed_sql('paid')}) "
+        "GROUP BY model) p ON p.model = r.model ORDER BY r.model"
     )
     errors = db.query(
         "SELECT error_type, count(*) FILTER (final) AS failed_rows, "

@@ -165,19 +165,23 @@ class InputFile:
         convert = pacsv.ConvertOptions(
             column_types={name: pa.string() for name in header}, strings_can_be_null=False
         )
-        reader = pacsv.open_csv(
-            self.path,
-            parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=convert,
-            read_options=pacsv.ReadOptions(block_size=1 << 22),
-        )
         wanted = [c for c in self.needed if c in header]
         index = 0
         try:
+            # open_csv already reads and converts the first block: it belongs in the try.
+            reader = pacsv.open_csv(
+                self.path,
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                convert_options=convert,
+                read_options=pacsv.ReadOptions(block_size=1 << 22),
+            )
             for batch in reader:
                 yield from self._batch_rows(batch, wanted, index)
                 index += batch.num_rows
         except pa.ArrowInvalid as exc:
+            line = _first_bad_utf8_line(self.path)
+            if line is not None:
+                raise InputError(self.shown, line, "invalid UTF-8") from None
             raise InputError(self.shown, None, f"CSV error after row {index} ({exc})") from None
 
     def _jsonl_rows(self) -> Iterator[Row]:
@@ -200,6 +204,17 @@ class InputFile:
                     )
                 yield Row(index, number, value)
                 index += 1
+
+
+def _first_bad_utf8_line(path: Path) -> int | None:
+    """The 1-based number of the first line that is not UTF-8, if any."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None
 
 
 def _json_problem(raw: bytes, exc: orjson.JSONDecodeError) -> str:

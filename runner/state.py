@@ -345,8 +345,11 @@ _USAGE_COLUMNS = [
 
 
 def _add_usage(result: Settled, table: pa.Table) -> None:
-    """Sum paid usage per model (final ok answers that were really sent), vectorised."""
-    paid = table.filter(pc.field("final") & (pc.field("status") == "ok") & ~pc.field("reused"))
+    """Sum paid usage per model (every answer really received, re-asked ones too)."""
+    paid = table.filter(
+        ~pc.field("reused")
+        & (pc.field("prompt_tokens").is_valid() | pc.field("provider_cost").is_valid())
+    )
     if not paid.num_rows:
         return
     has_cost = pc.is_valid(paid.column("provider_cost"))
