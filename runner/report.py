@@ -44,6 +44,13 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _blank(path: Path) -> bool:
+    """A text input with nothing but white space in it."""
+    if path.stat().st_size > 65_536:
+        return False
+    return not path.read_bytes().strip()
+
+
 def _costed_sql(source: str) -> str:
     """Rows of `source` with their cost and its provenance (provider, override, ...)."""
     return (
@@ -139,6 +146,10 @@ class RunDB:
         self.input_path = path
         kind = detect_format(path, "auto") if path.suffix else "jsonl"
         quoted = _sql_str(str(path))
+        if kind != "parquet" and _blank(path):
+            # DuckDB would invent a column for a file with no rows at all.
+            self.con.execute("CREATE VIEW input AS SELECT NULL::BIGINT AS row_index WHERE false")
+            return
         if kind == "parquet":
             scan = (
                 f"SELECT * EXCLUDE (file_row_number), file_row_number AS row_index "

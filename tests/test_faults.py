@@ -545,7 +545,10 @@ def test_empty_input_exits_0_and_exports_zero_rows(
     exported = run_cli("export", info["run_id"], str(out), "--runs-dir", "runs", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
     assert "wrote 0 rows" in exported.stderr
-    assert pq.read_table(out).num_rows == 0
+    table = pq.read_table(out)
+    assert table.num_rows == 0
+    assert "json" not in table.column_names  # no column invented for an empty input
+    assert {"row_id", "status", "content"} <= set(table.column_names)
 
 
 def dry_run(spec: Path) -> tuple[int, str, str]:
