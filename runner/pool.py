@@ -14,7 +14,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -367,7 +367,7 @@ class _Current:
     def _latency_ms(self) -> float:
         return round((time.perf_counter() - self.attempt_started) * 1000, 3)
 
-    def success(self, answer: Completion) -> ResultRecord:
+    def _record(self, *, status: str, final: bool, attempts: int, **fields: Any) -> ResultRecord:
         item = self.item
         assert item is not None
         return ResultRecord(
@@ -375,62 +375,53 @@ class _Current:
             row_index=item.row_index,
             model=item.model,
             request_hash=item.request_hash,
-            status="ok",
-            final=True,
-            attempts=self.attempts,
+            status=status,
+            final=final,
+            attempts=attempts,
             started_at=self.started,
             finished_at=time.time(),
             latency_ms=self._latency_ms(),
-            http_status=answer.http_status,
-            content=answer.content,
-            refusal=answer.refusal,
-            tool_calls=answer.tool_calls,
-            finish_reason=answer.finish_reason,
-            response_model=answer.response_model,
-            response_id=answer.response_id,
-            system_fingerprint=answer.system_fingerprint,
-            prompt_tokens=answer.prompt_tokens,
-            completion_tokens=answer.completion_tokens,
-            total_tokens=answer.total_tokens,
-            cached_tokens=answer.cached_tokens,
-            reasoning_tokens=answer.reasoning_tokens,
-            provider_cost=answer.provider_cost,
+            **fields,
+        )
+
+    def success(self, answer: Completion) -> ResultRecord:
+        return self._record(
+            status="ok", final=True, attempts=self.attempts, **_answer_fields(answer)
         )
 
     def paid_attempt(self, record: ResultRecord, answer: Completion) -> ResultRecord:
-        return dataclasses.replace(
-            record,
-            content=answer.content,
-            finish_reason=answer.finish_reason,
-            response_model=answer.response_model,
-            response_id=answer.response_id,
-            prompt_tokens=answer.prompt_tokens,
-            completion_tokens=answer.completion_tokens,
-            total_tokens=answer.total_tokens,
-            cached_tokens=answer.cached_tokens,
-            reasoning_tokens=answer.reasoning_tokens,
-            provider_cost=answer.provider_cost,
-        )
+        return dataclasses.replace(record, **_answer_fields(answer))
 
     def failure(self, exc: AttemptError, attempt: int, *, final: bool) -> ResultRecord:
-        item = self.item
-        assert item is not None
-        return ResultRecord(
-            row_id=item.row_id,
-            row_index=item.row_index,
-            model=item.model,
-            request_hash=item.request_hash,
+        return self._record(
             status="failed",
             final=final,
             attempts=attempt,
-            started_at=self.started,
-            finished_at=time.time(),
-            latency_ms=self._latency_ms(),
             http_status=exc.status,
             error_type=exc.error_type,
             error_message=exc.message,
             possibly_billed=exc.possibly_billed,
         )
+
+
+def _answer_fields(answer: Completion) -> dict[str, Any]:
+    """The result columns an answer fills in."""
+    return {
+        "http_status": answer.http_status,
+        "content": answer.content,
+        "refusal": answer.refusal,
+        "tool_calls": answer.tool_calls,
+        "finish_reason": answer.finish_reason,
+        "response_model": answer.response_model,
+        "response_id": answer.response_id,
+        "system_fingerprint": answer.system_fingerprint,
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "total_tokens": answer.total_tokens,
+        "cached_tokens": answer.cached_tokens,
+        "reasoning_tokens": answer.reasoning_tokens,
+        "provider_cost": answer.provider_cost,
+    }
 
 
 def _reuse_record(item: WorkItem) -> ResultRecord:

@@ -37,6 +37,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Val
 
 from runner.errors import SpecError
 from runner.records import ResultRecord, WorkItem
+from runner.spec import read_text
 
 if TYPE_CHECKING:
     from genai_prices.types import ModelInfo
@@ -151,16 +152,7 @@ def parse_price_table(
 def load_price_file(path: str | Path) -> dict[str, PriceOverride]:
     """Read a TOML price file: `[prices."model"]` tables, or the same tables at top level."""
     shown = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(shown, "", "no such file") from None
-    except IsADirectoryError:
-        raise SpecError(shown, "", "is a directory, not a price file") from None
-    except UnicodeDecodeError:
-        raise SpecError(shown, "", "is not UTF-8 text") from None
-    except OSError as exc:
-        raise SpecError(shown, "", f"cannot be read ({exc.strerror})") from None
+    text = read_text(Path(path), shown, "a price file")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

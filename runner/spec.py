@@ -303,21 +303,25 @@ class LoadedSpec:
         return (self.path.parent / self.job.input.path).resolve()
 
 
-def load_spec(path: str | Path, *, display: str | None = None) -> LoadedSpec:
-    """Read and validate a job spec; raises SpecError naming the file and field."""
-    path = Path(path)
-    shown = display or str(path)
+def read_text(path: Path, shown: str, what: str) -> str:
+    """A UTF-8 text file's contents, or a one-line SpecError saying why not."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(shown, "", "no such file") from None
     except IsADirectoryError:
-        raise SpecError(shown, "", "is a directory, not a job spec") from None
+        raise SpecError(shown, "", f"is a directory, not {what}") from None
     except UnicodeDecodeError:
         raise SpecError(shown, "", "is not UTF-8 text") from None
     except OSError as exc:
         raise SpecError(shown, "", f"cannot be read ({exc.strerror})") from None
-    return parse_spec(text, path=path, display=shown)
+
+
+def load_spec(path: str | Path, *, display: str | None = None) -> LoadedSpec:
+    """Read and validate a job spec; raises SpecError naming the file and field."""
+    path = Path(path)
+    shown = display or str(path)
+    return parse_spec(read_text(path, shown, "a job spec"), path=path, display=shown)
 
 
 def parse_spec(text: str, *, path: Path, display: str) -> LoadedSpec:
