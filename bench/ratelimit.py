@@ -50,11 +50,11 @@ def stats(base_url: str) -> dict[str, object]:
         return data
 
 
-def run(name: str, seconds: float) -> dict[str, float]:
+def run(name: str, seconds: float, run_extra: str = "") -> dict[str, float]:
     switches, unit, limit, want_share, max_429 = SCENARIOS[name]
     rows = 200_000
     with simulator("--latency-ms", "50", "--jitter-ms", "20", *switches) as base_url:
-        spec = make_spec(f"rl-{name}", make_input(rows), base_url, concurrency=128)
+        spec = make_spec(f"rl-{name}", make_input(rows), base_url, concurrency=128, extra=run_extra)
         runs = OUT / "ratelimit-runs"
         argv = [sys.executable, "-m", "runner", "submit", str(spec), "--runs-dir", str(runs)]
         proc = subprocess.Popen(
@@ -95,11 +95,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--only", default=",".join(SCENARIOS))
+    parser.add_argument(
+        "--run-extra", default="", help='extra [run] lines, e.g. "adaptive_concurrency = false"'
+    )
     args = parser.parse_args()
     results = {}
     for name in args.only.split(","):
         print(f"running {name} for {args.seconds:.0f} s ...", file=sys.stderr)
-        results[name] = run(name, args.seconds)
+        results[name] = run(name, args.seconds, args.run_extra)
     print(f"{'scenario':<15} {'of limit':>9} {'429s':>7} {'ok':>7} {'requests':>9}  verdict")
     for name, r in results.items():
         good = r["share"] >= r["want_share"] and r["rate_limited_share"] < r["max_429"]
