@@ -57,8 +57,9 @@ def run(name: str, seconds: float, run_extra: str = "") -> dict[str, float]:
         spec = make_spec(f"rl-{name}", make_input(rows), base_url, concurrency=128, extra=run_extra)
         runs = OUT / "ratelimit-runs"
         argv = [sys.executable, "-m", "runner", "submit", str(spec), "--runs-dir", str(runs)]
+        log = (OUT / f"ratelimit-{name}.log").open("w")
         proc = subprocess.Popen(
-            pinned(0, argv), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            pinned(0, argv), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True
         )
         started = time.monotonic()
         # Start the clock at the first request the simulator sees (not at process start).
@@ -74,6 +75,8 @@ def run(name: str, seconds: float, run_extra: str = "") -> dict[str, float]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
+        finally:
+            log.close()
     ok = float(s["ok"])  # type: ignore[arg-type]
     requests = float(s["requests"])  # type: ignore[arg-type]
     limited = float(s["rate_limited"])  # type: ignore[arg-type]
