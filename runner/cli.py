@@ -313,10 +313,10 @@ def status(run: str, runs_dir: Path, as_json: bool) -> None:
 @_runs_dir_option
 @_format_option
 def runs(runs_dir: Path, fmt: str) -> None:
-    """List runs: id, job, state, rows ok/failed/total, start time."""
+    """List runs: id, job, state, rows ok/failed/total, cost (when known), start time."""
     from runner.state import list_runs
 
-    header = ["run_id", "job", "state", "ok", "failed", "total", "created_at"]
+    header = ["run_id", "job", "state", "ok", "failed", "total", "cost_usd", "created_at"]
     rows = []
     for m in list_runs(runs_dir):
         counts = m.get("counts") or {}
@@ -328,6 +328,7 @@ def runs(runs_dir: Path, fmt: str) -> None:
                 counts.get("ok"),
                 counts.get("failed"),
                 counts.get("total"),
+                m.get("cost_usd"),
                 m.get("created_at"),
             )
         )

@@ -480,6 +480,12 @@ async def _finish(
     if complete and progress.rows_total is None:
         # An unchecked input's size is known once every row went through.
         progress.rows_total = progress.rows_done_before + progress.done + progress.skipped
+    # Cost so far at the prices in force (None once any part of it is unknown).
+    before: float | None = (
+        manifest.get("cost_usd", 0.0) if len(manifest.get("sessions", [])) > 1 else 0.0
+    )
+    now = progress.cost_usd
+    manifest["cost_usd"] = None if before is None or now is None else round(before + now, 6)
     manifest["counts"] = {
         "total": progress.rows_total,
         "ok": settled.ok + progress.ok,

@@ -224,11 +224,15 @@ def test_runs_lists_the_run_with_its_counts(finished: Finished, fmt: str) -> Non
     done = finished.cli("runs", "--format", fmt)
     assert done.returncode == 0, done.stderr
     if fmt == "csv":
-        assert done.stdout.splitlines()[0] == "run_id,job,state,ok,failed,total,created_at"
+        assert done.stdout.splitlines()[0] == "run_id,job,state,ok,failed,total,cost_usd,created_at"
     listed = PARSERS[fmt](done.stdout)
     assert isinstance(listed, list) and all(isinstance(r, dict) for r in listed)
     (row,) = [r for r in listed if r["run_id"] == finished.run.run_id]
     manifest = finished.run.read_manifest()
+    assert manifest["cost_usd"] > 0  # gpt-4o-mini is priced
+    assert float(str(row.pop("cost_usd")).replace(",", "")) == pytest.approx(
+        manifest["cost_usd"], rel=1e-5
+    )
     assert {k: plain(v) for k, v in row.items()} == {
         "run_id": finished.run.run_id,
         "job": "cli",

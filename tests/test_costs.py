@@ -133,6 +133,8 @@ async def test_budget_is_never_exceeded_and_resume_with_more_finishes(
     )
     assert resumed.state == "completed"
     assert sim.stats.ok == 400 and sim.stats.resent_after_ok == 0
+    # The manifest's running cost adds up both sessions (what `runner runs` shows).
+    assert outcome.run.read_manifest()["cost_usd"] == pytest.approx(spent(), rel=1e-6)
 
 
 def test_budget_refuses_an_unpriced_model_before_sending(tmp_path: Path) -> None:
