@@ -68,3 +68,24 @@ def make_spec(
         f"[run]\nconcurrency = {concurrency}\n{extra}\n"
     )
     return spec
+
+
+def child_script(command: str) -> str:
+    """Python source that runs `runner COMMAND ARG --runs-dir DIR` in-process and prints its
+    exit code, wall seconds and peak RSS as JSON.
+
+    Peak RSS is VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
+    """
+    return f"""
+import json, sys, time
+from runner.cli import main
+start = time.perf_counter()
+code = 0
+try:
+    main(["{command}", sys.argv[1], "--runs-dir", sys.argv[2]])
+except SystemExit as exc:
+    code = exc.code
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({{"exit": code, "seconds": time.perf_counter() - start,
+                  "peak_rss_mb": int(hwm.split()[1]) / 1024}}))
+"""

@@ -15,22 +15,9 @@ import subprocess
 import sys
 import time
 
-from common import OUT, make_input, make_spec, pinned, simulator
+from common import OUT, child_script, make_input, make_spec, pinned, simulator
 
-CHILD = """
-import json, sys, time
-from runner.cli import main
-start = time.perf_counter()
-code = 0
-try:
-    main(["submit", sys.argv[1], "--runs-dir", sys.argv[2]])
-except SystemExit as exc:
-    code = exc.code
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent.
-hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"exit": code, "seconds": time.perf_counter() - start,
-                  "peak_rss_mb": int(hwm.split()[1]) / 1024}))
-"""
+CHILD = child_script("submit")
 
 
 def run_one(rows: int, base_url: str, concurrency: int) -> dict[str, float]:

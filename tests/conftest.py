@@ -43,6 +43,22 @@ def simulator() -> Iterator[SimulatorThread]:
         yield sim
 
 
+@pytest.fixture
+def sim_factory() -> Iterator[Any]:
+    """Start simulators with given switches; all are stopped at the end of the test."""
+    started: list[SimulatorThread] = []
+
+    def start(**switches: Any) -> SimulatorThread:
+        sim = SimulatorThread(SimulatorConfig(**switches))
+        sim.__enter__()
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.__exit__(None, None, None)
+
+
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
     """Write rows as Parquet, JSONL or CSV by the file's suffix."""
     if path.suffix == ".parquet":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ import pytest
 from runner import job
 from runner.records import Progress
 from runner.report import RunDB
-from runner.simulator import SimulatorConfig, SimulatorThread
 from runner.state import RunDir
 
 from .conftest import ROOT, run_cli, spec_text, write_rows, write_spec
@@ -25,21 +23,6 @@ def rows(count: int, marker: dict[int, str] | None = None) -> list[dict[str, Any
         {"id": f"r{i}", "text": f"Question number {i}: what is {i} squared? {marker.get(i, '')}"}
         for i in range(count)
     ]
-
-
-@pytest.fixture
-def sim_factory() -> Iterator[Any]:
-    started: list[SimulatorThread] = []
-
-    def start(**switches: Any) -> SimulatorThread:
-        sim = SimulatorThread(SimulatorConfig(**switches))
-        sim.__enter__()
-        started.append(sim)
-        return sim
-
-    yield start
-    for sim in started:
-        sim.__exit__(None, None, None)
 
 
 async def run_job(

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +32,9 @@ from hypothesis import strategies as st
 from runner import job
 from runner.cli import main as cli_main
 from runner.report import RunDB, report
-from runner.simulator import SimulatorConfig, SimulatorThread
 from runner.state import RunDir, list_runs
 
 from .conftest import run_cli, spec_text, write_rows, write_spec
-
-
-@pytest.fixture
-def sim_factory() -> Iterator[Any]:
-    """Start simulators with given switches; all are stopped at the end of the test."""
-    started: list[SimulatorThread] = []
-
-    def start(**switches: Any) -> SimulatorThread:
-        sim = SimulatorThread(SimulatorConfig(**switches))
-        sim.__enter__()
-        started.append(sim)
-        return sim
-
-    yield start
-    for sim in started:
-        sim.__exit__(None, None, None)
 
 
 def rows(count: int, marker: dict[int, str] | None = None) -> list[dict[str, Any]]:
@@ -573,9 +555,14 @@ def test_invalid_utf8_in_a_csv_is_reported_as_path_and_line(tmp_path: Path) -> N
     assert err.startswith("error: ") and err.rstrip().endswith("data.csv:3: invalid UTF-8"), err
 
 
+def _nest_json(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    # A named function: hypothesis inspects `extend`'s source, which is unreliable for lambdas.
+    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner)
+
+
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    _nest_json,
     max_leaves=8,
 )
 _lines = st.one_of(

@@ -478,13 +478,19 @@ def test_large_parquet_streams_by_batch(tmp_path: Path, monkeypatch: pytest.Monk
 
 # -- hashing and estimates -------------------------------------------------------------------
 
+
+def _nest_json(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    # A named function: hypothesis inspects `extend`'s source, which is unreliable for lambdas.
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner)
+
+
 _json = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**63 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    _nest_json,
     max_leaves=10,
 )
 _bodies = st.dictionaries(st.text(max_size=8), _json, max_size=6)

@@ -624,11 +624,14 @@ _scalars = (
     | st.text(max_size=20)
     | st.sampled_from(["simulator", "http://example.com", "gpt-4o", "data.jsonl", "auto"])
 )
-_values = st.recursive(
-    _scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_keys, inner, max_size=5),
-    max_leaves=20,
-)
+
+
+def _nest_values(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    # A named function: hypothesis inspects `extend`'s source, which is unreliable for lambdas.
+    return st.lists(inner, max_size=4) | st.dictionaries(_keys, inner, max_size=5)
+
+
+_values = st.recursive(_scalars, _nest_values, max_leaves=20)
 
 
 def _toml_string(text: str) -> str:
