@@ -310,14 +310,15 @@ def test_observe_clamps_to_server_remaining(remaining: int, since: int, level: i
     assert bucket.level(0.0) == level
 
 
-def test_observe_slows_refill_until_server_reset() -> None:
-    """A server that refills slower than the bucket slows it until its reset, then not."""
+def test_observe_clamps_the_level_but_keeps_the_bucket_rate() -> None:
+    """After the server says nothing is left, the bucket refills at its own rate (a sliding
+    window frees slots as old requests age out; slowing below the limit wasted a fifth of it)."""
     bucket = TokenBucket(60, now=0.0)  # 1 per second
-    bucket.observe(0, 20, 40.0, 0.0)  # the server: 20 more over 40 s, 0.5 per second
-    assert bucket.wait_time(1, 0.0) == pytest.approx(2.0)
-    assert bucket.wait_time(25, 38.0) == pytest.approx(2.0 + 5.0)  # 19 now, +1 slow, +5 fast
-    assert bucket.level(40.0) == pytest.approx(20)
-    assert bucket.level(41.0) == pytest.approx(21)
+    bucket.observe(0, 20, 40.0, 0.0)
+    assert bucket.level(0.0) == 0
+    assert bucket.wait_time(1, 0.0) == pytest.approx(1.0)
+    assert bucket.level(40.0) == pytest.approx(40)
+    assert bucket.level(100.0) == pytest.approx(60)  # never above capacity
 
 
 def test_observe_of_continuous_server_keeps_rate() -> None:
