@@ -451,14 +451,20 @@ def check_input(source: InputFile, builder: RequestBuilder) -> CheckResult:
         if ids_can_repeat:
             hashes.append(hash(builder.row_id(row)))
     # Equal hashes (a duplicate, or rarely a collision) trigger an exact second pass.
-    if hashes and len(pc.unique(pa.array(hashes, pa.int64()))) < len(hashes):
+    if _repeated_values(pa.array(hashes, pa.int64())):
         _find_duplicate(source, builder)
-    repeated: set[int] = set()
-    if requests:
-        counts = pc.value_counts(pa.array(requests, pa.uint64()))
-        twice = counts.filter(pc.greater(counts.field("counts"), 1))
-        repeated = set(twice.field("values").to_pylist())
+    repeated = _repeated_values(pa.array(requests, pa.uint64()))
     return CheckResult(rows, items, skipped, tokens, by_model, repeated)
+
+
+def _repeated_values(values: pa.Array) -> set[int]:
+    """The values that occur more than once, found by sorting: a sort and a comparison of
+    neighbours need a few bytes a value, where a hash table (value_counts) needed ~50."""
+    if len(values) < 2:
+        return set()
+    ordered = pc.take(values, pc.array_sort_indices(values))
+    same = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))
+    return set(ordered.slice(1).filter(same).to_pylist())
 
 
 def _find_duplicate(source: InputFile, builder: RequestBuilder) -> None:
