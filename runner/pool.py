@@ -11,7 +11,6 @@ only: the HTTP client, the sink and the source are passed in.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -424,20 +423,34 @@ def _answer_fields(answer: Completion) -> dict[str, Any]:
     }
 
 
-def _reuse_record(item: WorkItem) -> ResultRecord:
-    """An ok row answered by an identical request's answer: nothing sent, nothing spent."""
+def _unsent_record(
+    row_id: str, row_index: int, model: str, request_hash: str, status: str, **fields: Any
+) -> ResultRecord:
+    """A row settled without a request of its own: no attempt, no latency."""
     now = time.time()
     return ResultRecord(
-        row_id=item.row_id,
-        row_index=item.row_index,
-        model=item.model,
-        request_hash=item.request_hash,
-        status="ok",
+        row_id=row_id,
+        row_index=row_index,
+        model=model,
+        request_hash=request_hash,
+        status=status,
         final=True,
         attempts=0,
         started_at=now,
         finished_at=now,
         latency_ms=0.0,
+        **fields,
+    )
+
+
+def _reuse_record(item: WorkItem) -> ResultRecord:
+    """An ok row answered by an identical request's answer: nothing sent, nothing spent."""
+    return _unsent_record(
+        item.row_id,
+        item.row_index,
+        item.model,
+        item.request_hash,
+        "ok",
         prompt_tokens=0,
         completion_tokens=0,
         total_tokens=0,
@@ -448,30 +461,13 @@ def _reuse_record(item: WorkItem) -> ResultRecord:
 
 
 def _skip_record(skip: Skip) -> ResultRecord:
-    now = time.time()
-    return ResultRecord(
-        row_id=skip.row_id,
-        row_index=skip.row_index,
-        model=skip.model,
-        request_hash="",
-        status="failed" if skip.failed else "skipped",
-        final=True,
-        attempts=0,
-        started_at=now,
-        finished_at=now,
-        latency_ms=0.0,
+    """A row not sent: an empty prompt (skipped) or one over the size limit (failed)."""
+    return _unsent_record(
+        skip.row_id,
+        skip.row_index,
+        skip.model,
+        "",
+        "failed" if skip.failed else "skipped",
         error_type=skip.error_type,
         error_message=skip.message,
     )
-
-
-def eta_seconds(progress: Progress) -> float | None:
-    """Seconds left at the current rate, or None before there is a rate."""
-    if progress.rows_total is None:
-        return None
-    elapsed = time.monotonic() - progress.started
-    done = progress.done + progress.skipped
-    if done <= 0 or elapsed <= 0:
-        return None
-    left = progress.rows_total - done
-    return math.inf if left < 0 else left / (done / elapsed)

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from runner.errors import SpecError
 from runner.records import ResultRecord, WorkItem
-from runner.spec import read_text
+from runner.spec import read_text, short_repr
 
 if TYPE_CHECKING:
     from genai_prices.types import ModelInfo
@@ -129,7 +129,7 @@ def parse_price_table(
 ) -> dict[str, PriceOverride]:
     """Validate a table of model -> rates; raises SpecError naming `prices.<model>.<field>`."""
     if not isinstance(data, dict):
-        raise SpecError(path, where, f"must be a table of models (got {_short(data)})")
+        raise SpecError(path, where, f"must be a table of models (got {short_repr(data)})")
     table: dict[str, PriceOverride] = {}
     for model, entry in data.items():
         field = _join(where, str(model))
@@ -140,7 +140,7 @@ def parse_price_table(
                 path,
                 field,
                 "must be a table of input, output and optional cached_input "
-                f"(USD per million tokens; got {_short(entry)})",
+                f"(USD per million tokens; got {short_repr(entry)})",
             )
         try:
             table[str(model)] = PriceOverride.model_validate(entry)
@@ -186,17 +186,12 @@ def _first_error(exc: ValidationError, path: str, where: str) -> SpecError:
     elif kind == "missing":
         message = "is required"
     elif kind == "finite_number":
-        message = f"must be a finite number (got {_short(err.get('input'))})"
+        message = f"must be a finite number (got {short_repr(err.get('input'))})"
     elif kind == "value_error" and "error" in ctx:
         message = str(ctx["error"])
     else:
-        message = f"must be a number (got {_short(err.get('input'))})"
+        message = f"must be a number (got {short_repr(err.get('input'))})"
     return SpecError(path, field, message)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _split(model_id: str) -> tuple[str | None, str, bool]:

@@ -388,11 +388,12 @@ def _first_error(exc: ValidationError, display: str) -> SpecError:
     elif kind == "literal_error":
         message = f"must be one of {ctx.get('expected', '')} (got {err['input']!r})"
     else:
-        message = f"{err['msg'][0].lower()}{err['msg'][1:]} (got {_short(err.get('input'))})"
+        message = f"{err['msg'][0].lower()}{err['msg'][1:]} (got {short_repr(err.get('input'))})"
     return SpecError(display, field, message)
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """A value as it may appear in a one-line error: its repr, cut at 60 characters."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
