@@ -193,9 +193,6 @@ class RunSink:
         if self._rows >= self.part_rows:
             self._seal()
 
-    async def write(self, records: Sequence[ResultRecord]) -> None:
-        self.append(records)
-
     def commit(self) -> None:
         self._journal.commit()
 
