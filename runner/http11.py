@@ -198,7 +198,9 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
-            return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
+            self._headers_done = self._until_close = False
+            return
         self._complete = True
         # Read now: once this callback returns, the parser is reset for the next answer.
         self._keep_alive = self.parser.should_keep_alive()
