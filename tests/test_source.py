@@ -546,3 +546,35 @@ def test_request_fields_change_the_hash(tmp_path: Path) -> None:
 def test_estimate_tokens(messages: list[dict[str, Any]], expected: int) -> None:
     """Estimates are UTF-8 bytes / 4 plus 4 per message, text parts included, at least 1."""
     assert estimate_tokens(messages) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(["q", "Q"]),
+    st.lists(st.integers(0, 40), max_size=300),
+    st.integers(1, 64),
+    st.booleans(),
+)
+def test_repeated_values_are_exactly_those_occurring_twice(
+    typecode: str, picks: list[int], slice_size: int, extremes: bool
+) -> None:
+    """Sorting slice by slice of the value range finds exactly the repeated values, whatever
+    the slice size and including the type's extreme values."""
+    import collections
+    from array import array
+
+    from runner import source
+
+    bits = 63 if typecode == "q" else 64
+    lowest = -(2**63) if typecode == "q" else 0
+    palette = [lowest + (i * 0x9E3779B97F4A7C15) % 2**bits for i in range(41)]
+    if extremes:
+        palette[0], palette[1] = lowest, lowest + 2**bits - 1 if typecode == "Q" else 2**63 - 1
+    values = [palette[p] for p in picks]
+    old = source.SORT_SLICE
+    source.SORT_SLICE = slice_size
+    try:
+        found = source._repeated_values(array(typecode, values))
+    finally:
+        source.SORT_SLICE = old
+    assert found == {v for v, n in collections.Counter(values).items() if n > 1}
