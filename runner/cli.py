@@ -111,7 +111,7 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
         ]
         _emit(names, rows, "table")
         return
-    prepared = job.prepare(spec, check_whole_file=False if no_check else None)
+    prepared = job.prepare(spec, check_whole_file=False if no_check else None, check_alongside=True)
     _run_session(lambda hooks: job.submit(prepared, runs_dir, **hooks), prepared.spec.job.name)
 
 

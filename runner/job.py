@@ -24,6 +24,7 @@ from runner.errors import (
     EXIT_FAILED_ROWS,
     EXIT_OK,
     EXIT_STOPPED,
+    InputError,
     Interrupted,
     RunStopped,
     SpecError,
@@ -88,19 +89,28 @@ class Prepared:
     source: InputFile
     builder: RequestBuilder
     check: CheckResult | None
+    # The whole-file check runs alongside the first requests instead of before them.
+    check_alongside: bool = False
 
 
 def prepare(
-    spec_path: str | Path, *, check_whole_file: bool | None = None, need_key: bool = True
+    spec_path: str | Path,
+    *,
+    check_whole_file: bool | None = None,
+    need_key: bool = True,
+    check_alongside: bool = False,
 ) -> Prepared:
-    """Validate everything that can be validated before a request is sent."""
+    """Validate the spec, the environment and the input's columns; check the whole input
+    now, or (`check_alongside`) while the first requests go out."""
     spec = load_spec(spec_path)
     if need_key:
         check_environment(spec)
-    return _prepare_loaded(spec, check_whole_file)
+    return _prepare_loaded(spec, check_whole_file, check_alongside)
 
 
-def _prepare_loaded(spec: LoadedSpec, check_whole_file: bool | None) -> Prepared:
+def _prepare_loaded(
+    spec: LoadedSpec, check_whole_file: bool | None, check_alongside: bool = False
+) -> Prepared:
     job = spec.job
     prices = PriceSource(parse_price_table(job.prices, path=str(spec.path)))
     if job.run.budget_usd is not None and job.request is not None:
@@ -109,6 +119,8 @@ def _prepare_loaded(spec: LoadedSpec, check_whole_file: bool | None) -> Prepared
     builder = RequestBuilder(job, source)
     source.check_columns()
     whole = job.input.check_whole_file if check_whole_file is None else check_whole_file
+    if whole and check_alongside:
+        return Prepared(spec, source, builder, None, check_alongside=True)
     check = check_input(source, builder) if whole else None
     return Prepared(spec, source, builder, check)
 
@@ -219,6 +231,8 @@ async def submit(
             "counts": {},
             "sessions": [],
         }
+        if prepared.check_alongside:
+            manifest["input_check"] = "pending"  # a resume checks the input if never finished
         run.write_manifest(manifest)
         if on_start:
             on_start(run)
@@ -276,8 +290,12 @@ async def resume(
                 f"{run.run_id} started; rerun with --allow-changed-input to send only rows "
                 "whose request changed"
             )
-        # An unchanged input was checked whole when the run was submitted.
-        prepared = _prepare_loaded(spec, None if changed else False)
+        # An unchanged input was checked whole when the run was submitted (unless that
+        # session ended before its check did).
+        unchecked = manifest.get("input_check") == "pending"
+        prepared = _prepare_loaded(spec, None if changed or unchecked else False)
+        if prepared.check is not None:
+            manifest.pop("input_check", None)
         if changed:
             manifest["input"] = input_fingerprint(
                 prepared.source.path, prepared.check.rows if prepared.check else None
@@ -289,7 +307,7 @@ async def resume(
             manifest["sessions"][-1]["outcome"] = "crashed"
         run.clear_sending()
         repeated = prepared.check.repeated if prepared.check else run.read_repeated()
-        if changed and prepared.check is not None:
+        if (changed or unchecked) and prepared.check is not None:
             run.write_repeated(prepared.check.repeated)
         settled = run.settled(retry_failed=retry_failed, by_request=changed, reusable=repeated)
         if on_start:
@@ -377,6 +395,7 @@ async def _execute(
     started = time.monotonic()
     stop_reason: str | None = None
     pool: Pool | None = None
+    checker: _Checker | None = None
     try:
         with simulator as base_url:
             client = ChatClient(
@@ -421,13 +440,18 @@ async def _execute(
                     prepared.check.repeated if prepared.check is not None else settled.reusable
                 ),
             )
+            checker = _Checker(prepared, pool, progress, run, manifest)
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_tick, sink, progress, on_progress, limiters, run, pool)
                     tg.start_soon(sink.compactor)
                     if handle_signals:
                         tg.start_soon(_watch_signals, pool, job.run.grace_s)
+                    if prepared.check_alongside:
+                        tg.start_soon(checker.run)
                     await pool.run(_items(prepared, settled))
+                    if prepared.check_alongside and not pool.stopping:
+                        await checker.done.wait()  # the run is complete once its input passed
                     tg.cancel_scope.cancel()
                 stop_reason = pool.stop_reason
             except BaseExceptionGroup as group:
@@ -444,10 +468,59 @@ async def _execute(
             )
         if on_progress:
             on_progress(progress)
+    if checker is not None and checker.error is not None:
+        raise checker.error  # exit 2, naming the file and line; what was answered is kept
     state = manifest["state"]
     if pool is not None and pool.stopping and state != "completed":
         stop_reason = stop_reason or "interrupted"
     return Outcome(run, state, progress, time.monotonic() - started, settled.count, stop_reason)
+
+
+class _Checker:
+    """The whole-file input check, in a worker thread while the first requests go out.
+
+    Checking 1,000,000 rows takes ~5 s; the first request waits for none of it. What the
+    check finds takes effect when it ends: a bad row or a repeated id stops the run (exit 2,
+    the answers so far kept); otherwise the run learns its size and which requests repeat,
+    and the pool stops tracking the others for reuse.
+    """
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        pool: Pool,
+        progress: Progress,
+        run: RunDir,
+        manifest: dict[str, Any],
+    ) -> None:
+        self.prepared = prepared
+        self.pool = pool
+        self.progress = progress
+        self.run_dir = run
+        self.manifest = manifest
+        self.error: InputError | None = None
+        self.done = anyio.Event()
+
+    async def run(self) -> None:
+        prepared = self.prepared
+        # A builder of its own: the pool's builds requests in the event loop meanwhile.
+        builder = RequestBuilder(prepared.spec.job, prepared.source)
+        try:
+            check = await anyio.to_thread.run_sync(
+                check_input, prepared.source, builder, abandon_on_cancel=True
+            )
+        except InputError as exc:
+            self.error = exc
+            self.pool.stop()
+        else:
+            self.progress.rows_total = check.items + check.skipped
+            self.manifest.setdefault("counts", {})["total"] = self.progress.rows_total
+            self.manifest["input"]["rows"] = check.rows
+            self.run_dir.write_repeated(check.repeated)
+            self.manifest.pop("input_check", None)
+            self.pool.narrow_reuse(check.repeated)
+        finally:
+            self.done.set()
 
 
 async def _finish(

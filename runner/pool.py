@@ -112,6 +112,12 @@ class Pool:
         self._repeated = repeated
         self._in_flight: dict[str, anyio.Event] = {}
 
+    def narrow_reuse(self, repeated: set[int]) -> None:
+        """From now on track for reuse only the requests the input repeats (its check has
+        found them); until then every request was tracked."""
+        self._repeated = repeated
+        self._answered = {key for key in self._answered if key in repeated}
+
     def stop(self) -> None:
         """Stop feeding new rows; requests in flight finish (see abort for the hard stop)."""
         self.stopping = True
