@@ -506,12 +506,25 @@ def _table(names: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _fewer_malloc_arenas() -> None:
+    """At most two glibc malloc arenas (as MALLOC_ARENA_MAX=2 would): the input check and
+    the part writer run in threads, and each thread's own arena kept its peak, which made
+    peak RSS grow with the input (bench/run.py W4)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX; absent outside glibc
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: one clean line per error, tracebacks only with RUNNER_DEBUG=1."""
     debug = os.environ.get("RUNNER_DEBUG") == "1"
     # pyarrow's default allocator keeps freed memory mapped; after the whole-file input check
     # that is ~100 MB of peak RSS a long run never gives back. The system allocator returns it.
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    _fewer_malloc_arenas()
     try:
         cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except click.exceptions.Exit as exc:

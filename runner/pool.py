@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 
 from runner.errors import (
     AttemptError,
@@ -135,8 +136,12 @@ class Pool:
                 outer.start_soon(self._writer)
                 with self._work_scope:
                     async with anyio.create_task_group() as tg:
-                        for _ in range(self.concurrency):
+                        for started in range(1, self.concurrency + 1):
                             tg.start_soon(self._worker)
+                            if started % 16 == 0:
+                                # Let the first connections open and send before the rest
+                                # start: 2,048 workers took ~0.5 s to start all at once.
+                                await anyio.lowlevel.checkpoint()
                 outer.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise primary(group) from None
