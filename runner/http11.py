@@ -295,6 +295,9 @@ class Pool:
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._addresses: tuple[float, list[str]] | None = None
+        self._literal: list[str] | None = None  # the dial host, when it is an IP address
+        with contextlib.suppress(ValueError):
+            self._literal = [str(ipaddress.ip_address(point.dial_host))]
         self._resolving: asyncio.Future[list[str]] | None = None
         _allow_open_files(limit + 64)
 
@@ -379,9 +382,9 @@ class Pool:
 
     async def _resolve(self) -> list[str]:
         """The dial host's addresses, looked up once per DNS_TTL_S and shared by every dial."""
+        if self._literal is not None:
+            return self._literal
         host = self.endpoint.dial_host
-        with contextlib.suppress(ValueError):
-            return [str(ipaddress.ip_address(host))]
         now = time.monotonic()
         if self._addresses is not None and now - self._addresses[0] < DNS_TTL_S:
             return self._addresses[1]
@@ -407,7 +410,7 @@ class Pool:
         return addresses
 
     async def aclose(self) -> None:
-        for connection in (*self._open, *self._idle):
+        for connection in self._open:  # the idle ones included
             connection.close()
         self._open.clear()
         self._idle.clear()

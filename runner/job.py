@@ -440,17 +440,18 @@ async def _execute(
                     prepared.check.repeated if prepared.check is not None else settled.reusable
                 ),
             )
-            checker = _Checker(prepared, pool, progress, run, manifest)
+            if prepared.check_alongside:
+                checker = _Checker(prepared, pool, progress, run, manifest)
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_tick, sink, progress, on_progress, limiters, run, pool)
                     tg.start_soon(sink.compactor)
                     if handle_signals:
                         tg.start_soon(_watch_signals, pool, job.run.grace_s)
-                    if prepared.check_alongside:
+                    if checker is not None:
                         tg.start_soon(checker.run)
                     await pool.run(_items(prepared, settled))
-                    if prepared.check_alongside and not pool.stopping:
+                    if checker is not None and not pool.stopping:
                         await checker.done.wait()  # the run is complete once its input passed
                     tg.cancel_scope.cancel()
                 stop_reason = pool.stop_reason

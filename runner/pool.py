@@ -103,7 +103,6 @@ class Pool:
         # event loop; run() flushes what is left when it ends, cancelled or not.
         self._done: list[ResultRecord] = []
         self._wake = anyio.Event()
-        self._wake_set = False
         # Content-addressed reuse: hash_key() of requests with an ok answer in this run, and
         # the requests in flight now. An identical request waits for its twin, then reuses it.
         # (Taken over, not copied: it can hold millions of keys on a big resume.)
@@ -170,15 +169,12 @@ class Pool:
         """Hand a record to the writer: appended now, journaled when the writer next runs
         (within the same turn of the event loop, with every other record of that turn)."""
         self._done.append(record)
-        if not self._wake_set:
-            self._wake_set = True
-            self._wake.set()
+        self._wake.set()
 
     async def _writer(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
-            self._wake_set = False
             self._flush()
 
     def _flush(self) -> None:
