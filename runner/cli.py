@@ -506,16 +506,25 @@ def _table(names: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def _fewer_malloc_arenas() -> None:
-    """At most two glibc malloc arenas (as MALLOC_ARENA_MAX=2 would): the input check and
-    the part writer run in threads, and each thread's own arena kept its peak, which made
-    peak RSS grow with the input (bench/run.py W4)."""
+def _tune_malloc() -> None:
+    """glibc malloc settings that keep peak RSS flat as the input grows (bench/run.py W4).
+
+    - At most two arenas (as MALLOC_ARENA_MAX=2 would): the input check and the part writer
+      run in threads, and each thread's own arena kept its peak.
+    - A fixed mmap threshold of 1 MiB (as MALLOC_MMAP_THRESHOLD_ would set): by default glibc
+      raises the threshold to the size of each large block freed, so after the input check's
+      arrays are freed the next large blocks came from the heap, where freed memory stays
+      mapped. At 1,000,000 rows that kept ~25 MB the rest of the run; blocks of 1 MiB or more
+      are now mapped on their own and given back when freed.
+    """
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX; absent outside glibc
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX; absent outside glibc
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -524,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # pyarrow's default allocator keeps freed memory mapped; after the whole-file input check
     # that is ~100 MB of peak RSS a long run never gives back. The system allocator returns it.
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-    _fewer_malloc_arenas()
+    _tune_malloc()
     try:
         cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except click.exceptions.Exit as exc:
