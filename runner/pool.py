@@ -103,6 +103,7 @@ class Pool:
         # event loop; run() flushes what is left when it ends, cancelled or not.
         self._done: list[ResultRecord] = []
         self._wake = anyio.Event()
+        self.started = anyio.Event()  # set once every worker has started
         # Content-addressed reuse: hash_key() of requests with an ok answer in this run, and
         # the requests in flight now. An identical request waits for its twin, then reuses it.
         # (Taken over, not copied: it can hold millions of keys on a big resume.)
@@ -141,6 +142,7 @@ class Pool:
                                 # Let the first connections open and send before the rest
                                 # start: 2,048 workers took ~0.5 s to start all at once.
                                 await anyio.lowlevel.checkpoint()
+                        self.started.set()
                 outer.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise primary(group) from None

@@ -138,7 +138,11 @@ class InputFile:
         names = set(pf.schema_arrow.names)
         wanted = [c for c in self.needed if c in names]
         index = 0
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted or None):
+        # Decoded in the calling thread: Arrow's own pool started its threads on the first
+        # batch, which held up the first request by ~30 ms, and rows become Python objects
+        # one at a time here anyway.
+        batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted or None, use_threads=False)
+        for batch in batches:
             yield from self._batch_rows(batch, wanted, index)
             index += batch.num_rows
 
