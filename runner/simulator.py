@@ -1,15 +1,14 @@
 """An OpenAI-compatible chat-completion server on loopback for demos, end-to-end tests, benchmarks.
 
-Owns: a minimal HTTP/1.1 server on asyncio's Protocol API (keep-alive, pipelining, in-order
-answers), deterministic answers and usage, per-row directives and random fault switches, real
-sliding-window RPM/TPM limits with OpenAI- and routeway-style headers, and the counters tests
-measure clients with (above all `resent_after_ok`: requests that were paid for twice).
+Owns: routing and auth, per-row directives and random fault switches, real sliding-window
+RPM/TPM limits with OpenAI- and routeway-style headers, and the counters tests measure clients
+with (above all `resent_after_ok`: requests that were paid for twice). The HTTP/1.1 side is
+runner/sim_http.py; the answers and the rate windows are runner/sim_answers.py.
 
-Must not import anyio, an HTTP library or any other runner module: only the standard library
-and orjson, so it serves any client under test and starts fast in a bare subprocess.
+Must not import anyio, an HTTP library or any runner module but those two: only the standard
+library and orjson, so it serves any client under test and starts fast in a bare subprocess.
 
-Speed matters (the benchmark measures the client, not this): no task per request, one parse
-per read buffer, one write per read buffer, latency through `loop.call_later`.
+Speed matters (the benchmark measures the client, not this).
 
 Per-row directives, read from the last user message: `[[sim:NNN]]` (any status 400-599),
 `[[sim:context_length_exceeded]]`, `[[sim:refusal]]`, `[[sim:content_filter]]`,
@@ -26,39 +25,33 @@ import hashlib
 import hmac
 import math
 import random
-import re
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any, TypeVar
 
 import orjson
 
+from runner.sim_answers import (
+    CREATED,
+    DIRECTIVE_RE,
+    Entry,
+    Window,
+    answer_for,
+    completion_cap,
+    invalid_reason,
+    text_of,
+)
+from runner.sim_http import DRIP, DROP, FULL, HTML, PARTIAL, Connection, Reply, Success, error_reply
+
 __all__ = ["MODELS", "Simulator", "SimulatorConfig", "SimulatorStats", "SimulatorThread", "serve"]
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "deepseek-r1", "sim-echo")
-CREATED = 1_700_000_000
-WINDOW_S = 60.0
-DRIP_INTERVAL_S = 0.2
-_MAX_HEAD = 64 * 1024
-_MAX_BODY = 64 * 1024 * 1024
 _DEFAULT_BUDGET = 256  # completion tokens assumed at TPM admission when the request sets no cap
 _CHAT_PATHS = (b"/v1/chat/completions", b"/chat/completions")
-_JSON = b"application/json"
-_HTML = b"text/html; charset=utf-8"
-_DIRECTIVE_RE = re.compile(r"\[\[sim:([a-z_]+|\d{3})(?:=(\d+))?\]\]")
-_REFUSAL = "I'm sorry, but I can't help with that request."
-_FILLER = (
-    "batch", "token", "latency", "answer", "model", "prompt", "budget", "quota", "retry",
-    "journal", "parquet", "window", "limit", "router", "worker", "stream", "result", "cost",
-    "usage", "cache", "signal", "resume", "report", "column", "schema", "hash", "deadline",
-    "backoff", "socket", "buffer", "queue", "commit",
-)  # fmt: skip
 _HTML_502 = (
     b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1>"
     b"</center><hr><center>cloudflare</center></body></html>"
@@ -171,358 +164,6 @@ def _check_changes(changes: Mapping[str, object]) -> dict[str, object]:
     return clean
 
 
-_FULL, _DROP, _PARTIAL, _DRIP = range(4)
-# digest, prompt, completion, cached, reasoning, cost
-_Success = tuple[bytes, int, int, int, int, float]
-
-
-@dataclass(slots=True)
-class _Reply:
-    status: int
-    body: bytes
-    headers: list[bytes] = field(default_factory=list)
-    ctype: bytes = _JSON
-    mode: int = _FULL
-    success: _Success | None = None  # what a complete write adds to the stats
-    close: bool = False
-    ready: bool = False
-    handle: asyncio.TimerHandle | None = None
-
-
-def _status_line(status: int) -> bytes:
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Unknown"
-    return f"HTTP/1.1 {status} {phrase}\r\n".encode()
-
-
-_STATUS_LINES = {s: _status_line(s) for s in range(100, 600)}
-
-
-def _render_head(reply: _Reply, length: int) -> bytes:
-    return b"".join(
-        (
-            _STATUS_LINES[reply.status],
-            b"content-type: %s\r\ncontent-length: %d\r\n" % (reply.ctype, length),
-            *reply.headers,
-            b"connection: close\r\n\r\n" if reply.close else b"\r\n",
-        )
-    )
-
-
-def _error(
-    status: int, message: str, kind: str, code: str | None, headers: list[bytes] | None = None
-) -> _Reply:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return _Reply(status, orjson.dumps(body), headers if headers is not None else [])
-
-
-def _go_duration(seconds: float) -> str:
-    """Format like Go's time.Duration.String(), as OpenAI's x-ratelimit-reset-* headers do."""
-    ms = max(0, round(seconds * 1000))
-    if ms == 0:
-        return "0s"
-    if ms < 1000:
-        return f"{ms}ms"
-    minutes, rest = divmod(ms, 60_000)
-    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
-
-
-class _BadRequest(Exception):
-    pass
-
-
-def _parse_head(head: bytes) -> tuple[bytes, bytes, int, bool, bytes | None]:
-    """Return method, target, content length, keep-alive and the Authorization value."""
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise _BadRequest("malformed request line")
-    keep = parts[2] == b"HTTP/1.1"  # HTTP/1.0 keep-alive is not worth the extra header
-    length, auth = 0, None
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise _BadRequest("malformed header line")
-        name = name.strip().lower()
-        if name == b"content-length":
-            try:
-                length = int(value)
-            except ValueError:
-                raise _BadRequest("invalid content-length") from None
-            if not 0 <= length <= _MAX_BODY:
-                raise _BadRequest("content-length out of range")
-        elif name == b"transfer-encoding":
-            raise _BadRequest("transfer-encoding is not supported: send content-length")
-        elif name == b"connection" and value.strip().lower() == b"close":
-            keep = False
-        elif name == b"authorization":
-            auth = value.strip()
-    return parts[0], parts[1], length, keep, auth
-
-
-class _Connection(asyncio.Protocol):
-    """One client connection: parses pipelined requests and writes their answers in order."""
-
-    def __init__(self, sim: Simulator) -> None:
-        self._sim = sim
-        self._transport: asyncio.Transport | None = None
-        self._buf = bytearray()
-        self._need = 0
-        self._pending: deque[_Reply] = deque()
-        self._out: list[bytes] = []
-        self._drip: _Reply | None = None
-        self._drip_pos = 0
-        self._drip_handle: asyncio.TimerHandle | None = None
-        self._stopped = False  # no more requests are parsed: closing, or the stream is unparseable
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._sim._connections.add(self)
-        self._sim.stats.connections += 1
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._stopped = True
-        self._cancel_timers()
-        self._pending.clear()
-        self._sim._connections.discard(self)
-
-    # Back-pressure: a client that pipelines without reading must not grow our buffers.
-    def pause_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()
-
-    def data_received(self, data: bytes) -> None:
-        if self._stopped:
-            return
-        if self._buf:
-            self._buf += data
-            if len(self._buf) < self._need:
-                return
-            data = bytes(self._buf)
-            self._buf.clear()
-        pos, size, need = 0, len(data), 0
-        while pos < size and not self._stopped:
-            end = data.find(b"\r\n\r\n", pos)
-            if end < 0:
-                if size - pos > _MAX_HEAD:
-                    self._reject("request head too large")
-                break
-            try:
-                method, target, length, keep, auth = _parse_head(data[pos:end])
-            except _BadRequest as exc:
-                self._reject(str(exc))
-                break
-            start = end + 4
-            if size - start < length:
-                need = start + length - pos
-                break
-            pos = start + length
-            if not keep:
-                self._stopped = True
-            reply, delay = self._sim._dispatch(method, target, auth, data[start:pos])
-            self._enqueue(reply, delay, not keep)
-        if pos < size and not self._stopped:
-            self._buf += data[pos:]
-            self._need = need
-        self._commit()
-
-    def _reject(self, message: str) -> None:
-        self._stopped = True
-        self._enqueue(
-            _error(400, f"Bad HTTP request: {message}", "invalid_request_error", None), 0.0, True
-        )
-
-    def _enqueue(self, reply: _Reply, delay: float, close: bool) -> None:
-        reply.close = close
-        if delay <= 0:
-            if not self._pending and self._drip is None:
-                self._emit(reply)
-                return
-            reply.ready = True
-        else:
-            reply.handle = self._sim._loop().call_later(delay, self._on_ready, reply)
-        self._pending.append(reply)
-
-    def _on_ready(self, reply: _Reply) -> None:
-        reply.ready, reply.handle = True, None
-        self._flush()
-        self._commit()
-
-    def _flush(self) -> None:
-        pending = self._pending
-        while pending and pending[0].ready and self._drip is None and self._emit(pending.popleft()):
-            pass
-
-    def _emit(self, reply: _Reply) -> bool:
-        """Write one answer; False when this connection can take no further answer for now."""
-        if reply.mode == _DROP:
-            self._close()
-            return False
-        body = reply.body
-        self._out.append(_render_head(reply, len(body)))
-        if reply.mode == _PARTIAL:
-            self._out.append(body[: len(body) // 2])
-            self._close()
-            return False
-        if reply.mode == _DRIP:
-            self._drip, self._drip_pos = reply, 0
-            self._drip_handle = self._sim._loop().call_later(DRIP_INTERVAL_S, self._drip_step)
-            return False
-        self._out.append(body)
-        if reply.success is not None:
-            self._sim._record_ok(reply.success)
-        if reply.close:
-            self._close()
-            return False
-        return True
-
-    def _drip_step(self) -> None:
-        reply = self._drip
-        assert reply is not None and self._transport is not None
-        self._transport.write(reply.body[self._drip_pos : self._drip_pos + 1])
-        self._drip_pos += 1
-        if self._drip_pos < len(reply.body):
-            self._drip_handle = self._sim._loop().call_later(DRIP_INTERVAL_S, self._drip_step)
-            return
-        self._drip = self._drip_handle = None
-        if reply.success is not None:
-            self._sim._record_ok(reply.success)
-        if reply.close:
-            self._close()
-        else:
-            self._flush()
-        self._commit()
-
-    def _commit(self) -> None:
-        if self._out and self._transport is not None:
-            self._transport.write(b"".join(self._out))
-            self._out.clear()
-
-    def _close(self) -> None:
-        self._stopped = True
-        self._commit()
-        self._cancel_timers()
-        self._pending.clear()
-        if self._transport is not None:
-            self._transport.close()
-
-    def abort(self) -> None:
-        self._stopped = True
-        self._cancel_timers()
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _cancel_timers(self) -> None:
-        for reply in self._pending:
-            if reply.handle is not None:
-                reply.handle.cancel()
-        if self._drip_handle is not None:
-            self._drip_handle.cancel()
-            self._drip_handle = None
-
-
-class _Entry:
-    __slots__ = ("amount", "at")
-
-    def __init__(self, at: float, amount: int) -> None:
-        self.at = at
-        self.amount = amount
-
-
-class _Window:
-    """Amounts admitted in the last WINDOW_S seconds, oldest first; O(1) amortised per request."""
-
-    __slots__ = ("entries", "total")
-
-    def __init__(self) -> None:
-        self.entries: deque[_Entry] = deque()
-        self.total = 0
-
-    def prune(self, now: float) -> None:
-        entries, cutoff = self.entries, now - WINDOW_S
-        while entries and entries[0].at <= cutoff:
-            self.total -= entries.popleft().amount
-
-    def wait(self, now: float, amount: int, limit: int) -> float:
-        """Seconds until `amount` more fits under `limit` (0.0: it fits now)."""
-        excess = self.total + amount - limit
-        if excess <= 0:
-            return 0.0
-        for entry in self.entries:  # only walked when refusing, which clients answer by pausing
-            excess -= entry.amount
-            if excess <= 0:
-                return entry.at + WINDOW_S - now
-        return (
-            WINDOW_S  # larger than the limit itself: never fits, like OpenAI's "request too large"
-        )
-
-    def add(self, now: float, amount: int) -> _Entry:
-        entry = _Entry(now, amount)
-        self.entries.append(entry)
-        self.total += amount
-        return entry
-
-    def reset_in(self, now: float) -> float:
-        """Seconds until the oldest entry leaves, freeing room (0.0 when the window is empty)."""
-        return self.entries[0].at + WINDOW_S - now if self.entries else 0.0
-
-    def headers(self, now: float, limit: int, unit: bytes) -> bytes:
-        left, reset = max(0, limit - self.total), _go_duration(self.reset_in(now)).encode()
-        return (
-            b"x-ratelimit-limit-%s: %d\r\nx-ratelimit-remaining-%s: %d\r\n"
-            b"x-ratelimit-reset-%s: %s\r\n" % (unit, limit, unit, left, unit, reset)
-        )
-
-
-def _text_of(content: object) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            p["text"]
-            for p in content
-            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        )
-    return ""
-
-
-def _validate(body: object) -> str | None:
-    if not isinstance(body, dict):
-        return "The request body must be a JSON object."
-    if not isinstance(body.get("model"), str):
-        return "You must provide a model parameter."
-    messages = body.get("messages")
-    if (
-        not isinstance(messages, list)
-        or not messages
-        or not all(isinstance(m, dict) for m in messages)
-    ):
-        return "'messages' must be a non-empty array of objects."
-    if body.get("stream"):
-        return "The simulator does not support stream=true."
-    return None
-
-
-def _cap(body: dict[str, Any]) -> int | None:
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
-def _tokens(text: str) -> int:
-    return max(1, len(text.encode()) // 4)
-
-
 def _retry_after(cfg: SimulatorConfig) -> bytes:
     wait = cfg.retry_after_s
     if cfg.retry_after_format == "ms":
@@ -538,82 +179,6 @@ _SERVER_ERROR = "The server had an error while processing your request."
 _QUOTA = "You exceeded your current quota, please check your plan and billing details."
 
 
-def _completion(
-    body: dict[str, Any],
-    text: str,
-    directives: dict[str, str | None],
-    digest: bytes,
-    prompt: int,
-    cap: int | None,
-) -> tuple[bytes, _Success, int]:
-    """The 200 answer for a request: a pure function of it, so a re-sent body gets the same bytes.
-
-    Returns the JSON, what it adds to the stats, and the tokens it really used.
-    """
-    model: str = body["model"]
-    words = _DIRECTIVE_RE.sub("", text).split()
-    if model == "sim-echo":
-        content = " ".join(words)
-    else:
-        count = 4 + digest[1] % 40  # so answer lengths, and usage, vary from row to row
-        filler = " ".join(_FILLER[(digest[2 + i % 30] + i) % len(_FILLER)] for i in range(count))
-        content = f"Simulated answer to: {' '.join(words[:12]) or '(no user message)'}. {filler}."
-    completion, finish = _tokens(content), "stop"
-    if cap is not None and completion > cap:
-        content, completion = content.encode()[: cap * 4].decode(errors="ignore"), cap
-        finish = "length"
-    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
-    if "refusal" in directives:
-        message.update(content=None, refusal=_REFUSAL)
-        completion, finish = _tokens(_REFUSAL), "stop"
-    elif "tool_calls" in directives:
-        tools = body.get("tools")
-        first = tools[0] if isinstance(tools, list) and tools else None
-        offered = first.get("function") if isinstance(first, dict) else None
-        name = (
-            str(offered["name"]) if isinstance(offered, dict) and offered.get("name") else "lookup"
-        )
-        arguments = orjson.dumps({"query": " ".join(words[:12])}).decode()
-        function = {"name": name, "arguments": arguments}
-        message.update(
-            content=None,
-            tool_calls=[
-                {"id": "call_" + digest.hex()[:24], "type": "function", "function": function}
-            ],
-        )
-        completion, finish = _tokens(name + arguments), "tool_calls"
-    if "content_filter" in directives:
-        finish = "content_filter"
-    elif "length" in directives:
-        finish = "length"
-    thinking = "r1" in model or "thinking" in model or "reasoning_effort" in body
-    reasoning = completion // 3 if thinking else 0
-    cached = (prompt // 2) // 16 * 16 if prompt >= 64 and digest[0] % 2 == 0 else 0
-    usage: dict[str, Any] = {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-        "completion_tokens_details": {"reasoning_tokens": reasoning},
-    }
-    cost = 0.0
-    if "cost" in directives:  # OpenRouter-style routers report a price in usage
-        cost = usage["cost"] = round((prompt * 0.15 + completion * 0.6) / 1_000_000, 12)
-    answer: dict[str, Any] = {
-        "id": "chatcmpl-" + digest.hex()[:24],
-        "object": "chat.completion",
-        "created": CREATED,
-        "model": model,
-        "system_fingerprint": "fp_sim",
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-    }
-    success: _Success = (digest, 0, 0, 0, 0, 0.0)
-    if "no_usage" not in directives:
-        answer["usage"] = usage
-        success = (digest, prompt, completion, cached, reasoning, cost)
-    return orjson.dumps(answer), success, prompt + completion
-
-
 class Simulator:
     """The server; every method runs on the event loop that called `start`."""
 
@@ -621,7 +186,7 @@ class Simulator:
         self.config = config if config is not None else SimulatorConfig()
         self._server: asyncio.Server | None = None
         self._host, self._port = "127.0.0.1", 0
-        self._connections: set[_Connection] = set()
+        self.connections: set[Connection] = set()
         self.reset()
 
     def reset(self) -> None:
@@ -629,8 +194,8 @@ class Simulator:
         self.stats = SimulatorStats()
         self._ok_bodies: set[bytes] = set()
         self._fail_counts: dict[bytes, int] = {}
-        self._requests, self._tokens = _Window(), _Window()
-        self._tpm_entry: _Entry | None = None
+        self._requests, self._tokens = Window(), Window()
+        self._tpm_entry: Entry | None = None
         self._serial = 0
         self._reseed()
 
@@ -648,7 +213,7 @@ class Simulator:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, backlog=1024)
+        self._server = await loop.create_server(lambda: Connection(self), host, port, backlog=1024)
         self._host, self._port = host, self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -656,7 +221,7 @@ class Simulator:
         if self._server is None:
             return
         self._server.close()
-        for conn in list(self._connections):
+        for conn in list(self.connections):
             conn.abort()
         await asyncio.sleep(0)  # let the aborted transports run connection_lost and close sockets
         await self._server.wait_closed()
@@ -670,13 +235,16 @@ class Simulator:
     def base_url(self) -> str:
         return f"http://{self._host}:{self._port}/v1"
 
-    def _loop(self) -> asyncio.AbstractEventLoop:
+    def loop(self) -> asyncio.AbstractEventLoop:
         assert self._server is not None
         return self._server.get_loop()
 
-    def _dispatch(
+    def count_connection(self) -> None:
+        self.stats.connections += 1
+
+    def dispatch(
         self, method: bytes, target: bytes, auth: bytes | None, body: bytes
-    ) -> tuple[_Reply, float]:
+    ) -> tuple[Reply, float]:
         """Answer one request; returns the reply and the delay before it may be sent."""
         path = target.partition(b"?")[0]
         route = (method, path)
@@ -688,13 +256,13 @@ class Simulator:
             data = [
                 {"id": m, "object": "model", "created": CREATED, "owned_by": "sim"} for m in MODELS
             ]
-            return _Reply(200, orjson.dumps({"object": "list", "data": data})), 0.0
+            return Reply(200, orjson.dumps({"object": "list", "data": data})), 0.0
         if route == (b"GET", b"/_sim/stats"):
             stats = orjson.dumps(self.stats.to_dict(), option=orjson.OPT_NON_STR_KEYS)
-            return _Reply(200, stats), 0.0
+            return Reply(200, stats), 0.0
         if route == (b"POST", b"/_sim/reset"):
             self.reset()
-            return _Reply(200, b'{"reset":true}'), 0.0
+            return Reply(200, b'{"reset":true}'), 0.0
         if route == (b"POST", b"/_sim/config"):
             try:
                 changes = orjson.loads(body)
@@ -702,20 +270,20 @@ class Simulator:
                     raise ValueError("expected a JSON object of setting changes")
                 self.update_config(**changes)
             except ValueError as exc:  # orjson.JSONDecodeError is a ValueError too
-                return _error(400, str(exc), "invalid_request_error", None), 0.0
+                return error_reply(400, str(exc), "invalid_request_error", None), 0.0
         if path == b"/_sim/config" and method in (b"GET", b"POST"):
-            return _Reply(200, orjson.dumps(asdict(self.config))), 0.0
+            return Reply(200, orjson.dumps(asdict(self.config))), 0.0
         if path in (*_CHAT_PATHS, b"/v1/models", b"/models", b"/_sim/stats", b"/_sim/reset"):
-            return _error(405, "Method not allowed.", "invalid_request_error", None), 0.0
+            return error_reply(405, "Method not allowed.", "invalid_request_error", None), 0.0
         message = f"Unknown path {path.decode('latin-1')}."
-        return _error(404, message, "invalid_request_error", None), 0.0
+        return error_reply(404, message, "invalid_request_error", None), 0.0
 
-    def _chat(self, auth: bytes | None, raw: bytes) -> tuple[_Reply, float]:
+    def _chat(self, auth: bytes | None, raw: bytes) -> tuple[Reply, float]:
         cfg, stats = self.config, self.stats
         stats.requests += 1
         self._serial += 1
         reply = self._answer(cfg, auth, raw, [b"x-request-id: req_%012x\r\n" % self._serial])
-        if reply.mode == _DROP:
+        if reply.mode == DROP:
             stats.dropped += 1
         else:
             stats.by_status[reply.status] = stats.by_status.get(reply.status, 0) + 1
@@ -730,7 +298,7 @@ class Simulator:
         return auth is not None and hmac.compare_digest(auth, b"Bearer " + key.encode())
 
     @staticmethod
-    def _unauthorized(cfg: SimulatorConfig, auth: bytes | None, headers: list[bytes]) -> _Reply:
+    def _unauthorized(cfg: SimulatorConfig, auth: bytes | None, headers: list[bytes]) -> Reply:
         if auth is None:
             message, code = "You didn't provide an API key.", None
         else:
@@ -738,59 +306,59 @@ class Simulator:
             if cfg.echo_key_on_401:  # some providers quote the key back: clients must scrub it
                 offered = auth.decode("latin-1").removeprefix("Bearer ").strip()
                 message = f"Incorrect API key provided: {offered[:12]}****."
-        return _error(401, message, "invalid_request_error", code, headers)
+        return error_reply(401, message, "invalid_request_error", code, headers)
 
     def _answer(
         self, cfg: SimulatorConfig, auth: bytes | None, raw: bytes, headers: list[bytes]
-    ) -> _Reply:
+    ) -> Reply:
         """Auth, quota, request validation, rate limits, then directives, faults or the answer."""
         if cfg.api_key is not None and not self._auth_ok(auth, cfg.api_key):
             return self._unauthorized(cfg, auth, headers)
         if cfg.insufficient_quota:
-            return _error(429, _QUOTA, "insufficient_quota", "insufficient_quota", headers)
+            return error_reply(429, _QUOTA, "insufficient_quota", "insufficient_quota", headers)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             problem: str | None = "We could not parse the JSON body of your request."
         else:
-            problem = _validate(body)
+            problem = invalid_reason(body)
         if problem is not None:
-            return _error(400, problem, "invalid_request_error", None, headers)
+            return error_reply(400, problem, "invalid_request_error", None, headers)
         digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
         if digest in self._ok_bodies:
             self.stats.resent_after_ok += 1
         messages = body["messages"]
-        prompt = max(1, sum(len(_text_of(m.get("content")).encode()) // 4 + 4 for m in messages))
-        cap = _cap(body)
+        prompt = max(1, sum(len(text_of(m.get("content")).encode()) // 4 + 4 for m in messages))
+        cap = completion_cap(body)
         refused = self._admit(cfg, prompt + (cap or _DEFAULT_BUDGET), headers)
         if refused is not None:
             return refused
         text = next(
-            (_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
+            (text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
         )
-        directives = {m[1]: m[2] for m in _DIRECTIVE_RE.finditer(text)} if "[[sim:" in text else {}
+        directives = {m[1]: m[2] for m in DIRECTIVE_RE.finditer(text)} if "[[sim:" in text else {}
         reply = self._directed_failure(cfg, directives, digest, prompt, headers)
         fault = self._draw_fault(cfg) if reply is None else None
         spent = prompt
         if reply is None and fault in ("429", "500", "drop", "html"):
             reply = self._fault(cfg, fault, headers)
         elif reply is None:
-            payload, success, spent = _completion(body, text, directives, digest, prompt, cap)
+            payload, success, spent = answer_for(body, text, directives, digest, prompt, cap)
             if fault == "malformed":
                 self.stats.malformed += 1
-                reply = _Reply(200, payload[: len(payload) // 2], headers)
+                reply = Reply(200, payload[: len(payload) // 2], headers)
             elif fault == "reset":
                 self.stats.reset_mid_body += 1
-                reply = _Reply(200, payload, headers, mode=_PARTIAL)
+                reply = Reply(200, payload, headers, mode=PARTIAL)
             else:
-                mode = _DRIP if "slow_drip" in directives else _FULL
-                reply = _Reply(200, payload, headers, mode=mode, success=success)
+                mode = DRIP if "slow_drip" in directives else FULL
+                reply = Reply(200, payload, headers, mode=mode, success=success)
         if self._tpm_entry is not None:  # admission counted max_tokens; keep what was really used
             self._tokens.total += spent - self._tpm_entry.amount
             self._tpm_entry.amount = spent
         return reply
 
-    def _admit(self, cfg: SimulatorConfig, estimate: int, headers: list[bytes]) -> _Reply | None:
+    def _admit(self, cfg: SimulatorConfig, estimate: int, headers: list[bytes]) -> Reply | None:
         """Apply the RPM/TPM windows; add the limit headers; a 429 when the request does not fit."""
         self._tpm_entry = None
         rpm, tpm = cfg.rpm_limit, cfg.tpm_limit
@@ -823,7 +391,7 @@ class Simulator:
         seconds, ms = max(1, math.ceil(wait)), math.ceil(wait * 1000)
         headers.append(b"Retry-After: %d\r\nretry-after-ms: %d\r\n" % (seconds, ms))
         message = f"Rate limit reached for {unit}"
-        return _error(429, message, "rate_limit_error", "rate_limit_exceeded", headers)
+        return error_reply(429, message, "rate_limit_error", "rate_limit_exceeded", headers)
 
     def _directed_failure(
         self,
@@ -832,7 +400,7 @@ class Simulator:
         digest: bytes,
         prompt: int,
         headers: list[bytes],
-    ) -> _Reply | None:
+    ) -> Reply | None:
         for name in directives:
             if name.isdigit() and 400 <= int(name) <= 599:
                 status = int(name)
@@ -840,19 +408,19 @@ class Simulator:
                     headers.append(_retry_after(cfg))
                 default = "server_error" if status >= 500 else "invalid_request_error"
                 kind = _ERROR_TYPES.get(status, default)
-                return _error(status, f"Simulated {status} error.", kind, None, headers)
+                return error_reply(status, f"Simulated {status} error.", kind, None, headers)
         if "context_length_exceeded" in directives:
             message = (
                 "This model's maximum context length is 128000 tokens. "
                 f"However, your messages resulted in {prompt + 128000} tokens."
             )
             code = "context_length_exceeded"
-            return _error(400, message, "invalid_request_error", code, headers)
+            return error_reply(400, message, "invalid_request_error", code, headers)
         if "fail_first" in directives:
             failed = self._fail_counts.get(digest, 0)
             if failed < int(directives["fail_first"] or 1):
                 self._fail_counts[digest] = failed + 1
-                return _error(500, _SERVER_ERROR, "server_error", None, headers)
+                return error_reply(500, _SERVER_ERROR, "server_error", None, headers)
         return None
 
     def _draw_fault(self, cfg: SimulatorConfig) -> str | None:
@@ -871,19 +439,19 @@ class Simulator:
             draw -= rate
         return None
 
-    def _fault(self, cfg: SimulatorConfig, fault: str, headers: list[bytes]) -> _Reply:
+    def _fault(self, cfg: SimulatorConfig, fault: str, headers: list[bytes]) -> Reply:
         if fault == "429":
             headers.append(_retry_after(cfg))
             message = "Rate limit reached for requests"
-            return _error(429, message, "rate_limit_error", "rate_limit_exceeded", headers)
+            return error_reply(429, message, "rate_limit_error", "rate_limit_exceeded", headers)
         if fault == "500":
             status = self._rng.choice(cfg.error_statuses)
-            return _error(status, _SERVER_ERROR, "server_error", None, headers)
+            return error_reply(status, _SERVER_ERROR, "server_error", None, headers)
         if fault == "drop":
-            return _Reply(0, b"", mode=_DROP)
-        return _Reply(502, _HTML_502, headers, ctype=_HTML)
+            return Reply(0, b"", mode=DROP)
+        return Reply(502, _HTML_502, headers, ctype=HTML)
 
-    def _record_ok(self, success: _Success) -> None:
+    def record_ok(self, success: Success) -> None:
         """Count a complete 200 answer, once it is written."""
         digest, prompt, completion, cached, reasoning, cost = success
         stats = self.stats

@@ -20,14 +20,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner import simulator
+from runner import sim_answers, sim_http
+from runner.sim_answers import go_duration
 from runner.simulator import (
     MODELS,
     Simulator,
     SimulatorConfig,
     SimulatorStats,
     SimulatorThread,
-    _go_duration,
 )
 
 KEY = "sk-test-0123456789abcdefghij"
@@ -314,7 +314,7 @@ def test_slow_drip_completes(
 ) -> None:
     """A slow drip ends with the complete answer, counted once it is fully written; the next
     request on the same connection waits for it."""
-    monkeypatch.setattr(simulator, "DRIP_INTERVAL_S", 0.0)
+    monkeypatch.setattr(sim_http, "DRIP_INTERVAL_S", 0.0)
     body = chat("Row 3 [[sim:slow_drip]]")
     dripped = client.post("/chat/completions", json=body)
     assert dripped.json()["usage"]["total_tokens"] > 0
@@ -476,7 +476,7 @@ def test_rpm_window_slides(
     monkeypatch: pytest.MonkeyPatch, sim: SimulatorThread, client: httpx2.Client
 ) -> None:
     """Requests leave the window when it has slid past them, and Retry-After says when."""
-    monkeypatch.setattr(simulator, "WINDOW_S", 0.5)
+    monkeypatch.setattr(sim_answers, "WINDOW_S", 0.5)
     sim.set_config(rpm_limit=2)
     statuses = [client.post("/chat/completions", json=chat("Row 1")).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
@@ -740,5 +740,5 @@ def test_serve_reports_its_url_and_stops_on_sigterm() -> None:
 @given(st.floats(min_value=0, max_value=600, allow_nan=False))
 def test_go_duration_round_trips(seconds: float) -> None:
     """Reset durations are Go durations that parse back to the value, to the millisecond."""
-    text = _go_duration(seconds)
+    text = go_duration(seconds)
     assert math.isclose(_parse_go_duration(text), round(seconds * 1000) / 1000, abs_tol=1e-9)
