@@ -11,14 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.limiter import (
-    AIMD,
-    Limiter,
-    Limiters,
+from runner.limiter import AIMD, Limiter, Limiters, Ticket, TokenBucket, estimate_tokens
+from runner.rate_headers import (
     RateHeaders,
-    Ticket,
-    TokenBucket,
-    estimate_tokens,
     parse_go_duration,
     parse_rate_headers,
     parse_reset_seconds,
