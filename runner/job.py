@@ -4,6 +4,7 @@ The library entry points the CLI calls (async; only `cli` starts the event loop)
 run's life cycle: validate before spending, create or reopen the run folder under its lock,
 feed only unsettled rows, handle SIGINT/SIGTERM (drain, then stop), and always leave the
 folder consistent (shielded, time-bounded cleanup). Knows nothing of terminals or argv.
+What it runs was made ready by runner/plan.py (`prepare`, re-exported here with `estimate`).
 """
 
 from __future__ import annotations
@@ -27,25 +28,24 @@ from runner.errors import (
     InputError,
     Interrupted,
     RunStopped,
-    SpecError,
     StorageFailed,
     UsageError,
     primary,
 )
 from runner.limiter import Limiter, Limiters
+from runner.plan import Estimate, Prepared, estimate, prepare, prepare_loaded, shown
 from runner.pool import Pool
 from runner.pricing import (
     Budget,
     PriceSource,
-    estimate_range,
     parse_price_table,
     spent_before,
 )
 from runner.records import Progress, WorkItem
 from runner.retry import RetryPolicy
 from runner.sink import RunSink
-from runner.source import CheckResult, InputFile, RequestBuilder, Skip, check_input
-from runner.spec import SIMULATOR, LoadedSpec, RunSpec, check_environment, load_spec, parse_spec
+from runner.source import RequestBuilder, Skip, check_input
+from runner.spec import SIMULATOR, RunSpec, check_environment, parse_spec
 from runner.state import (
     RunDir,
     Settled,
@@ -81,69 +81,6 @@ class Outcome:
         return EXIT_FAILED_ROWS if self.progress.failed else EXIT_OK
 
 
-@dataclass(slots=True)
-class Prepared:
-    """A validated spec and input, ready to run."""
-
-    spec: LoadedSpec
-    source: InputFile
-    builder: RequestBuilder
-    check: CheckResult | None
-    # The whole-file check runs alongside the first requests instead of before them.
-    check_alongside: bool = False
-
-
-def prepare(
-    spec_path: str | Path,
-    *,
-    check_whole_file: bool | None = None,
-    need_key: bool = True,
-    check_alongside: bool = False,
-) -> Prepared:
-    """Validate the spec, the environment and the input's columns; check the whole input
-    now, or (`check_alongside`) while the first requests go out."""
-    spec = load_spec(spec_path)
-    if need_key:
-        check_environment(spec)
-    return _prepare_loaded(spec, check_whole_file, check_alongside)
-
-
-def _prepare_loaded(
-    spec: LoadedSpec, check_whole_file: bool | None, check_alongside: bool = False
-) -> Prepared:
-    job = spec.job
-    prices = PriceSource(parse_price_table(job.prices, path=str(spec.path)))
-    if job.run.budget_usd is not None and job.request is not None:
-        _check_budgetable(spec, prices)
-    source = InputFile(spec.input_path, job.input, shown=_shown(spec.input_path))
-    builder = RequestBuilder(job, source)
-    source.check_columns()
-    whole = job.input.check_whole_file if check_whole_file is None else check_whole_file
-    if whole and check_alongside:
-        return Prepared(spec, source, builder, None, check_alongside=True)
-    check = check_input(source, builder) if whole else None
-    return Prepared(spec, source, builder, check)
-
-
-def _check_budgetable(spec: LoadedSpec, prices: PriceSource) -> None:
-    """A budget needs a price for every model and a cap on every answer."""
-    request = spec.job.request
-    assert request is not None
-    for model in request.models:
-        if prices.price(model) is None:
-            raise SpecError(
-                str(spec.path),
-                "run.budget_usd",
-                f"model {model!r} has no known price; add [prices.{model!r}] to use a budget",
-            )
-    if request.answer_cap is None:
-        raise SpecError(
-            str(spec.path),
-            "run.budget_usd",
-            "needs request.max_tokens or max_completion_tokens (each answer's worst case)",
-        )
-
-
 def _limiters(run: RunSpec) -> Limiters:
     def make(rpm: float | None, tpm: float | None, concurrency: int) -> Limiter:
         return Limiter(
@@ -163,45 +100,6 @@ def _limiters(run: RunSpec) -> Limiters:
         for model, limits in run.limits.items()
     }
     return Limiters(default, per_model)
-
-
-def _shown(path: Path) -> str:
-    """A path as the user would type it: relative to the working folder when below it."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-@dataclass(frozen=True, slots=True)
-class Estimate:
-    """What a dry run found: the input's size and the cost range by model, nothing sent."""
-
-    rows: int
-    requests: int
-    skipped: int
-    # (model, requests, est. prompt tokens, worst-case completion tokens (None: no cap),
-    #  cost low USD, cost high USD (None: unpriced or no cap), provenance)
-    models: list[tuple[str, int, int, int | None, float | None, float | None, str]]
-
-
-def estimate(prepared: Prepared) -> Estimate:
-    """A dry run: read and check the whole input, estimate tokens and cost; send nothing."""
-    check = prepared.check or check_input(prepared.source, prepared.builder)
-    prices = PriceSource(parse_price_table(prepared.spec.job.prices, path=str(prepared.spec.path)))
-    models = []
-    for model, (requests, prompt, completion) in sorted(check.by_model.items()):
-        price = prices.price(model)
-        cap = None if completion < 0 else completion
-        low = high = None
-        if price is not None:
-            low_d, high_d = estimate_range(
-                price, prompt_tokens=prompt, max_completion_tokens=cap or 0
-            )
-            low, high = float(low_d), (float(high_d) if cap is not None else None)
-        provenance = price.provenance if price is not None else "unpriced"
-        models.append((model, requests, prompt, cap, low, high, provenance))
-    return Estimate(check.rows, check.items, check.skipped, models)
 
 
 async def submit(
@@ -286,14 +184,14 @@ async def resume(
         changed = any(now[k] != old.get(k) for k in ("size", "mtime", "hash"))
         if changed and not allow_changed_input:
             raise UsageError(
-                f"{_shown(spec.input_path)}: the input changed since run "
+                f"{shown(spec.input_path)}: the input changed since run "
                 f"{run.run_id} started; rerun with --allow-changed-input to send only rows "
                 "whose request changed"
             )
         # An unchanged input was checked whole when the run was submitted (unless that
         # session ended before its check did).
         unchecked = manifest.get("input_check") == "pending"
-        prepared = _prepare_loaded(spec, None if changed or unchecked else False)
+        prepared = prepare_loaded(spec, None if changed or unchecked else False)
         if prepared.check is not None:
             manifest.pop("input_check", None)
         if changed:
@@ -627,4 +525,13 @@ async def _abort_after(pool: Pool, grace_s: float) -> None:
     pool.abort()
 
 
-__all__ = ["Interrupted", "Outcome", "Prepared", "prepare", "resume", "submit"]
+__all__ = [
+    "Estimate",
+    "Interrupted",
+    "Outcome",
+    "Prepared",
+    "estimate",
+    "prepare",
+    "resume",
+    "submit",
+]

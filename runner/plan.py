@@ -1,0 +1,120 @@
+"""A job made ready to run: spec, environment and input checked, nothing sent yet.
+
+`prepare` validates before any spending (the spec, the key's presence, the input's columns and,
+unless deferred, every row); `estimate` is the dry run. runner/job.py runs what this prepares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.errors import SpecError
+from runner.pricing import PriceSource, estimate_range, parse_price_table
+from runner.source import CheckResult, InputFile, RequestBuilder, check_input
+from runner.spec import LoadedSpec, check_environment, load_spec
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated spec and input, ready to run."""
+
+    spec: LoadedSpec
+    source: InputFile
+    builder: RequestBuilder
+    check: CheckResult | None
+    # The whole-file check runs alongside the first requests instead of before them.
+    check_alongside: bool = False
+
+
+def prepare(
+    spec_path: str | Path,
+    *,
+    check_whole_file: bool | None = None,
+    need_key: bool = True,
+    check_alongside: bool = False,
+) -> Prepared:
+    """Validate the spec, the environment and the input's columns; check the whole input
+    now, or (`check_alongside`) while the first requests go out."""
+    spec = load_spec(spec_path)
+    if need_key:
+        check_environment(spec)
+    return prepare_loaded(spec, check_whole_file, check_alongside)
+
+
+def prepare_loaded(
+    spec: LoadedSpec, check_whole_file: bool | None, check_alongside: bool = False
+) -> Prepared:
+    job = spec.job
+    prices = PriceSource(parse_price_table(job.prices, path=str(spec.path)))
+    if job.run.budget_usd is not None and job.request is not None:
+        _check_budgetable(spec, prices)
+    source = InputFile(spec.input_path, job.input, shown=shown(spec.input_path))
+    builder = RequestBuilder(job, source)
+    source.check_columns()
+    whole = job.input.check_whole_file if check_whole_file is None else check_whole_file
+    if whole and check_alongside:
+        return Prepared(spec, source, builder, None, check_alongside=True)
+    check = check_input(source, builder) if whole else None
+    return Prepared(spec, source, builder, check)
+
+
+def _check_budgetable(spec: LoadedSpec, prices: PriceSource) -> None:
+    """A budget needs a price for every model and a cap on every answer."""
+    request = spec.job.request
+    assert request is not None
+    for model in request.models:
+        if prices.price(model) is None:
+            raise SpecError(
+                str(spec.path),
+                "run.budget_usd",
+                f"model {model!r} has no known price; add [prices.{model!r}] to use a budget",
+            )
+    if request.answer_cap is None:
+        raise SpecError(
+            str(spec.path),
+            "run.budget_usd",
+            "needs request.max_tokens or max_completion_tokens (each answer's worst case)",
+        )
+
+
+def shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What a dry run found: the input's size and the cost range by model, nothing sent."""
+
+    rows: int
+    requests: int
+    skipped: int
+    # (model, requests, est. prompt tokens, worst-case completion tokens (None: no cap),
+    #  cost low USD, cost high USD (None: unpriced or no cap), provenance)
+    models: list[tuple[str, int, int, int | None, float | None, float | None, str]]
+
+
+def estimate(prepared: Prepared) -> Estimate:
+    """A dry run: read and check the whole input, estimate tokens and cost; send nothing."""
+    check = prepared.check or check_input(prepared.source, prepared.builder)
+    prices = PriceSource(parse_price_table(prepared.spec.job.prices, path=str(prepared.spec.path)))
+    models = []
+    for model, (requests, prompt, completion) in sorted(check.by_model.items()):
+        price = prices.price(model)
+        cap = None if completion < 0 else completion
+        low = high = None
+        if price is not None:
+            low_d, high_d = estimate_range(
+                price, prompt_tokens=prompt, max_completion_tokens=cap or 0
+            )
+            low, high = float(low_d), (float(high_d) if cap is not None else None)
+        provenance = price.provenance if price is not None else "unpriced"
+        models.append((model, requests, prompt, cap, low, high, provenance))
+    return Estimate(check.rows, check.items, check.skipped, models)
+
+
+__all__ = ["Estimate", "Prepared", "estimate", "prepare", "prepare_loaded", "shown"]
