@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,22 @@ import pytest
 from runner.simulator import SimulatorConfig, SimulatorThread
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_runner(
+    tmp_path: Path, *args: str, entry: Sequence[str] = ("-m", "runner")
+) -> subprocess.Popen[str]:
+    """`runner ARGS --runs-dir tmp_path/runs` as a child process in tmp_path, without RUNNER_*
+    variables; stderr is piped, so that crash tests can read its first line and kill it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    return subprocess.Popen(
+        [sys.executable, *entry, *args, "--runs-dir", str(tmp_path / "runs")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from runner.cli import main as cli_main
 from runner.report import RunDB, report
 from runner.state import RunDir, list_runs
 
-from .conftest import run_cli, spec_text, write_rows, write_spec
+from .conftest import run_cli, spec_text, start_runner, write_rows, write_spec
 
 
 def rows(count: int, marker: dict[int, str] | None = None) -> list[dict[str, Any]]:
@@ -620,18 +620,10 @@ def test_kill_9_fifty_times_never_duplicates_or_rebuys_more_than_in_flight(
         concurrency=concurrency,
     )
     runs = tmp_path / "runs"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
     rng = random.Random(2024)
 
     def start(*args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-c", BOOT, *args, "--runs-dir", str(runs)],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        return start_runner(tmp_path, *args, entry=("-c", BOOT))
 
     def mid_compaction(run: Path) -> bool:
         """A kill left a sealed segment not yet compacted, a .tmp part, or a compacted

@@ -475,12 +475,8 @@ async def test_concurrency_never_exceeded() -> None:
     assert limiter.in_flight == 0
 
 
-@pytest.mark.anyio
-async def test_pause_holds_everyone_until_deadline() -> None:
-    """Every acquirer waits for the pool-wide pause to end, and no longer."""
-    clock = FakeClock()
-    limiter = Limiter(concurrency=8, clock=clock, sleep=clock.sleep)
-    limiter.pause_for(5.0)
+async def grant_times(limiter: Limiter, clock: FakeClock, count: int) -> list[float]:
+    """When each of `count` concurrent acquirers was granted (each releases at once)."""
     granted: list[float] = []
 
     async def worker() -> None:
@@ -489,8 +485,18 @@ async def test_pause_holds_everyone_until_deadline() -> None:
         limiter.release(ticket, outcome="ok")
 
     async with anyio.create_task_group() as tg:
-        for _ in range(6):
+        for _ in range(count):
             tg.start_soon(worker)
+    return granted
+
+
+@pytest.mark.anyio
+async def test_pause_holds_everyone_until_deadline() -> None:
+    """Every acquirer waits for the pool-wide pause to end, and no longer."""
+    clock = FakeClock()
+    limiter = Limiter(concurrency=8, clock=clock, sleep=clock.sleep)
+    limiter.pause_for(5.0)
+    granted = await grant_times(limiter, clock, 6)
     assert granted == [5.0] * 6
     assert clock.slept == [5.0]
     assert limiter.waits_s == pytest.approx(30.0)
@@ -519,16 +525,7 @@ async def test_rpm_bucket_spaces_requests() -> None:
     """A burst of the per-minute limit goes at once, then one request per 60/rpm seconds."""
     clock = FakeClock()
     limiter = Limiter(requests_per_minute=6, clock=clock, sleep=clock.sleep)
-    granted: list[float] = []
-
-    async def worker() -> None:
-        ticket = await limiter.acquire(0)
-        granted.append(clock())
-        limiter.release(ticket, outcome="ok")
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(9):
-            tg.start_soon(worker)
+    granted = await grant_times(limiter, clock, 9)
     assert granted == pytest.approx([0.0] * 6 + [10.0, 20.0, 30.0])
 
 

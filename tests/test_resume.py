@@ -10,8 +10,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,25 +25,13 @@ from runner.report import RunDB
 from runner.simulator import SimulatorConfig, SimulatorThread
 from runner.state import RunDir, list_runs
 
-from .conftest import run_cli, spec_text, write_rows, write_spec
+from .conftest import run_cli, spec_text, start_runner, write_rows, write_spec
 
 
 @pytest.fixture
 def sim() -> Iterator[SimulatorThread]:
     with SimulatorThread(SimulatorConfig(latency_ms=50, jitter_ms=10)) as s:
         yield s
-
-
-def start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "runner", *args, "--runs-dir", str(tmp_path / "runs")],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def the_run(tmp_path: Path) -> RunDir:
@@ -90,7 +76,7 @@ def test_kill_9_three_times_then_resume_holds_every_row_once(
     concurrency, rows, kills = 64, 20_000, 3
     spec = make_job(tmp_path, sim, rows, concurrency=concurrency)
     rng = random.Random(1234)
-    proc = start(tmp_path, "submit", str(spec))
+    proc = start_runner(tmp_path, "submit", str(spec))
     for kill in range(kills):
         if kill == 0:
             deadline = time.monotonic() + 30
@@ -102,7 +88,7 @@ def test_kill_9_three_times_then_resume_holds_every_row_once(
         time.sleep(rng.uniform(0, 0.5))
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=10)
-        proc = start(tmp_path, "resume", run_dir.name)
+        proc = start_runner(tmp_path, "resume", run_dir.name)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     got = committed(the_run(tmp_path))
@@ -123,7 +109,7 @@ def test_sigint_drains_stops_with_exit_3_and_resume_resends_nothing(
 ) -> None:
     """SIGINT: exit 3 with the resume hint; resume sends no request already answered."""
     spec = make_job(tmp_path, sim, 3_000, concurrency=32)
-    proc = start(tmp_path, "submit", str(spec))
+    proc = start_runner(tmp_path, "submit", str(spec))
     deadline = time.monotonic() + 30
     while not list((tmp_path / "runs").glob("*/manifest.json")):
         assert time.monotonic() < deadline and proc.poll() is None
@@ -173,7 +159,7 @@ def test_status_and_report_work_while_the_run_is_in_progress(
 ) -> None:
     """`status` and `report` read a running run without its lock and see live progress."""
     spec = make_job(tmp_path, sim, 4_000, concurrency=16)
-    proc = start(tmp_path, "submit", str(spec))
+    proc = start_runner(tmp_path, "submit", str(spec))
     try:
         deadline = time.monotonic() + 30
         while not list((tmp_path / "runs").glob("*/manifest.json")):
