@@ -594,12 +594,22 @@ def test_malformed_jsonl_dry_run_exits_0_or_2_with_one_line(lines: list[bytes]) 
 
 # -- process and disk: kill -9 at random moments -----------------------------------------------
 
-# A small part size, so that sessions a fraction of a second long still seal and compact
-# journal segments (the default 10,000 rows never fill before the kill on a slow machine).
-BOOT = (
-    "import runpy, sys; import runner.job as job; job.PART_ROWS = 100; "
-    "sys.argv = ['runner', *sys.argv[1:]]; runpy.run_module('runner', run_name='__main__')"
-)
+# Small parts on a slow disk, so that sessions a fraction of a second long seal journal segments
+# and are often killed while one is being compacted: each part is written 30 ms before its
+# segment is deleted (the default 10,000 rows never fill before the kill on a slow machine).
+BOOT = """
+import runpy, sys, time
+import runner.job as job, runner.sink as sink
+job.PART_ROWS = 50
+write_part = sink.write_part
+def slow_write_part(*args):
+    path = write_part(*args)
+    time.sleep(0.03)
+    return path
+sink.write_part = slow_write_part
+sys.argv = ['runner', *sys.argv[1:]]
+runpy.run_module('runner', run_name='__main__')
+"""
 
 
 @pytest.mark.slow
@@ -661,7 +671,7 @@ def test_kill_9_fifty_times_never_duplicates_or_rebuys_more_than_in_flight(
     assert sum(pq.ParquetFile(p).metadata.num_rows for p in parts) == count  # no duplicate
     # Kills landed while requests were on the wire, and while segments were being compacted.
     assert sent_in_session >= kills // 4
-    assert compactions_hit >= 1
+    assert compactions_hit >= kills // 10, compactions_hit
     assert sim.stats.resent_after_ok <= concurrency * kills
     sessions = run.read_manifest()["sessions"]
     crashed = len(sessions) - 1  # a kill before a session is recorded leaves none behind
