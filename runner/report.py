@@ -303,12 +303,10 @@ def _overview(db: RunDB) -> list[Section]:
     (row,) = db.query(
         "SELECT count(*) FILTER (status = 'ok'), count(*) FILTER (status = 'failed'), "
         "count(*) FILTER (status = 'skipped'), count(*) FILTER (reused), "
-        "sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), sum(reasoning_tokens), "
-        "sum(total_tokens), "
         "quantile_cont(latency_ms, [0.5, 0.9, 0.99]) FILTER (attempts > 0 AND status = 'ok') "
         "FROM results"
     )[1]
-    ok, failed, skipped, reused, _p, _c, _o, _r, _t, lat = row
+    ok, failed, skipped, reused, lat = row
     # Tokens of every answer paid for: re-asked answers (run.retry_finish_reasons) count too.
     (prompt, cached, completion, reasoning, total) = db.query(
         "SELECT sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), "
