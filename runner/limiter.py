@@ -95,25 +95,16 @@ class TokenBucket:
         """Give back `amount` that was reserved but not used."""
         self.adjust(-amount, now)
 
-    def observe(
-        self,
-        remaining: float,
-        limit: float | None,
-        reset_s: float | None,
-        now: float,
-        *,
-        since: float = 0.0,
-    ) -> None:
+    def observe(self, remaining: float, now: float, *, since: float = 0.0) -> None:
         """Clamp to the server's view: the level drops to what the server says is left, less
         `since` (what was granted after the server counted; it had not seen those yet).
 
-        The refill rate stays this bucket's own (the limit per minute). An earlier version
-        also slowed the refill to `(limit - remaining) / reset_s`; against a sliding window
-        that throttled a run to a fifth of its limit for half a minute after every window
-        turnover (bench/ratelimit.py: 83 % of the limit over 150 s, 120 % without it).
-        `limit` and `reset_s` are accepted for callers that report them.
+        The refill rate stays this bucket's own (the limit per minute): the server's reset
+        time is not used. An earlier version also slowed the refill to
+        `(limit - remaining) / reset_s`; against a sliding window that throttled a run to a
+        fifth of its limit for half a minute after every window turnover (bench/ratelimit.py:
+        83 % of the limit over 150 s, 120 % without it).
         """
-        del limit, reset_s
         self._refill(now)
         self._level = min(self._level, remaining - since)
 
@@ -447,9 +438,7 @@ class Limiter:
                 since = self._requests.granted - ticket.request_mark
             else:
                 since = float(self.in_flight)  # the bucket is new: the others may be unseen
-            self._requests.observe(
-                seen.request_remaining, seen.request_limit, seen.request_reset_s, now, since=since
-            )
+            self._requests.observe(seen.request_remaining, now, since=since)
         self._tokens, up = _learn(self._tokens, self._tpm, seen.token_limit, now)
         raised |= up
         if self._tokens is not None and seen.token_remaining is not None:
@@ -457,9 +446,7 @@ class Limiter:
                 since = self._tokens.granted - ticket.token_mark
             else:
                 since = float(self._in_flight_tokens)
-            self._tokens.observe(
-                seen.token_remaining, seen.token_limit, seen.token_reset_s, now, since=since
-            )
+            self._tokens.observe(seen.token_remaining, now, since=since)
         return raised
 
 

@@ -301,7 +301,7 @@ def test_bucket_rejects_bad_rates(rate: float) -> None:
 def test_observe_clamps_to_server_remaining(remaining: int, since: int, level: int) -> None:
     """The level drops to what the server has left, less what it had not yet seen; never rises."""
     bucket = TokenBucket(60, now=0.0)
-    bucket.observe(remaining, 60, 50.0, 0.0, since=since)
+    bucket.observe(remaining, 0.0, since=since)
     assert bucket.level(0.0) == level
 
 
@@ -309,7 +309,7 @@ def test_observe_clamps_the_level_but_keeps_the_bucket_rate() -> None:
     """After the server says nothing is left, the bucket refills at its own rate (a sliding
     window frees slots as old requests age out; slowing below the limit wasted a fifth of it)."""
     bucket = TokenBucket(60, now=0.0)  # 1 per second
-    bucket.observe(0, 20, 40.0, 0.0)
+    bucket.observe(0, 0.0)
     assert bucket.level(0.0) == 0
     assert bucket.wait_time(1, 0.0) == pytest.approx(1.0)
     assert bucket.level(40.0) == pytest.approx(40)
@@ -319,7 +319,7 @@ def test_observe_clamps_the_level_but_keeps_the_bucket_rate() -> None:
 def test_observe_of_continuous_server_keeps_rate() -> None:
     """A server refilling at the bucket's own rate (OpenAI) changes only the level."""
     bucket = TokenBucket(60, now=0.0)
-    bucket.observe(59, 60, 1.0, 0.0)
+    bucket.observe(59, 0.0)
     bucket.try_acquire(59, 0.0)
     assert bucket.wait_time(1, 0.0) == pytest.approx(1.0)
 
