@@ -35,12 +35,7 @@ from runner.errors import (
 from runner.limiter import Limiter, Limiters
 from runner.plan import Estimate, Prepared, estimate, prepare, prepare_loaded, shown
 from runner.pool import Pool
-from runner.pricing import (
-    Budget,
-    PriceSource,
-    parse_price_table,
-    spent_before,
-)
+from runner.pricing import Budget, spent_before
 from runner.records import Progress, WorkItem
 from runner.retry import RetryPolicy
 from runner.sink import RunSink
@@ -224,9 +219,9 @@ async def resume(
         run.unlock()
 
 
-def _all_priced(prepared: Prepared, prices: PriceSource) -> bool:
+def _all_priced(prepared: Prepared) -> bool:
     request = prepared.spec.job.request
-    return request is not None and all(prices.price(m) is not None for m in request.models)
+    return request is not None and all(prepared.prices.price(m) is not None for m in request.models)
 
 
 def _items(prepared: Prepared, settled: Settled) -> Iterator[WorkItem | Skip]:
@@ -312,7 +307,7 @@ async def _execute(
                 max_retry_after_s=job.run.max_retry_after_s,
             )
             limiters = _limiters(job.run)
-            prices = PriceSource(parse_price_table(job.prices, path=str(prepared.spec.path)))
+            prices = prepared.prices
             budget = Budget(
                 prices,
                 limit_usd=job.run.budget_usd,
@@ -321,7 +316,7 @@ async def _execute(
                     {m: (int(u[0]), int(u[1]), int(u[2]), u[3]) for m, u in settled.usage.items()},
                 ),
             )
-            progress.cost_usd = 0.0 if _all_priced(prepared, prices) else None
+            progress.cost_usd = 0.0 if _all_priced(prepared) else None
             progress.concurrency = limiters.default.concurrency_limit
             pool = Pool(
                 client=client,

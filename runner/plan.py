@@ -22,6 +22,7 @@ class Prepared:
     spec: LoadedSpec
     source: InputFile
     builder: RequestBuilder
+    prices: PriceSource  # the spec's [prices] over the bundled table: for budget and cost
     check: CheckResult | None
     # The whole-file check runs alongside the first requests instead of before them.
     check_alongside: bool = False
@@ -54,9 +55,9 @@ def prepare_loaded(
     source.check_columns()
     whole = job.input.check_whole_file if check_whole_file is None else check_whole_file
     if whole and check_alongside:
-        return Prepared(spec, source, builder, None, check_alongside=True)
+        return Prepared(spec, source, builder, prices, None, check_alongside=True)
     check = check_input(source, builder) if whole else None
-    return Prepared(spec, source, builder, check)
+    return Prepared(spec, source, builder, prices, check)
 
 
 def _check_budgetable(spec: LoadedSpec, prices: PriceSource) -> None:
@@ -101,7 +102,7 @@ class Estimate:
 def estimate(prepared: Prepared) -> Estimate:
     """A dry run: read and check the whole input, estimate tokens and cost; send nothing."""
     check = prepared.check or check_input(prepared.source, prepared.builder)
-    prices = PriceSource(parse_price_table(prepared.spec.job.prices, path=str(prepared.spec.path)))
+    prices = prepared.prices
     models = []
     for model, (requests, prompt, completion) in sorted(check.by_model.items()):
         price = prices.price(model)
