@@ -13,7 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from runner import job
+from runner.report import RunDB, report
 from runner.simulator import SimulatorConfig, SimulatorThread
+from runner.state import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,3 +138,25 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+async def submit_job(tmp_path: Path, text: str, data: list[dict[str, Any]]) -> job.Outcome:
+    """data.jsonl and job.toml (`text`) in tmp_path, submitted in-process to tmp_path/runs."""
+    write_rows(tmp_path / "data.jsonl", data)
+    spec = write_spec(tmp_path, text)
+    return await job.submit(job.prepare(spec), tmp_path / "runs", handle_signals=False)
+
+
+def select(run: RunDir, sql: str) -> list[dict[str, Any]]:
+    """A query over the run's views (results, attempts, ...), as a list of dicts."""
+    with RunDB(run, with_input=False) as db:
+        found: list[dict[str, Any]] = db.arrow(sql).to_pylist()
+        return found
+
+
+def sections(run: RunDir, **kwargs: Any) -> dict[str, list[dict[str, Any]]]:
+    """The report's sections by title, each row a dict by column name."""
+    return {
+        title: [dict(zip(names, row, strict=True)) for row in found]
+        for title, names, found in report(run, **kwargs)
+    }

@@ -29,7 +29,7 @@ from runner.report import RunDB
 from runner.simulator import SimulatorThread
 from runner.state import RunDir, list_runs
 
-from .conftest import run_cli, spec_text, write_rows, write_spec
+from .conftest import run_cli, select, spec_text, write_rows, write_spec
 
 ROWS = 40
 
@@ -60,8 +60,7 @@ def only_run(runs_dir: Path) -> RunDir:
 
 
 def results(run: RunDir) -> list[dict[str, Any]]:
-    with RunDB(run, with_input=False) as db:
-        return db.arrow("SELECT * FROM results ORDER BY row_index, model").to_pylist()
+    return select(run, "SELECT * FROM results ORDER BY row_index, model")
 
 
 def one_line(stderr: str) -> str:

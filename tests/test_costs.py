@@ -11,11 +11,10 @@ import pytest
 
 from runner import job
 from runner.errors import SpecError, UsageError
-from runner.report import price_rows, query, report
+from runner.report import price_rows, query
 from runner.simulator import SimulatorConfig, SimulatorThread
-from runner.state import RunDir
 
-from .conftest import run_cli, spec_text, write_rows, write_spec
+from .conftest import run_cli, sections, spec_text, submit_job, write_rows, write_spec
 
 OVERRIDE = '[prices."gpt-4o-mini"]\ninput = 1000.0\ncached_input = 250.0\noutput = 2000.0\n'
 
@@ -31,17 +30,6 @@ def long_rows(count: int, marker: dict[int, str] | None = None) -> list[dict[str
     marker = marker or {}
     filler = "Please summarise the following notes about batch processing carefully. " * 4
     return [{"id": f"r{i}", "text": f"{filler} Row {i}. {marker.get(i, '')}"} for i in range(count)]
-
-
-def sections(run: RunDir, **kwargs: Any) -> dict[str, list[dict[str, Any]]]:
-    found = report(run, **kwargs)
-    return {title: [dict(zip(n, r, strict=True)) for r in rows] for title, n, rows in found}
-
-
-async def submit(tmp_path: Path, text: str, data: list[dict[str, Any]]) -> job.Outcome:
-    write_rows(tmp_path / "data.jsonl", data)
-    spec = write_spec(tmp_path, text)
-    return await job.submit(job.prepare(spec), tmp_path / "runs", handle_signals=False)
 
 
 @pytest.mark.anyio
@@ -60,7 +48,7 @@ async def test_report_matches_simulator_counters_and_hand_computed_cost(
     provenance: str,
 ) -> None:
     """Report tokens equal the simulator's counters; cost equals the hand computation."""
-    outcome = await submit(tmp_path, spec_text(base_url=sim.base_url) + extra, long_rows(200))
+    outcome = await submit_job(tmp_path, spec_text(base_url=sim.base_url) + extra, long_rows(200))
     assert outcome.exit_code == 0
     stats = sim.stats
     assert stats.cached_tokens > 0  # the cached rate is really exercised
@@ -89,7 +77,7 @@ async def test_unpriced_model_and_missing_usage_are_never_zero(
     text = spec_text(base_url=sim.base_url).replace(
         'model = "gpt-4o-mini"', 'model = ["gpt-4o-mini", "sim-echo"]'
     )
-    outcome = await submit(tmp_path, text, long_rows(10, {3: "[[sim:no_usage]]"}))
+    outcome = await submit_job(tmp_path, text, long_rows(10, {3: "[[sim:no_usage]]"}))
     assert outcome.exit_code == 0
     by_model = {r["model"]: r for r in sections(outcome.run)["cost"]}
     assert by_model["sim-echo"]["cost_usd"] is None
@@ -111,7 +99,7 @@ async def test_budget_is_never_exceeded_and_resume_with_more_finishes(
     """With a budget for about half the rows, spend stays under it; a bigger budget finishes."""
     rates = (1000.0, 250.0, 2000.0)
     text = spec_text(base_url=sim.base_url, run_extra="budget_usd = 15.0") + OVERRIDE
-    outcome = await submit(tmp_path, text, long_rows(400))
+    outcome = await submit_job(tmp_path, text, long_rows(400))
     assert outcome.state == "stopped" and outcome.exit_code == 3
     assert outcome.stop_reason is not None and outcome.stop_reason.startswith("budget reached")
     assert "resume with --budget-usd" in outcome.stop_reason
@@ -181,7 +169,7 @@ async def test_query_refuses_external_files_and_urls(
     tmp_path: Path, sim: SimulatorThread, sql: str
 ) -> None:
     """User SQL cannot read other files, URLs or extensions, nor unlock the sandbox."""
-    outcome = await submit(tmp_path, spec_text(base_url=sim.base_url), long_rows(5))
+    outcome = await submit_job(tmp_path, spec_text(base_url=sim.base_url), long_rows(5))
     with pytest.raises(UsageError, match=r"^query (refused|failed): "):
         query(outcome.run, sql)
     assert not await anyio.Path("/tmp/runner-sandbox-escape.csv").exists()

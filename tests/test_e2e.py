@@ -11,10 +11,9 @@ import pytest
 
 from runner import job
 from runner.records import Progress
-from runner.report import RunDB
 from runner.state import RunDir
 
-from .conftest import ROOT, run_cli, spec_text, write_rows, write_spec
+from .conftest import ROOT, run_cli, select, spec_text, submit_job, write_rows, write_spec
 
 
 def rows(count: int, marker: dict[int, str] | None = None) -> list[dict[str, Any]]:
@@ -28,20 +27,15 @@ def rows(count: int, marker: dict[int, str] | None = None) -> list[dict[str, Any
 async def run_job(
     tmp_path: Path, data: list[dict[str, Any]], base_url: str, **pieces: Any
 ) -> job.Outcome:
-    write_rows(tmp_path / "data.jsonl", data)
-    spec = write_spec(tmp_path, spec_text(base_url=base_url, **pieces))
-    prepared = job.prepare(spec)
-    return await job.submit(prepared, tmp_path / "runs", handle_signals=False)
+    return await submit_job(tmp_path, spec_text(base_url=base_url, **pieces), data)
 
 
 def results(run: RunDir) -> list[dict[str, Any]]:
-    with RunDB(run, with_input=False) as db:
-        return db.arrow("SELECT * FROM results ORDER BY row_index").to_pylist()
+    return select(run, "SELECT * FROM results ORDER BY row_index")
 
 
 def attempts(run: RunDir) -> list[dict[str, Any]]:
-    with RunDB(run, with_input=False) as db:
-        return db.arrow("SELECT * FROM attempts WHERE NOT final").to_pylist()
+    return select(run, "SELECT * FROM attempts WHERE NOT final")
 
 
 @pytest.mark.anyio

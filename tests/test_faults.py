@@ -31,10 +31,9 @@ from hypothesis import strategies as st
 
 from runner import job
 from runner.cli import main as cli_main
-from runner.report import RunDB, report
 from runner.state import RunDir, list_runs
 
-from .conftest import run_cli, spec_text, start_runner, write_rows, write_spec
+from .conftest import run_cli, sections, select, spec_text, start_runner, write_rows, write_spec
 
 
 def rows(count: int, marker: dict[int, str] | None = None) -> list[dict[str, Any]]:
@@ -68,21 +67,8 @@ async def run_job(
     return await job.submit(job.prepare(spec), tmp_path / "runs", handle_signals=False)
 
 
-def select(run: RunDir, sql: str) -> list[dict[str, Any]]:
-    with RunDB(run, with_input=False) as db:
-        found: list[dict[str, Any]] = db.arrow(sql).to_pylist()
-        return found
-
-
 def results(run: RunDir) -> dict[str, dict[str, Any]]:
     return {r["row_id"]: r for r in select(run, "SELECT * FROM results ORDER BY row_index")}
-
-
-def sections(run: RunDir) -> dict[str, list[dict[str, Any]]]:
-    return {
-        title: [dict(zip(names, row, strict=True)) for row in found]
-        for title, names, found in report(run)
-    }
 
 
 def attempt_start(record: dict[str, Any]) -> float:

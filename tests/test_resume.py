@@ -25,7 +25,7 @@ from runner.report import RunDB
 from runner.simulator import SimulatorConfig, SimulatorThread
 from runner.state import RunDir, list_runs
 
-from .conftest import run_cli, spec_text, start_runner, write_rows, write_spec
+from .conftest import run_cli, select, spec_text, start_runner, write_rows, write_spec
 
 
 @pytest.fixture
@@ -41,8 +41,7 @@ def the_run(tmp_path: Path) -> RunDir:
 
 
 def committed(run: RunDir) -> list[dict[str, Any]]:
-    with RunDB(run, with_input=False) as db:
-        return db.arrow("SELECT row_id, status, content FROM results").to_pylist()
+    return select(run, "SELECT row_id, status, content FROM results")
 
 
 def wait_for_results(run_dir: Path, at_least: int, timeout: float = 30) -> None:

@@ -17,11 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner import job, journal
-from runner.report import RunDB
 from runner.simulator import SimulatorConfig, SimulatorThread
 from runner.state import RunDir, list_runs
 
-from .conftest import run_cli, spec_text, write_rows, write_spec
+from .conftest import run_cli, select, spec_text, write_rows, write_spec
 
 
 @pytest.fixture
@@ -37,8 +36,7 @@ def make_job(tmp_path: Path, sim: SimulatorThread, count: int) -> Path:
 
 
 def row_ids(run: RunDir) -> list[str]:
-    with RunDB(run, with_input=False) as db:
-        return [r["row_id"] for r in db.arrow("SELECT row_id FROM results").to_pylist()]
+    return [r["row_id"] for r in select(run, "SELECT row_id FROM results")]
 
 
 def failing_after(real: Any, calls: int, err: int) -> Any:
