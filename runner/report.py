@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import tomllib
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -73,14 +74,30 @@ class RunDB:
     """An in-memory DuckDB connection with the run's views."""
 
     def __init__(
-        self, run: RunDir, *, with_input: bool = True, prices: Sequence[PriceRow] = ()
+        self,
+        run: RunDir,
+        *,
+        with_input: bool = True,
+        prices: Sequence[PriceRow] = (),
+        sandboxed: bool = False,
     ) -> None:
         self.run = run
         self.manifest = run.read_manifest()
-        self.con = duckdb.connect(":memory:")
+        # DuckDB spills to `.tmp` of the current folder by default, and lets queries read and
+        # write its temp directory whatever else is locked: a sandbox spills nowhere, other
+        # uses into a private folder removed on close.
+        self._spill: tempfile.TemporaryDirectory[str] | None = None
+        if sandboxed:
+            temp_directory = ""
+        else:
+            self._spill = tempfile.TemporaryDirectory(prefix="runner-duckdb-")
+            temp_directory = self._spill.name
+        self.con = duckdb.connect(":memory:", config={"temp_directory": temp_directory})
+        self._files: list[str] = []
         # DuckDB draws its own progress bar on long queries; this module never prints.
         self.con.execute("SET enable_progress_bar = false")
         files = [str(p) for p in parts(run.parts_dir)]
+        self._files.extend(files)
         journal = [r for s in segments(run.journal_dir) for r in read_segment(s)]
         self._journal = to_table(journal) if journal else SCHEMA.empty_table()
         self.con.register("journal_records", self._journal)
@@ -112,6 +129,8 @@ class RunDB:
             "cached_input_per_mtok DOUBLE, output_per_mtok DOUBLE, provenance VARCHAR)"
         )
         self.use_prices(prices)
+        if sandboxed:
+            self.sandbox()
 
     def models(self) -> list[str]:
         return [str(m) for (m,) in self.query("SELECT DISTINCT model FROM attempts ORDER BY 1")[1]]
@@ -124,18 +143,23 @@ class RunDB:
         self.con.execute(f"CREATE OR REPLACE VIEW costed AS {_costed_sql('results')}")
 
     def sandbox(self) -> None:
-        """Lock user SQL in: only the run's own files, no network, no extensions.
+        """Lock user SQL in: the run's part files (and a Parquet input) by exact path, no
+        other file, no URL, no extension, no temp directory, configuration locked.
 
-        The order matters (DuckDB refuses other orders): views first, then the allowed paths,
-        then external access off, then the extension switches, then the lock.
+        Exact paths are readable and writable alike to DuckDB: `query` runs a single SELECT
+        only, so nothing writes. The order matters (DuckDB refuses other orders): views
+        first, then the allowed paths, then external access off, then the lock.
         """
-        allowed = [str(self.run.path) + "/"]
-        self.con.execute(f"SET allowed_directories = [{', '.join(map(_sql_str, allowed))}]")
-        if self.input_path is not None:
-            self.con.execute(f"SET allowed_paths = [{_sql_str(str(self.input_path))}]")
+        if self._files:
+            listed = ", ".join(map(_sql_str, self._files))
+            self.con.execute(f"SET allowed_paths = [{listed}]")
+        self.con.execute("SET allowed_directories = []")
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET autoload_known_extensions = false")
         self.con.execute("SET autoinstall_known_extensions = false")
+        self.con.execute("SET allow_community_extensions = false")
+        # Python variables of the caller's frames are not tables here.
+        self.con.execute("SET python_enable_replacements = false")
         self.con.execute("SET lock_configuration = true")
 
     def _input_view(self) -> None:
@@ -151,6 +175,7 @@ class RunDB:
             self.con.execute("CREATE VIEW input AS SELECT NULL::BIGINT AS row_index WHERE false")
             return
         if kind == "parquet":
+            self._files.append(str(path))
             scan = (
                 f"SELECT * EXCLUDE (file_row_number), file_row_number AS row_index "
                 f"FROM read_parquet({quoted}, file_row_number = true)"
@@ -170,6 +195,9 @@ class RunDB:
 
     def close(self) -> None:
         self.con.close()
+        if self._spill is not None:
+            self._spill.cleanup()
+            self._spill = None
 
     def __enter__(self) -> RunDB:
         return self
@@ -413,11 +441,32 @@ def _parse_time(text: Any) -> datetime | None:
 def query(
     run: RunDir, sql: str, *, prices: Sequence[PriceRow] = ()
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run user SQL over the views, sandboxed to the run's own files."""
+    """Run user SQL over the views, sandboxed to the run's own files: one SELECT only."""
+    _only_one_select(sql)
     needs_input = re.search(r"\binput\b", sql, re.IGNORECASE) is not None
-    with RunDB(run, with_input=needs_input, prices=prices) as db:
-        db.sandbox()
+    with RunDB(run, with_input=needs_input, prices=prices, sandboxed=True) as db:
         return db.query(sql)
+
+
+def _only_one_select(sql: str) -> None:
+    """Refuse anything but one SELECT (FROM-first, WITH, VALUES, DESCRIBE, SHOW included):
+    COPY, EXPORT, ATTACH, SET, PRAGMA, CALL, INSTALL/LOAD, CREATE and EXPLAIN (whose ANALYZE
+    runs its statement) never reach DuckDB."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise UsageError(f"query failed: {str(exc).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise UsageError(
+            f"query refused: give one SELECT statement (got {len(statements)} statements)"
+        )
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        name = str(getattr(kind, "name", kind)).upper()
+        raise UsageError(
+            f"query refused: only a SELECT may run here, over the run's views (got {name}); "
+            "use `runner export` to write a file"
+        )
 
 
 EXPORT_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
