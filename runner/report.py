@@ -238,11 +238,7 @@ def summary(run: RunDir) -> dict[str, Any]:
         result = dict(zip(names, rows[0], strict=True))
         _, requests = db.query("SELECT count(*) FROM attempts WHERE attempts > 0")
         result["requests"] = requests[0][0]
-        _, errors = db.query(
-            "SELECT error_type, count(*) AS n FROM results WHERE status = 'failed' "
-            "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5"
-        )
-        result["top_errors"] = [{"error_type": e, "rows": n} for e, n in errors]
+        result["top_errors"] = _top_errors(db, 5)
     manifest = run.read_manifest()
     result["total"] = (manifest.get("counts") or {}).get("total") or (
         manifest.get("input", {}).get("rows")
@@ -250,6 +246,21 @@ def summary(run: RunDir) -> dict[str, Any]:
     result["state"] = manifest.get("state")
     result["run_id"] = run.run_id
     return result
+
+
+def _top_errors(db: RunDB, limit: int) -> list[dict[str, Any]]:
+    _, errors = db.query(
+        "SELECT error_type, error_message, count(*) AS n FROM latest WHERE status = 'failed' "
+        f"GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT {int(limit)}"
+    )
+    return [{"error_type": e, "message": m, "rows": n} for e, m, n in errors]
+
+
+def top_errors(run: RunDir, limit: int = 5) -> list[dict[str, Any]]:
+    """The most frequent (error type, message) pairs among failed rows, with row counts:
+    what an end-of-run summary shows about why rows failed."""
+    with RunDB(run, with_input=False) as db:
+        return _top_errors(db, limit)
 
 
 def price_rows(
@@ -296,8 +307,15 @@ def report(run: RunDir, *, by: str | None = None, prices_file: Path | None = Non
         # never show them); every section reads that.
         lean = ", ".join(c for c in COLUMNS if c not in _TEXT_COLUMNS and c != "final")
         db.con.execute(
-            f"CREATE TEMP TABLE costed_now AS SELECT {lean}, cost_usd, cost_provenance "
-            f"FROM ({_costed_sql('latest')})"
+            f"CREATE TEMP TABLE costed_now AS SELECT {lean}, finish_reason, request_hash, "
+            f"cost_usd, cost_provenance FROM ({_costed_sql('latest')})"
+        )
+        # A reused row finished as the answer it reused did.
+        db.con.execute(
+            "UPDATE costed_now c SET finish_reason = a.finish_reason FROM (SELECT DISTINCT ON "
+            "(request_hash) request_hash, finish_reason FROM costed_now "
+            "WHERE status = 'ok' AND NOT reused) a "
+            "WHERE c.reused AND c.finish_reason IS NULL AND a.request_hash = c.request_hash"
         )
         db.con.execute("CREATE OR REPLACE TEMP VIEW results AS SELECT * FROM costed_now")
         db.con.execute("CREATE OR REPLACE TEMP VIEW costed AS SELECT * FROM costed_now")
@@ -383,10 +401,11 @@ def _overview(db: RunDB) -> list[Section]:
         "GROUP BY model) p ON p.model = r.model ORDER BY r.model"
     )
     errors = db.query(
-        "SELECT error_type, count(*) FILTER (final) AS failed_rows, "
+        "SELECT error_type, error_message AS message, count(*) FILTER (final) AS failed_rows, "
         "count(*) FILTER (NOT final) AS failed_attempts, "
         "count(*) FILTER (possibly_billed) AS possibly_billed "
-        "FROM attempts WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC, 3 DESC, 1 LIMIT 10"
+        "FROM attempts WHERE status = 'failed' GROUP BY 1, 2 "
+        "ORDER BY 3 DESC, 4 DESC, 1, 2 LIMIT 10"
     )
     crashed = sum(
         int(session.get("unanswered_at_crash") or 0) for session in manifest.get("sessions", [])

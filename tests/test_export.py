@@ -1,0 +1,104 @@
+"""`runner report` and `runner export` as a user meets them: every `--by`, error messages in
+the report, and user errors (exit 2, one line) instead of internal ones."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.report import GROUPS, summary
+from runner.state import RunDir
+
+from .conftest import run_cli, select, spec_text, write_rows, write_spec
+
+
+@dataclass(frozen=True)
+class Mixed:
+    folder: Path
+    run: RunDir
+
+    def cli(self, *args: str) -> tuple[int, str, str]:
+        done = run_cli(*args, "--runs-dir", str(self.folder / "runs"), cwd=self.folder)
+        return done.returncode, done.stdout, done.stderr
+
+
+TEXTS = [
+    "What is one?",
+    "What is two?",
+    "What is three?",
+    "What is one?",  # the same request as row 0: answered by it
+    "Refuse me [[sim:400]]",
+    "Refuse me too [[sim:400]]",
+    "Too long [[sim:context_length_exceeded]]",
+    "Cut short [[sim:length]]",
+]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mixed]:
+    """A finished run with ok rows, a reused row, two 400s, a context-length refusal and a
+    `length` finish."""
+    folder = tmp_path_factory.mktemp("mixed")
+    write_rows(folder / "data.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS)])
+    write_spec(folder, spec_text())
+    done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=folder)
+    assert done.returncode == 1, done.stderr  # failed rows
+    (path,) = (folder / "runs").iterdir()
+    yield Mixed(folder, RunDir(path))
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("by", sorted(GROUPS))
+def test_report_by_every_value(mixed: Mixed, by: str) -> None:
+    """`runner report --by X` works for every X: one row per value, counts adding up to the
+    rows, and each group's counts those of the results (a reused row counts with the finish
+    reason of the answer it reused)."""
+    code, out, err = mixed.cli("report", mixed.run.run_id, "--by", by, "--format", "json")
+    assert code == 0, err
+    (table,) = json.loads(out).values()
+    assert sum(r["rows"] for r in table) == len(TEXTS)
+    assert sum(r["failed"] for r in table) == 3
+    if by == "hour":
+        return
+    results = select(mixed.run, "SELECT * FROM results")
+    expected = Counter(r[by] for r in results)
+    assert {r[by]: r["rows"] for r in table} == dict(expected)
+    if by == "finish_reason":
+        reused = [r for r in results if r["reused"]]
+        assert len(reused) == 1 and reused[0]["finish_reason"] in ("stop", "length")
+        assert expected["length"] >= 1 and expected[None] == 3
+
+
+def test_report_errors_show_the_messages_with_counts(mixed: Mixed) -> None:
+    """The report's error table names each error message with its count of rows."""
+    code, out, err = mixed.cli("report", mixed.run.run_id, "--format", "json")
+    assert code == 0, err
+    errors = json.loads(out)["errors"]
+    by_message = {(e["error_type"], e["message"]): e["failed_rows"] for e in errors}
+    [rejected] = [k for k in by_message if (k[1] or "").endswith("Simulated 400 error.")]
+    assert by_message[rejected] == 2
+    [too_long] = [k for k in by_message if "maximum context length" in (k[1] or "")]
+    assert by_message[too_long] == 1
+    # The table shows the message column too.
+    code, out, err = mixed.cli("report", mixed.run.run_id)
+    assert code == 0, err
+    assert "Simulated 400 error." in out
+
+
+def test_summary_top_errors_carry_messages(mixed: Mixed) -> None:
+    """The library's summary lists the top error messages with their row counts."""
+    top = summary(mixed.run)["top_errors"]
+    assert top[0]["message"].endswith("Simulated 400 error.") and top[0]["rows"] == 2
+    assert sum(e["rows"] for e in top) == 3
+
+
+def rows_of(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
