@@ -424,14 +424,19 @@ def query(run: str, sql: str, runs_dir: Path, fmt: str, prices_file: Path | None
 
 @cli.command()
 @click.argument("run")
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
 @_runs_dir_option
-def export(run: str, out: Path, runs_dir: Path) -> None:
-    """Write RUN's input columns plus answers, in input order, to OUT (.parquet/.jsonl/.csv)."""
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export(run: str, out: Path, runs_dir: Path, overwrite: bool) -> None:
+    """Write RUN's input columns plus answers, in input order, to OUT (.parquet/.jsonl/.csv).
+
+    OUT must not exist unless --overwrite is given; the run's input file and the run's own
+    folder are never written.
+    """
     from runner import report as reports
     from runner.state import resolve_run
 
-    count = reports.export(resolve_run(run, runs_dir), out)
+    count = reports.export(resolve_run(run, runs_dir), out, overwrite=overwrite)
     click.echo(f"wrote {count:,} rows to {out}", err=True)
 
 

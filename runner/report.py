@@ -15,6 +15,7 @@ Views:  attempts  every journaled attempt (retries included)
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import tomllib
@@ -26,7 +27,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from runner.errors import UsageError
+from runner.errors import InputError, UsageError
 from runner.journal import read_segment, segments
 from runner.pricing import (
     COST_SQL,
@@ -37,7 +38,8 @@ from runner.pricing import (
     price_sql_table,
 )
 from runner.sink import ANSWER_COLUMNS, COLUMNS, REUSED_COLUMNS, SCHEMA, parts, to_table
-from runner.source import detect_format
+from runner.source import InputFile, detect_format
+from runner.spec import InputSpec, input_spec_of
 from runner.state import RunDir
 
 
@@ -168,7 +170,20 @@ class RunDB:
         if not path.is_file():
             return
         self.input_path = path
-        kind = detect_format(path, "auto") if path.suffix else "jsonl"
+        try:
+            self._read_input(path, _frozen_input_spec(self.run, path))
+        except InputError as exc:
+            raise UsageError(f"the run's input cannot be read: {exc}") from None
+        except (duckdb.Error, pa.ArrowException, OSError) as exc:
+            raise UsageError(
+                f"{path}: the run's input cannot be read ({str(exc).splitlines()[0]})"
+            ) from None
+
+    def _read_input(self, path: Path, spec: InputSpec) -> None:
+        """The `input` view, the file read as the runner reads it: Parquet as it is, CSV with
+        the spec's dialect and encoding, every column text, JSONL with each column's type
+        taken from every line (a column whose type changes down the file is JSON)."""
+        kind = detect_format(path, spec.format) if path.suffix else "jsonl"
         quoted = _sql_str(str(path))
         if kind != "parquet" and _blank(path):
             # DuckDB would invent a column for a file with no rows at all.
@@ -180,18 +195,29 @@ class RunDB:
                 f"SELECT * EXCLUDE (file_row_number), file_row_number AS row_index "
                 f"FROM read_parquet({quoted}, file_row_number = true)"
             )
+            self.con.execute(f"CREATE VIEW input AS {scan}")
+            return
+        # One thread keeps the scan in file order, so the row id is the row index.
+        self.con.execute("SET threads = 1")
+        if kind == "csv":
+            source = InputFile(path, spec)
+            header = source.columns()
+            batches = source.csv_batches()
+            schema = pa.schema([pa.field(name, pa.string()) for name in header])
+            stream = pa.RecordBatchReader.from_batches(schema, batches)
+            self.con.register("input_stream", stream)
+            self.con.execute("CREATE TEMP TABLE input_rows AS SELECT * FROM input_stream")
+            self.con.unregister("input_stream")
         else:
-            reader = (
-                f"read_csv({quoted}, all_varchar = true)"
-                if kind == "csv"
-                else f"read_json({quoted}, format = 'newline_delimited')"
+            self.con.execute(
+                "CREATE TEMP TABLE input_rows AS SELECT * FROM read_json("
+                f"{quoted}, format = 'newline_delimited', sample_size = -1, "
+                f"maximum_object_size = {1 << 30})"
             )
-            # One thread keeps the scan in file order, so row_number() is the row index.
-            self.con.execute("SET threads = 1")
-            self.con.execute(f"CREATE TEMP TABLE input_rows AS SELECT * FROM {reader}")
-            self.con.execute("RESET threads")
-            scan = "SELECT *, (rowid)::BIGINT AS row_index FROM input_rows"
-        self.con.execute(f"CREATE VIEW input AS {scan}")
+        self.con.execute("RESET threads")
+        self.con.execute(
+            "CREATE VIEW input AS SELECT *, (rowid)::BIGINT AS row_index FROM input_rows"
+        )
 
     def close(self) -> None:
         self.con.close()
@@ -222,6 +248,17 @@ class RunDB:
 
     def arrow(self, sql: str) -> pa.Table:
         return self.con.sql(sql).to_arrow_table()
+
+
+def _frozen_input_spec(run: RunDir, path: Path) -> InputSpec:
+    """The [input] table of the run's frozen spec (format, CSV dialect), or the defaults
+    when the spec cannot be read."""
+    try:
+        text = run.spec_path.read_text()
+    except OSError:
+        text = ""
+    found = input_spec_of(text, str(path))
+    return found if found is not None else InputSpec(path=str(path), prompt_column="")
 
 
 def summary(run: RunDir) -> dict[str, Any]:
@@ -491,11 +528,33 @@ def _only_one_select(sql: str) -> None:
 EXPORT_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
-def export(run: RunDir, out: Path) -> int:
+def _check_output(run: RunDir, out: Path, *, overwrite: bool) -> None:
+    """Refuse, as the user's error, an output path export cannot or must not write."""
+    if out.is_dir():
+        raise UsageError(f"{out}: is a folder; name a file to write")
+    parent = out.absolute().parent
+    if not parent.exists():
+        raise UsageError(f"{out}: folder {out.parent} does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"{out}: {out.parent} is not a folder")
+    target = out.resolve()
+    source = Path(run.read_manifest().get("input", {}).get("path", "")).resolve()
+    if target == source:
+        raise UsageError(f"{out}: is the run's input file")
+    if run.path.resolve() in target.parents:
+        raise UsageError(f"{out}: is inside the run's folder {run.path}; write elsewhere")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out}: exists; add --overwrite to replace it")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{out}: folder {out.parent} is not writable")
+
+
+def export(run: RunDir, out: Path, *, overwrite: bool = False) -> int:
     """Write input columns + answer columns, in input order; returns rows written."""
     kind = EXPORT_FORMATS.get(out.suffix.lower())
     if kind is None:
         raise UsageError(f"{out}: unknown output type: use .parquet, .jsonl or .csv")
+    _check_output(run, out, overwrite=overwrite)
     with RunDB(run) as db:
         if db.input_path is None:
             raise UsageError(
@@ -513,8 +572,13 @@ def export(run: RunDir, out: Path) -> int:
         )
         options = {"parquet": "FORMAT parquet", "json": "FORMAT json", "csv": "FORMAT csv, HEADER"}
         tmp = out.with_name(out.name + ".tmp")
-        db.con.execute(f"COPY ({select}) TO {_sql_str(str(tmp))} ({options[kind]})")
-        tmp.replace(out)
+        try:
+            db.con.execute(f"COPY ({select}) TO {_sql_str(str(tmp))} ({options[kind]})")
+            tmp.replace(out)
+        except (duckdb.IOException, duckdb.PermissionException, OSError) as exc:
+            tmp.unlink(missing_ok=True)
+            problem = exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]
+            raise UsageError(f"{out}: cannot be written ({problem})") from None
         _, count = db.query(f"SELECT count(*) FROM ({select})")
         return int(count[0][0])
 

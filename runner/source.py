@@ -7,6 +7,7 @@ dataset in memory: Parquet and CSV stream by record batch, JSONL line by line. I
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import string
 from array import array
@@ -76,6 +77,10 @@ class InputFile:
         if path.is_dir():
             raise InputError(self.shown, None, "is a directory, not a file")
         self.format = detect_format(path, spec.format)
+        if self.format != "csv" and "csv" in spec.model_fields_set:
+            raise InputError(
+                self.shown, None, f"input.csv options are set but this is {self.format} input"
+            )
         self.needed = _needed_columns(spec)
 
     # -- reading -------------------------------------------------------------------------------
@@ -154,18 +159,45 @@ class InputFile:
             for offset in range(batch.num_rows):
                 yield Row(start + offset, None, {})
 
+    def _csv_parse(self) -> pacsv.ParseOptions:
+        options = self.spec.csv
+        return pacsv.ParseOptions(
+            delimiter=options.delimiter, quote_char=options.quote_char, newlines_in_values=True
+        )
+
+    def _csv_read(self, block_size: int | None = None) -> pacsv.ReadOptions:
+        read = pacsv.ReadOptions(encoding=self.spec.csv.encoding)
+        if block_size is not None:
+            read.block_size = block_size
+        return read
+
     def _csv_header(self) -> list[str]:
         try:
             reader = pacsv.open_csv(
-                self.path, parse_options=pacsv.ParseOptions(newlines_in_values=True)
+                self.path, parse_options=self._csv_parse(), read_options=self._csv_read()
             )
-        except (pa.ArrowInvalid, OSError) as exc:
+        except (pa.ArrowInvalid, OSError, UnicodeError) as exc:
             if "Empty CSV file" in str(exc):
                 return []
-            raise InputError(self.shown, None, f"not a readable CSV file ({exc})") from None
+            raise InputError(self.shown, None, self._csv_problem(exc)) from None
         return list(reader.schema.names)
 
-    def _csv_rows(self) -> Iterator[Row]:
+    def _csv_problem(self, exc: Exception) -> str:
+        """Why a CSV file cannot be read, with the line of its first bad byte if that is it."""
+        line = _first_undecodable_line(self.path, self.spec.csv.encoding)
+        if line is not None:
+            return f"line {line}: {self._not_decodable()}"
+        return f"not a readable CSV file ({str(exc).splitlines()[0]})"
+
+    def _not_decodable(self) -> str:
+        encoding = self.spec.csv.encoding
+        if codecs.lookup(encoding).name == "utf-8":
+            return "invalid UTF-8 (for another encoding set input.csv.encoding, e.g. latin-1)"
+        return f"invalid {encoding} text (input.csv.encoding)"
+
+    def csv_batches(self) -> Iterator[pa.RecordBatch]:
+        """Every column of a CSV input as text, batch by batch, read as the runner reads it
+        (for the `input` view and export)."""
         header = self._csv_header()
         if not header:
             return
@@ -173,24 +205,31 @@ class InputFile:
         convert = pacsv.ConvertOptions(
             column_types={name: pa.string() for name in header}, strings_can_be_null=False
         )
-        wanted = [c for c in self.needed if c in header]
         index = 0
         try:
             # open_csv already reads and converts the first block: it belongs in the try.
             reader = pacsv.open_csv(
                 self.path,
-                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                parse_options=self._csv_parse(),
                 convert_options=convert,
-                read_options=pacsv.ReadOptions(block_size=1 << 22),
+                read_options=self._csv_read(1 << 22),
             )
             for batch in reader:
-                yield from self._batch_rows(batch, wanted, index)
+                yield batch
                 index += batch.num_rows
-        except pa.ArrowInvalid as exc:
-            line = _first_bad_utf8_line(self.path)
+        except (pa.ArrowInvalid, UnicodeError) as exc:
+            line = _first_undecodable_line(self.path, self.spec.csv.encoding)
             if line is not None:
-                raise InputError(self.shown, line, "invalid UTF-8") from None
+                raise InputError(self.shown, line, self._not_decodable()) from None
             raise InputError(self.shown, None, f"CSV error after row {index} ({exc})") from None
+
+    def _csv_rows(self) -> Iterator[Row]:
+        header = self._csv_header()
+        wanted = [c for c in self.needed if c in header]
+        index = 0
+        for batch in self.csv_batches():
+            yield from self._batch_rows(batch, wanted, index)
+            index += batch.num_rows
 
     def _jsonl_rows(self) -> Iterator[Row]:
         index = 0
@@ -214,12 +253,14 @@ class InputFile:
                 index += 1
 
 
-def _first_bad_utf8_line(path: Path) -> int | None:
-    """The 1-based number of the first line that is not UTF-8, if any."""
+def _first_undecodable_line(path: Path, encoding: str) -> int | None:
+    """The 1-based number of the first line that does not decode, if any (lines split on
+    b"\n": right for UTF-8 and single-byte encodings, approximate for UTF-16)."""
+    decoder = codecs.getincrementaldecoder(encoding)()
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                raw.decode("utf-8")
+                decoder.decode(raw)
             except UnicodeDecodeError:
                 return number
     return None

@@ -6,6 +6,7 @@ map: it knows nothing of files other than the spec itself, HTTP or runs.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import hashlib
 import ipaddress
@@ -93,6 +94,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
+class CsvOptions(_Strict):
+    """How a CSV input is written (`[input] csv = { delimiter = ";", encoding = "latin-1" }`)."""
+
+    delimiter: str = ","
+    quote_char: str = '"'
+    # Any Python codec name: utf-8, utf-8-sig, latin-1, cp1252, utf-16, ...
+    encoding: str = "utf-8"
+
+    @field_validator("delimiter", "quote_char")
+    @classmethod
+    def _one_character(cls, value: str) -> str:
+        if len(value) != 1 or value in "\r\n":
+            raise ValueError(f"must be one character, not a line break (got {value!r})")
+        return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            text = codecs.lookup(value)._is_text_encoding
+        except LookupError:
+            text = False
+        if not text:
+            raise ValueError(
+                f"unknown encoding {value!r} (e.g. utf-8, utf-8-sig, latin-1, cp1252, utf-16)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> CsvOptions:
+        if self.delimiter == self.quote_char:
+            raise ValueError("delimiter and quote_char must differ")
+        return self
+
+
 class InputSpec(_Strict):
     path: str
     format: Literal["auto", "parquet", "jsonl", "csv", "openai-batch"] = "auto"
@@ -105,6 +141,8 @@ class InputSpec(_Strict):
     check_whole_file: bool = True
     # A row whose prompt is estimated above this many tokens fails without being sent.
     max_prompt_tokens: PositiveInt | None = None
+    # CSV dialect and encoding; only for CSV input.
+    csv: CsvOptions = Field(default_factory=CsvOptions)
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSpec:
@@ -113,6 +151,8 @@ class InputSpec(_Strict):
             for name in ("prompt_column", "messages_column", "template")
             if getattr(self, name) is not None
         ]
+        if "csv" in self.model_fields_set and self.format not in ("auto", "csv"):
+            raise ValueError(f"csv options are for CSV input only (format = {self.format!r})")
         if self.format == "openai-batch":
             if given:
                 raise ValueError(f"{given[0]} cannot be used with format = 'openai-batch'")
@@ -337,6 +377,18 @@ def parse_spec(text: str, *, path: Path, display: str) -> LoadedSpec:
     if job.input.format != "openai-batch" and (job.request is None or not job.request.models):
         raise SpecError(display, "request.model", "is required")
     return LoadedSpec(job, path.resolve(), text)
+
+
+def input_spec_of(text: str, path: str) -> InputSpec | None:
+    """The [input] table of a spec's text, read from `path`; None when it is not valid
+    (a frozen spec of an older version, say)."""
+    try:
+        table = tomllib.loads(text).get("input")
+        if not isinstance(table, dict):
+            return None
+        return InputSpec.model_validate({**table, "path": path})
+    except (tomllib.TOMLDecodeError, ValidationError):
+        return None
 
 
 def check_environment(spec: LoadedSpec, environ: dict[str, str] | None = None) -> None:

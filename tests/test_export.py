@@ -102,3 +102,87 @@ def test_summary_top_errors_carry_messages(mixed: Mixed) -> None:
 
 def rows_of(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- export ------------------------------------------------------------------------------
+
+
+def one_line(code: int, stdout: str, stderr: str) -> str:
+    assert code == 2, (stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_export_to_a_missing_folder_is_a_user_error(mixed: Mixed) -> None:
+    """A folder that does not exist: exit 2, one line naming it, nothing created."""
+    out = mixed.folder / "nodir" / "x.parquet"
+    line = one_line(*mixed.cli("export", mixed.run.run_id, str(out)))
+    assert line == f"error: {out}: folder {out.parent} does not exist"
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("case", ["under-a-file", "a-folder", "the-input", "in-the-run"])
+def test_export_to_a_path_that_cannot_be_written_is_a_user_error(mixed: Mixed, case: str) -> None:
+    """A path under a regular file, a folder, the run's input file or a file of the run
+    itself is refused with exit 2 and one line, whatever --overwrite says; nothing changes."""
+    (mixed.folder / "plain-file").write_text("x")
+    (mixed.folder / "a-folder.csv").mkdir(exist_ok=True)
+    out = {
+        "under-a-file": mixed.folder / "plain-file" / "x.csv",
+        "a-folder": mixed.folder / "a-folder.csv",
+        "the-input": mixed.folder / "data.jsonl",
+        "in-the-run": mixed.run.path / "manifest.json.csv",
+    }[case]
+    before = {p: p.read_bytes() for p in (mixed.folder / "data.jsonl", mixed.run.manifest_path)}
+    line = one_line(*mixed.cli("export", mixed.run.run_id, str(out), "--overwrite"))
+    assert line.startswith(f"error: {out}: "), line
+    assert {p: p.read_bytes() for p in before} == before
+    assert not list(mixed.folder.glob("**/*.tmp"))
+    assert not (mixed.run.path / "manifest.json.csv").exists()
+
+
+def test_an_existing_file_is_replaced_only_with_overwrite(mixed: Mixed, tmp_path: Path) -> None:
+    """Export refuses to replace an existing file unless --overwrite is given."""
+    out = tmp_path / "answers.jsonl"
+    out.write_text("keep me\n")
+    line = one_line(*mixed.cli("export", mixed.run.run_id, str(out)))
+    assert line == f"error: {out}: exists; add --overwrite to replace it"
+    assert out.read_text() == "keep me\n"
+    code, _, err = mixed.cli("export", mixed.run.run_id, str(out), "--overwrite")
+    assert code == 0, err
+    assert [r["id"] for r in rows_of(out)] == [f"r{i}" for i in range(len(TEXTS))]
+
+
+DRIFT_AT = 25_000
+
+
+def test_jsonl_whose_column_type_drifts_exports_and_queries(tmp_path: Path) -> None:
+    """A JSONL input whose unused column is a number for 25,000 rows and then text (and gains
+    a column late) runs, exports and shows in the `input` view, read like the runner reads it."""
+    data = [
+        {"id": f"r{i}", "text": "", "extra": i if i < DRIFT_AT else f"s{i}"}
+        for i in range(DRIFT_AT + 5)
+    ]
+    for i in (0, 1, DRIFT_AT + 2):
+        data[i]["text"] = f"question {i}"
+    data[DRIFT_AT + 3]["late"] = True
+    write_rows(tmp_path / "data.jsonl", data)
+    write_spec(tmp_path, spec_text())
+    done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out.jsonl"
+    done = run_cli("export", "t", str(out), "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    exported = rows_of(out)
+    assert len(exported) == len(data)
+    assert [r["extra"] for r in exported[DRIFT_AT - 1 : DRIFT_AT + 1]] == [
+        DRIFT_AT - 1,
+        f"s{DRIFT_AT}",
+    ]
+    assert exported[DRIFT_AT + 3]["late"] is True and exported[0]["late"] is None
+    assert exported[DRIFT_AT + 2]["status"] == "ok" and exported[5]["status"] == "skipped"
+    sql = "SELECT row_index, extra::VARCHAR AS extra FROM input WHERE row_index >= 25004"
+    done = run_cli("query", "t", sql, "--format", "json", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"row_index": DRIFT_AT + 4, "extra": f'"s{DRIFT_AT + 4}"'}]
