@@ -116,11 +116,17 @@ class InputFile:
         else:
             names = set(self._csv_header())
             schema = None
+        listed = _columns_listed(dict.fromkeys(schema.names if schema else self._csv_header()))
         for column in self.needed:
-            if column not in names:
-                raise InputError(
-                    self.shown, None, f"no column {column!r} (columns: {', '.join(sorted(names))})"
-                )
+            if column in names:
+                continue
+            if column in self._named_columns():
+                raise InputError(self.shown, None, f"no column {column!r} ({listed})")
+            raise InputError(
+                self.shown,
+                None,
+                f"input.template field {{{column}}} is not a column ({listed}){_BRACE_HINT}",
+            )
         prompt = self.spec.prompt_column
         if schema is not None and prompt is not None:
             kind = schema.field(prompt).type
@@ -128,6 +134,10 @@ class InputFile:
                 raise InputError(
                     self.shown, None, f"column {prompt!r} has type {kind}, expected text"
                 )
+
+    def _named_columns(self) -> set[str]:
+        spec = self.spec
+        return {c for c in (spec.id_column, spec.prompt_column, spec.messages_column) if c}
 
     def _parquet(self) -> pq.ParquetFile:
         try:
@@ -179,15 +189,13 @@ class InputFile:
         except (pa.ArrowInvalid, OSError, UnicodeError) as exc:
             if "Empty CSV file" in str(exc):
                 return []
-            raise InputError(self.shown, None, self._csv_problem(exc)) from None
+            line = _first_undecodable_line(self.path, self.spec.csv.encoding)
+            if line is not None:
+                raise InputError(self.shown, line, self._not_decodable()) from None
+            raise InputError(
+                self.shown, None, f"not a readable CSV file ({str(exc).splitlines()[0]})"
+            ) from None
         return list(reader.schema.names)
-
-    def _csv_problem(self, exc: Exception) -> str:
-        """Why a CSV file cannot be read, with the line of its first bad byte if that is it."""
-        line = _first_undecodable_line(self.path, self.spec.csv.encoding)
-        if line is not None:
-            return f"line {line}: {self._not_decodable()}"
-        return f"not a readable CSV file ({str(exc).splitlines()[0]})"
 
     def _not_decodable(self) -> str:
         encoding = self.spec.csv.encoding
@@ -274,6 +282,19 @@ def _json_problem(raw: bytes, exc: orjson.JSONDecodeError) -> str:
     return f"malformed JSON ({exc.msg} at column {exc.pos + 1})"
 
 
+_BRACE_HINT = "; to write a literal brace in a template, double it: {{ and }}"
+
+
+def _columns_listed(values: dict[str, Any]) -> str:
+    names = list(values)
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+    return f"columns: {shown}" if names else "no columns"
+
+
+def _no_column(column: str, values: dict[str, Any]) -> str:
+    return f"no column {column!r} ({_columns_listed(values)})"
+
+
 def _needed_columns(spec: InputSpec) -> list[str]:
     needed: list[str] = []
     if spec.id_column:
@@ -283,12 +304,24 @@ def _needed_columns(spec: InputSpec) -> list[str]:
     if spec.messages_column:
         needed.append(spec.messages_column)
     if spec.template:
-        for _, name, _, _ in string.Formatter().parse(spec.template):
+        try:
+            fields = [name for _, name, _, _ in string.Formatter().parse(spec.template)]
+        except ValueError as exc:
+            raise InputError("input.template", None, f"{exc}{_BRACE_HINT}") from None
+        for name in fields:
             if name is not None:
                 key = name.split(".")[0].split("[")[0]
                 if not key or key.isdigit():
                     raise InputError(
                         "input.template", None, "use named fields like {title}, not {} or {0}"
+                    )
+                if key != key.strip() or any(c in key for c in "\"'{}:\n"):
+                    # JSON in a template: {"a": ...} reads as a field named "a".
+                    raise InputError(
+                        "input.template",
+                        None,
+                        f"field {{{name}}} is not a column name{_BRACE_HINT} "
+                        '(e.g. {{"answer": "{title}"}})',
                     )
                 if key not in needed:
                     needed.append(key)
@@ -382,7 +415,7 @@ class RequestBuilder:
         column = self.spec.prompt_column
         assert column is not None
         if column not in row.values:
-            raise InputError(self.shown, row.line, f"no column {column!r}")
+            raise InputError(self.shown, row.line, _no_column(column, row.values))
         value = row.values[column]
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
@@ -398,7 +431,7 @@ class RequestBuilder:
         column = self.spec.messages_column
         assert column is not None
         if column not in row.values:
-            raise InputError(self.shown, row.line, f"no column {column!r}")
+            raise InputError(self.shown, row.line, _no_column(column, row.values))
         value = row.values[column]
         if isinstance(value, str):
             try:
@@ -426,11 +459,17 @@ class RequestBuilder:
         try:
             text = template.format_map(values)
         except KeyError as exc:
+            name = exc.args[0]
             raise InputError(
-                self.shown, row.line, f"template field {exc.args[0]!r} is not a column"
+                self.shown,
+                row.line,
+                f"input.template field {{{name}}} is not a column "
+                f"({_columns_listed(row.values)}){_BRACE_HINT}",
             ) from None
         except (ValueError, IndexError, AttributeError) as exc:
-            raise InputError(self.shown, row.line, f"template cannot be filled ({exc})") from None
+            raise InputError(
+                self.shown, row.line, f"input.template cannot be filled ({exc}){_BRACE_HINT}"
+            ) from None
         return self._with_system([{"role": "user", "content": text}]) if text.strip() else None
 
     def _batch_item(self, row: Row) -> WorkItem | Skip:

@@ -371,13 +371,14 @@ def test_missing_prompt_column_fails_before_reading_rows(tmp_path: Path, suffix:
 
 
 def test_missing_prompt_column_in_jsonl_is_reported_per_line(tmp_path: Path) -> None:
-    """JSONL has no schema: a line without the prompt key is refused with its line number."""
+    """JSONL has no schema: a line without the prompt key is refused with its line number,
+    listing the columns that line has."""
     path = write_rows(tmp_path / "data.jsonl", [ROWS[0], {"id": "b", "other": "x"}])
     source, builder = open_input(path)
     source.check_columns()
     with pytest.raises(InputError) as info:
         check_input(source, builder)
-    assert str(info.value) == "data.jsonl:2: no column 'text'"
+    assert str(info.value) == "data.jsonl:2: no column 'text' (columns: id, other)"
 
 
 def test_non_text_prompt_column_in_parquet_is_refused(tmp_path: Path) -> None:
