@@ -337,6 +337,44 @@ def runs(runs_dir: Path, fmt: str) -> None:
     _emit(header, rows, fmt)
 
 
+@cli.command()
+@click.argument("run_ids", metavar="RUN...", nargs=-1, required=True)
+@_runs_dir_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def rm(run_ids: tuple[str, ...], runs_dir: Path, yes: bool) -> None:
+    """Delete runs no longer wanted: their results, journal and spec copy.
+
+    RUN is a run id (as `runner runs` lists it) or a run folder; a job name is not enough.
+    A run that a process is running is refused and kept. Asks first unless --yes.
+    """
+    from runner.errors import UsageError
+    from runner.state import RunDir
+
+    targets: list[RunDir] = []
+    for ref in run_ids:
+        found = next(
+            (p for p in (runs_dir / ref, Path(ref)) if (p / "manifest.json").is_file()), None
+        )
+        if found is None:
+            raise UsageError(
+                f"no run {ref!r} in {runs_dir} (give run ids, as `runner runs` lists them)"
+            )
+        targets.append(RunDir(found.resolve()))
+    for run in targets:
+        holder = run.holder_pid()
+        if holder:
+            shown = f"process {holder}" if holder > 0 else "another process"
+            raise UsageError(f"run {run.run_id} is running ({shown}); stop it first")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("rm deletes runs for good: add --yes to confirm")
+        names = ", ".join(run.run_id for run in targets)
+        click.confirm(f"delete {names}?", abort=True, err=True)
+    for run in targets:
+        run.remove()
+        click.echo(f"removed {run.run_id}", err=True)
+
+
 def _prices_option(func: F) -> F:
     return click.option(
         "--prices",

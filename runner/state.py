@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from array import array
 from collections.abc import Iterator
@@ -196,6 +197,23 @@ class RunDir:
             return None
         finally:
             os.close(fd)
+
+    def remove(self) -> None:
+        """Delete the run's folder, holding its lock so that no session runs meanwhile.
+
+        Raises RunLocked (and deletes nothing) when a process is running the run. The folder
+        is first renamed to a hidden name, so a half-deleted run is never listed.
+        """
+        self.lock()
+        try:
+            doomed = self.path.with_name(f".removing-{self.run_id}-{os.getpid()}")
+            try:
+                os.rename(self.path, doomed)
+            except OSError as exc:
+                raise storage_error("remove run folder", self.path, exc) from None
+        finally:
+            self.unlock()
+        shutil.rmtree(doomed, ignore_errors=True)
 
     # -- manifest ----------------------------------------------------------------------------
 
