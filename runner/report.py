@@ -183,7 +183,7 @@ class RunDB:
         """The `input` view, the file read as the runner reads it: Parquet as it is, CSV with
         the spec's dialect and encoding, every column text, JSONL with each column's type
         taken from every line (a column whose type changes down the file is JSON)."""
-        kind = detect_format(path, spec.format) if path.suffix else "jsonl"
+        kind = detect_format(path, spec.format) if path.suffix or spec.format != "auto" else "jsonl"
         quoted = _sql_str(str(path))
         if kind != "parquet" and _blank(path):
             # DuckDB would invent a column for a file with no rows at all.

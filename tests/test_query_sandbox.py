@@ -278,3 +278,26 @@ def test_the_runs_own_part_files_read(box: Sandbox) -> None:
     (part, *_) = sorted(box.run.parts_dir.glob("*.parquet"))
     _, rows = query(box.run, f"SELECT count(*) AS n FROM read_parquet('{part}')")
     assert rows[0][0] > 0
+
+
+def test_a_parquet_input_reads_but_its_neighbours_do_not(tmp_path: Path) -> None:
+    """With a Parquet input the view reads the file itself (allowed by exact path), while a
+    Parquet file beside it stays unreadable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_rows(tmp_path / "data.parquet", [{"id": f"r{i}", "text": f"q {i}"} for i in range(3)])
+    pq.write_table(pa.table({"secret": [SIBLING_SECRET]}), tmp_path / "other.parquet")
+    write_spec(tmp_path, spec_text(input_path="data.parquet"))
+    done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (path,) = (tmp_path / "runs").iterdir()
+    run = RunDir(path)
+    _, rows = query(run, "SELECT count(*) FROM input i JOIN results r USING (row_index)")
+    assert rows == [(3,)]
+    with pytest.raises(UsageError, match=r"^query refused: ") as info:
+        query(run, f"SELECT * FROM read_parquet('{tmp_path}/other.parquet')")
+    assert SIBLING_SECRET not in str(info.value)
+    with pytest.raises(UsageError, match=r"^query refused: "):
+        query(run, f"COPY (SELECT 1 AS x) TO '{tmp_path}/data.parquet' (USE_TMP_FILE false)")
+    assert pq.read_table(tmp_path / "data.parquet").num_rows == 3
