@@ -501,7 +501,16 @@ def query(
     _only_one_select(sql)
     needs_input = re.search(r"\binput\b", sql, re.IGNORECASE) is not None
     with RunDB(run, with_input=needs_input, prices=prices, sandboxed=True) as db:
-        return db.query(sql)
+        try:
+            return db.query(sql)
+        except UsageError as exc:
+            gone = needs_input and db.input_path is None
+            if gone and "Table with name input does not exist" in str(exc):
+                path = db.manifest.get("input", {}).get("path")
+                raise UsageError(
+                    f"query failed: the run's input file is gone ({path}): no input view"
+                ) from None
+            raise
 
 
 def _only_one_select(sql: str) -> None:

@@ -186,3 +186,22 @@ def test_jsonl_whose_column_type_drifts_exports_and_queries(tmp_path: Path) -> N
     done = run_cli("query", "t", sql, "--format", "json", "--runs-dir", "runs", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [{"row_index": DRIFT_AT + 4, "extra": f'"s{DRIFT_AT + 4}"'}]
+
+
+def test_input_gone_is_a_user_error_for_export_and_query(tmp_path: Path) -> None:
+    """When the run's input file was moved away, export and a query of the input view exit 2
+    with one line naming the file; the other views still answer."""
+    write_rows(tmp_path / "data.jsonl", [{"id": "a", "text": "x"}])
+    write_spec(tmp_path, spec_text())
+    assert run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path).returncode == 0
+    (tmp_path / "data.jsonl").rename(tmp_path / "moved.jsonl")
+    path = tmp_path / "data.jsonl"
+    done = run_cli("export", "t", "out.csv", "--runs-dir", "runs", cwd=tmp_path)
+    line = one_line(done.returncode, done.stdout, done.stderr)
+    assert line.startswith("error: the input file of run t-") and line.endswith(f"({path})")
+    done = run_cli("query", "t", "SELECT * FROM input", "--runs-dir", "runs", cwd=tmp_path)
+    line = one_line(done.returncode, done.stdout, done.stderr)
+    assert line == f"error: query failed: the run's input file is gone ({path}): no input view"
+    done = run_cli("query", "t", "SELECT count(*) AS n FROM results", "--runs-dir", "runs",
+                   cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.split()[-1] == "1", done.stderr
