@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import tomllib
+import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,12 +90,12 @@ class RunDB:
         # DuckDB spills to `.tmp` of the current folder by default, and lets queries read and
         # write its temp directory whatever else is locked: a sandbox spills nowhere, other
         # uses into a private folder removed on close.
-        self._spill: tempfile.TemporaryDirectory[str] | None = None
-        if sandboxed:
-            temp_directory = ""
-        else:
-            self._spill = tempfile.TemporaryDirectory(prefix="runner-duckdb-")
-            temp_directory = self._spill.name
+        self._spill: weakref.finalize[Any, Any] | None = None
+        temp_directory = ""
+        if not sandboxed:
+            temp_directory = tempfile.mkdtemp(prefix="runner-duckdb-")
+            # Removed on close, or when this object goes away (a view that failed to build).
+            self._spill = weakref.finalize(self, shutil.rmtree, temp_directory, True)
         self.con = duckdb.connect(":memory:", config={"temp_directory": temp_directory})
         self._files: list[str] = []
         # DuckDB draws its own progress bar on long queries; this module never prints.
@@ -222,8 +224,7 @@ class RunDB:
     def close(self) -> None:
         self.con.close()
         if self._spill is not None:
-            self._spill.cleanup()
-            self._spill = None
+            self._spill()
 
     def __enter__(self) -> RunDB:
         return self

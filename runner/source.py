@@ -265,12 +265,17 @@ def _first_undecodable_line(path: Path, encoding: str) -> int | None:
     """The 1-based number of the first line that does not decode, if any (lines split on
     b"\n": right for UTF-8 and single-byte encodings, approximate for UTF-16)."""
     decoder = codecs.getincrementaldecoder(encoding)()
+    number = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 decoder.decode(raw)
             except UnicodeDecodeError:
                 return number
+    try:
+        decoder.decode(b"", final=True)  # a sequence cut short at the end of the file
+    except UnicodeDecodeError:
+        return number
     return None
 
 

@@ -208,3 +208,16 @@ def test_input_gone_is_a_user_error_for_export_and_query(tmp_path: Path) -> None
     assert line == f"error: query failed: the run's input file is gone ({path}): no input view"
     (run,) = (tmp_path / "runs").iterdir()
     assert query(RunDir(run), "SELECT count(*) FROM results")[1] == [(1,)]
+
+
+def test_report_and_export_leave_no_temp_files(mixed: Mixed, tmp_path: Path) -> None:
+    """DuckDB's spill folder is private and removed: after report and export, the caller's
+    TMPDIR holds nothing and the current folder has no `.tmp`."""
+    private = tmp_path / "tmpdir"
+    private.mkdir()
+    env = {"TMPDIR": str(private)}
+    for args in (["report", mixed.run.run_id], ["export", mixed.run.run_id, "x.parquet"]):
+        done = run_cli(*args, "--runs-dir", str(mixed.folder / "runs"), cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stderr
+    assert list(private.iterdir()) == []
+    assert not (tmp_path / ".tmp").exists()
