@@ -321,7 +321,7 @@ def runs(runs_dir: Path, fmt: str) -> None:
     header = ["run_id", "job", "state", "ok", "failed", "total", "cost_usd", "created_at"]
     rows = []
     for m in list_runs(runs_dir):
-        counts = m.get("counts") or {}
+        counts = _run_counts(runs_dir, m)
         rows.append(
             (
                 m.get("run_id"),
@@ -335,6 +335,22 @@ def runs(runs_dir: Path, fmt: str) -> None:
             )
         )
     _emit(header, rows, fmt)
+
+
+def _run_counts(runs_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """A run's row counts: the manifest's once a session ended, counted from the run's
+    files while it runs (or after a crash), when the manifest has none yet."""
+    counts: dict[str, Any] = manifest.get("counts") or {}
+    if manifest.get("state") != "running" and "ok" in counts:
+        return counts
+    from runner import report
+    from runner.state import RunDir
+
+    try:
+        live = report.summary(RunDir(runs_dir / str(manifest.get("run_id"))))
+    except RunnerError:
+        return counts
+    return {**counts, "ok": live["ok"], "failed": live["failed"], "total": live["total"]}
 
 
 @cli.command()

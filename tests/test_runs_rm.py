@@ -1,7 +1,9 @@
-"""`runner rm RUN...`: delete runs a person no longer wants, never one that is running."""
+"""`runner rm RUN...`: delete runs a person no longer wants, never one that is running;
+`runner runs` while one is running."""
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -84,6 +86,12 @@ def test_rm_refuses_a_running_run_and_keeps_it(tmp_path: Path) -> None:
         assert before <= files(folder)
         assert {Path("manifest.json"), Path("job.toml"), Path("lock")} <= set(before)
         assert ids(tmp_path) == [run_id]
+        # `runner runs` counts the running run's rows from its files, not blanks.
+        done = run_cli("runs", "--format", "json", "--runs-dir", "runs", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        [listed] = json.loads(done.stdout)
+        assert (listed["state"], listed["ok"], listed["failed"]) == ("running", 0, 0)
+        assert listed["total"] in (None, 4)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
