@@ -464,9 +464,11 @@ def _plain(value: Any) -> str:
 @_format_option
 @_prices_option
 def query(run: str, sql: str, runs_dir: Path, fmt: str, prices_file: Path | None) -> None:
-    """Run SQL over RUN's views: results, attempts, costed, prices, input.
+    """Run one SELECT over RUN's views: results, attempts, costed, prices, input.
 
-    The SQL can read the run's own files only: no other file, no URL, no extension.
+    A read-only sandbox: the SQL reads the run's own files only (no other file, no URL, no
+    extension) and writes nothing; COPY, ATTACH, SET, PRAGMA, INSTALL and the like are
+    refused. `runner export` writes files.
     """
     from runner import report as reports
     from runner.state import resolve_run
