@@ -10,8 +10,8 @@ beyond the one described at `_Handler`. What aiohttp does not do for us is done 
   Only gzip and deflate are asked for (and decoded here, bounded); a body in any other encoding
   was not asked for.
 - Nothing unasked is taken as an answer: bytes that arrive on an idle connection close it, and
-  a connection is only reused once the answer it carried has been checked (an answer id seen
-  before on that connection means the connection is out of step: it is closed).
+  a connection is only reused once the answer it carried has been checked (an answer id that
+  connection delivered before, for another request, means it is out of step: it is closed).
 
 Outcomes are classified by status code and exception type, never by message text. Every
 message that may quote the provider is scrubbed of the API key before it leaves this module.
@@ -132,6 +132,7 @@ class _Handler(ResponseHandler):
       without a word looks the same from here). aiohttp retries this case for idempotent
       methods only; a POST is retried once here, and the first try is not recorded as an
       attempt, so it is not counted as possibly billed.
+    - `ids`: the answer ids it delivered lately, to recognise one delivered again.
     - `checking` / `parked`: a connection whose answer this module has not yet checked is
       not handed to another request (see `_Connector._release`).
     """
@@ -143,7 +144,7 @@ class _Handler(ResponseHandler):
         self.answered = False
         self.checking = False
         self.parked: ConnectionKey | None = None
-        self.ids: dict[str, None] | None = None
+        self.ids: dict[str, int] | None = None
 
     def set_response_params(self, **params: Any) -> None:
         # aiohttp calls this as a request is about to be written on this connection.
@@ -163,14 +164,22 @@ class _Handler(ResponseHandler):
             self.answered = True
         super().data_received(data)
 
-    def seen(self, answer_id: str) -> bool:
-        """Remember `answer_id`; True when this connection delivered it before."""
+    def repeated(self, answer_id: str, request: bytes) -> bool:
+        """Remember `answer_id` as the answer to `request`; True when this connection
+        delivered that id before as the answer to a different request.
+
+        The same id for the same request is no proof of anything (a caching gateway, or the
+        same question asked again of a deterministic server), so only a different request
+        counts.
+        """
         ids = self.ids
         if ids is None:
             ids = self.ids = {}
-        elif answer_id in ids:
+        asked = hash(request)
+        before = ids.get(answer_id)
+        if before is not None and before != asked:
             return True
-        ids[answer_id] = None
+        ids[answer_id] = asked
         if len(ids) > _REMEMBERED_IDS:
             del ids[next(iter(ids))]
         return False
@@ -275,8 +284,10 @@ class ChatClient:
             keepalive_timeout=KEEPALIVE_S,
             ssl=self._tls if self._tls is not None else True,
         )
+        # No session-wide headers: aiohttp copies those onto a proxy's CONNECT request too
+        # (the Authorization header as Proxy-Authorization), which would hand the key to the
+        # proxy. They go with each request instead.
         self._session = aiohttp.ClientSession(
-            headers=self._headers,
             connector=self._connector,
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,  # decoded here, bounded
@@ -321,7 +332,12 @@ class ChatClient:
         try:
             # A redirect is an answer like another: never followed, so the key goes nowhere else.
             async with session.post(
-                self._url, data=body, allow_redirects=False, proxy=self._proxy, timeout=timeout
+                self._url,
+                data=body,
+                headers=self._headers,
+                allow_redirects=False,
+                proxy=self._proxy,
+                timeout=timeout,
             ) as response:
                 # The connection it came on (aiohttp may have let go of it already).
                 handler = _USED.get()
@@ -364,7 +380,11 @@ class ChatClient:
                 kind = headers.get("content-type", "")
                 raise self._failure(status, reason, kind, content, kept, location)
             answer = self._completion(content, kept)
-            if answer.response_id and handler is not None and handler.seen(answer.response_id):
+            if (
+                answer.response_id
+                and handler is not None
+                and handler.repeated(answer.response_id, body)
+            ):
                 raise ProtocolFailure(
                     "an answer this connection had delivered before came again: the "
                     "connection is out of step and was closed",
