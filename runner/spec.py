@@ -150,6 +150,14 @@ class EndpointSpec(_Strict):
             raise ValueError(f"must be an http(s) URL or {SIMULATOR!r} (got {value!r})")
         if _CONTROL_RE.search(value) or " " in value:
             raise ValueError("must not contain spaces or control characters")
+        if (
+            value.startswith("http://")
+            and not info.data.get("allow_insecure")
+            and not is_loopback_url(value)
+        ):
+            raise ValueError(
+                "uses http:// for a non-loopback host; use https:// or set allow_insecure = true"
+            )
         try:
             parts = urllib.parse.urlsplit(value)
             port = parts.port
@@ -162,14 +170,6 @@ class EndpointSpec(_Strict):
             raise ValueError(f"has no host (got {value!r})")
         if port is not None and not 1 <= port <= 65535:
             raise ValueError(f"port must be 1-65535 (got {port})")
-        if (
-            value.startswith("http://")
-            and not info.data.get("allow_insecure")
-            and not is_loopback_url(value)
-        ):
-            raise ValueError(
-                "uses http:// for a non-loopback host; use https:// or set allow_insecure = true"
-            )
         return value.rstrip("/")
 
     @field_validator("api_key_env")
