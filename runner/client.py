@@ -26,7 +26,6 @@ import re
 import resource
 import ssl
 import time
-import urllib.request
 import zlib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -606,6 +605,8 @@ def _env_proxy(url: str) -> str | None:
     """The proxy HTTPS_PROXY / HTTP_PROXY name for `url` (NO_PROXY honoured), if any."""
     if is_loopback_url(url):
         return None
+    import urllib.request  # ~20 ms of start-up, for remote endpoints only
+
     parts = urlsplit(url)
     proxy = urllib.request.getproxies().get(parts.scheme.lower())
     if not proxy or not parts.hostname:
