@@ -6,6 +6,7 @@ answer on the wrong row, and the key sent to the endpoint only."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -278,20 +279,22 @@ async def huge_announced(ex: Exchange) -> None:
             await ex.send(b"a" * 65536)
 
 
-def _bomb() -> bytes:
-    squeeze = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip
+@functools.cache
+def bomb() -> bytes:
+    """64 KB of gzip that inflates to 64 MB of zeros: 64 times the child's limit."""
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 31)
     block = bytes(1024 * 1024)
-    parts = [squeeze.compress(block) for _ in range(256)]  # 256 MB of zeros
+    parts = [squeeze.compress(block) for _ in range(64)]
     return b"".join(parts) + squeeze.flush()
 
 
-BOMB = _bomb()
-
-
 async def gzip_bomb(ex: Exchange) -> None:
+    payload = bomb()
     while await ex.next_request():
-        head = f"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: {len(BOMB)}\r\n\r\n"
-        await ex.send(head.encode() + BOMB)
+        head = (
+            f"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: {len(payload)}\r\n\r\n"
+        )
+        await ex.send(head.encode() + payload)
 
 
 def encoded_as(encoding: str) -> Handler:
