@@ -49,6 +49,7 @@ async def main():
     async def one(i):
         body = json.dumps({"model": "m", "messages": [{"role": "user", "content": f"row-{i}"}]})
         async with gate:
+            await asyncio.sleep(args["pause"])
             for attempt in range(1, args["attempts"] + 1):
                 started = time.monotonic()
                 try:
@@ -211,8 +212,10 @@ def run_client(
     timeout: float = 5.0,
     attempts: int = 1,
     max_bytes: int = MAX_BYTES,
+    pause: float = 0.0,
 ) -> dict[str, Any]:
     args = {
+        "pause": pause,
         "url": url,
         "key": KEY,
         "rows": rows,
@@ -327,6 +330,17 @@ async def closes_when_reused(ex: Exchange) -> None:
         if ex.number > 1:
             ex.seen.heads.pop()  # never read, as far as the server is concerned
             ex.seen.bodies.pop()
+            return
+        await ex.send(response(answer(ex.tag)))
+
+
+async def closes_when_idle(ex: Exchange) -> None:
+    """Keep-alive with a 50 ms idle timeout, as servers have (longer): closed silently."""
+    while True:
+        try:
+            if not await asyncio.wait_for(ex.next_request(), 0.05):
+                return
+        except TimeoutError:
             return
         await ex.send(response(answer(ex.tag)))
 
@@ -462,6 +476,17 @@ def test_a_connection_closed_as_it_is_reused_costs_no_attempt(
     assert sorted(json.loads(b)["messages"][0]["content"] for b in server.seen.bodies) == sorted(
         f"row-{i}" for i in range(40)
     )
+
+
+def test_a_server_closing_idle_connections_costs_no_attempt(
+    serve: Callable[[Handler], Listener],
+) -> None:
+    server = serve(closes_when_idle)
+    # One request every 120 ms: each finds its connection closed by the server meanwhile.
+    out = run_client(server.url, rows=8, concurrency=1, pause=0.12)
+    assert outcomes(out) == {"ok"}
+    assert all(r["attempts"] == 1 for r in out["results"])
+    assert len(server.seen.heads) == 8
 
 
 def test_interim_100_continue_is_skipped(serve: Callable[[Handler], Listener]) -> None:
