@@ -9,6 +9,8 @@ Prints one JSON line: rows, ok, errors, run_seconds (first send to last answer).
 
 import asyncio
 import json
+import os
+import ssl
 import sys
 import time
 
@@ -39,7 +41,11 @@ async def main(src: str, dst: str, base_url: str, concurrency: int, deadline: fl
                 errors[i] = f"{type(exc).__name__}: {exc}"
 
     lim = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    client = httpx2.AsyncClient(limits=lim, timeout=httpx2.Timeout(60), trust_env=False)
+    # SSL_CERT_FILE (set by bench/run.py for the HTTPS workload) names the test CA.
+    verify = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE"))
+    client = httpx2.AsyncClient(
+        limits=lim, timeout=httpx2.Timeout(60), trust_env=False, verify=verify
+    )
     async with asyncio.timeout(deadline), client as session:
         workers = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
         t.append(time.time())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -40,6 +41,38 @@ def simulator(*switches: str, cpu: int = 1) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+SIM_SCRIPT = """
+import json, sys
+from runner.sim_http import server_tls
+from runner.simulator import SimulatorConfig, serve
+config = SimulatorConfig(**json.loads(sys.argv[1]))
+tls = server_tls(sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 else None
+serve("127.0.0.1", 0, config, ready=lambda url: print("listening on", url, flush=True), tls=tls)
+"""
+
+
+@contextlib.contextmanager
+def configured_simulator(
+    config: dict[str, object], tls: tuple[Path, Path] | None = None, *, cpu: int = 1
+) -> Iterator[str]:
+    """A simulator with any SimulatorConfig settings (and TLS from a certificate and key, when
+    given) in its own process; yields its base URL."""
+    argv = [sys.executable, "-c", SIM_SCRIPT, json.dumps(config)]
+    argv += [str(tls[0]), str(tls[1])] if tls else []
+    proc = subprocess.Popen(pinned(cpu, argv), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "listening on" not in line:
+            raise RuntimeError(f"simulator did not start: {line!r}")
+        yield line.rsplit(" ", 1)[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def make_input(rows: int) -> Path:
     """A Parquet file of `rows` prompts of varied length (cached between runs)."""
     OUT.mkdir(parents=True, exist_ok=True)
@@ -57,13 +90,20 @@ def make_input(rows: int) -> Path:
 
 
 def make_spec(
-    name: str, input_path: Path, base_url: str, *, concurrency: int, extra: str = ""
+    name: str,
+    input_path: Path,
+    base_url: str,
+    *,
+    concurrency: int,
+    extra: str = "",
+    endpoint_extra: str = "",
 ) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
     spec = OUT / f"{name}.toml"
     spec.write_text(
         f'name = "{name}"\n\n[input]\npath = "{input_path}"\nid_column = "id"\n'
-        f'prompt_column = "text"\n\n[endpoint]\nbase_url = "{base_url}"\ntimeout_s = 60\n\n'
+        f'prompt_column = "text"\n\n[endpoint]\nbase_url = "{base_url}"\ntimeout_s = 60\n'
+        f"{endpoint_extra}\n\n"
         f'[request]\nmodel = "gpt-4o-mini"\nmax_tokens = 64\n\n'
         f"[run]\nconcurrency = {concurrency}\n{extra}\n"
     )

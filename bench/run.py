@@ -26,16 +26,23 @@ Workloads (--quick divides row counts by 10):
   W3  20,000 rows, 1 s latency, 2,048 concurrent (ideal 2,048 rows/s)
   W4  1,000,000 rows, 0 ms, 64 concurrent: runner only (+ a 100,000-row runner run for the
       peak-RSS flatness check); baselines with --w4-baselines
+  W5  10,000 rows over HTTPS (a test CA made with openssl; runner: endpoint.ca_bundle,
+      baselines: SSL_CERT_FILE), lognormal latency (median 1.5 s, sigma 0.72: p99 ~8 s),
+      1,024 concurrent (ideal: concurrency / mean latency, 527 rows/s)
+  W6  50,000 rows, 2 s latency, 8,192 concurrent (ideal 4,096 rows/s); needs ~16,700 open
+      files: the soft RLIMIT_NOFILE is raised to the hard limit (warned about when short)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -48,7 +55,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from common import OUT, ROOT, make_input, make_spec, pinned, simulator
+from common import OUT, ROOT, configured_simulator, make_input, make_spec, pinned, simulator
 
 BIN = Path(sys.executable).parent
 HOOK_DIR = OUT / "hwm-hook"
@@ -74,10 +81,21 @@ class Workload:
     latency_ms: float
     jitter_ms: float
     concurrency: int
+    sigma: float = 0.0  # > 0: lognormal latency with median latency_ms
+    tls: bool = False
+
+    @property
+    def mean_latency_s(self) -> float:
+        return self.latency_ms / 1000 * math.exp(self.sigma**2 / 2)
 
     @property
     def ideal(self) -> float | None:
-        return self.concurrency / (self.latency_ms / 1000) if self.latency_ms else None
+        return self.concurrency / self.mean_latency_s if self.latency_ms else None
+
+    def config(self) -> dict[str, float]:
+        """The simulator settings, for a simulator started with `configured_simulator`."""
+        return {"latency_ms": self.latency_ms, "jitter_ms": self.jitter_ms,
+                "latency_sigma": self.sigma}  # fmt: skip
 
     def switches(self) -> list[str]:
         return ["--latency-ms", f"{self.latency_ms:g}", "--jitter-ms", f"{self.jitter_ms:g}"]
@@ -88,7 +106,11 @@ WORKLOADS = {
     "W2": Workload("W2", 5_000, 200, 50, 256),
     "W3": Workload("W3", 20_000, 1000, 0, 2048),
     "W4": Workload("W4", 1_000_000, 0, 0, 64),
+    "W5": Workload("W5", 10_000, 1500, 0, 1024, sigma=0.72, tls=True),
+    "W6": Workload("W6", 50_000, 2000, 0, 8192),
 }
+# The HTTPS workload's CA (bench/out/tls/ca.pem once made): sim_get and the clients trust it.
+TLS: dict[str, Path] = {}
 
 
 def log(message: str) -> None:
@@ -97,7 +119,8 @@ def log(message: str) -> None:
 
 def sim_get(base_url: str, path: str, data: bytes | None = None) -> Any:
     url = base_url.removesuffix("/v1") + path
-    with urllib.request.urlopen(url, data=data, timeout=5) as resp:
+    context = ssl.create_default_context(cafile=str(TLS["ca"])) if "ca" in TLS else None
+    with urllib.request.urlopen(url, data=data, timeout=5, context=context) as resp:
         return json.load(resp)
 
 
@@ -124,16 +147,21 @@ def run_client(
     runs_dir = OUT / "bench-runs" / tag
     shutil.rmtree(runs_dir, ignore_errors=True)
     result_path = OUT / f"baseline-{tag}.parquet"
+    hwm_file = logs / f"{tag}.hwm"
+    env = dict(os.environ, BENCH_HWM_FILE=str(hwm_file))
     if client == "runner":
-        spec = make_spec(f"bench-{tag}", input_path, base_url, concurrency=w.concurrency)
+        trust = f'ca_bundle = "{TLS["ca"]}"' if w.tls else ""
+        spec = make_spec(
+            f"bench-{tag}", input_path, base_url, concurrency=w.concurrency, endpoint_extra=trust
+        )
         argv = [str(BIN / "runner"), "submit", str(spec), "--runs-dir", str(runs_dir)]
     else:
         script = ROOT / "bench" / f"baseline_{client}.py"
         argv = [sys.executable, str(script), str(input_path), str(result_path), base_url,
                 str(w.concurrency), str(timeout)]  # fmt: skip
-    hwm_file = logs / f"{tag}.hwm"
     hwm_file.unlink(missing_ok=True)
-    env = dict(os.environ, BENCH_HWM_FILE=str(hwm_file))
+    if w.tls and client != "runner":
+        env["SSL_CERT_FILE"] = str(TLS["ca"])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOOK_DIR), env.get("PYTHONPATH")]))
     sim_get(base_url, "/_sim/reset", b"")
     out_path, err_path = logs / f"{tag}.out", logs / f"{tag}.err"
@@ -243,6 +271,18 @@ def help_times(repeats: int = 5) -> dict[str, Any]:
     return result
 
 
+def _tls_files() -> tuple[Path, Path]:
+    """A test CA and server certificate under bench/out/tls (made once, with openssl)."""
+    from runner.sim_http import make_test_certificate
+
+    folder = OUT / "tls"
+    names = [folder / n for n in ("ca.pem", "server.pem", "server.key")]
+    if not all(p.exists() for p in names):
+        make_test_certificate(folder)
+    TLS["ca"] = names[0]
+    return names[1], names[2]
+
+
 def plan(w: Workload, quick: bool, w4_baselines: bool) -> list[tuple[str, int]]:
     rows = w.rows // 10 if quick else w.rows
     if w.name == "W4":
@@ -335,7 +375,7 @@ def _git_state() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="W1,W2,W3,W4", help="comma-separated workloads")
+    parser.add_argument("--only", default="W1,W2,W3,W4,W5,W6", help="comma-separated workloads")
     parser.add_argument("--quick", action="store_true", help="row counts / 10 (smoke run)")
     parser.add_argument("--w4-baselines", action="store_true", help="also run baselines on W4")
     parser.add_argument("--no-help-times", action="store_true", help="skip `runner --help` timing")
@@ -383,8 +423,17 @@ def main() -> None:
     warmed: set[str] = set()
     for name in names:
         w = WORKLOADS[name]
-        log(f"--- {name}: simulator {' '.join(w.switches())} (core {SIM_CPU})")
-        with simulator(*w.switches(), cpu=SIM_CPU) as base_url:
+        if w.tls or w.sigma:
+            log(
+                f"--- {name}: simulator {w.config()}{' over TLS' if w.tls else ''} (core {SIM_CPU})"
+            )
+            started = configured_simulator(w.config(), _tls_files() if w.tls else None, cpu=SIM_CPU)
+        else:
+            log(f"--- {name}: simulator {' '.join(w.switches())} (core {SIM_CPU})")
+            started = simulator(*w.switches(), cpu=SIM_CPU)
+        if not w.tls:
+            TLS.pop("ca", None)
+        with started as base_url:
             runs = [(c, n) for c, n in plan(w, args.quick, args.w4_baselines) if c in clients]
             for client in dict.fromkeys(c for c, _ in runs if c not in warmed and args.warmup):
                 # Unrecorded: loads the files into the page cache (and bytecode, if cached).

@@ -24,7 +24,9 @@ Imports nothing from the rest of the package (it is the bottom of the module map
     ├── ConnectFailure               the request never reached the server: not billed
     ├── TimeoutFailure               the total per-request deadline or a read timeout fired
     ├── ProtocolFailure              connection dropped or reset mid-answer
-    └── MalformedResponse            a 200 whose body is not a chat completion
+    ├── MalformedResponse            a 200 whose body is not a chat completion
+    ├── OversizedResponse            the body passed max_response_bytes: not retried
+    └── UndecodableResponse          a complete 200 in an encoding not asked for: not retried
 
 Messages that may contain provider text are scrubbed of secrets where they are made
 (client.py knows the key); nothing here formats a secret.
@@ -184,6 +186,24 @@ class ProtocolFailure(AttemptError):
 class MalformedResponse(AttemptError):
     error_type = "malformed_response"
     retryable = True
+    possibly_billed = True
+
+
+class OversizedResponse(AttemptError):
+    """The answer's body, raw or decompressed, passed `[endpoint] max_response_bytes`.
+
+    Not read further and not retried: the same request would get the same answer.
+    """
+
+    error_type = "response_too_large"
+    possibly_billed = True
+
+
+class UndecodableResponse(AttemptError):
+    """A complete 200 whose body cannot be decoded (an encoding that was not asked for, or a
+    corrupt one). It was paid for; buying it again would pay again for the same bytes."""
+
+    error_type = "undecodable_response"
     possibly_billed = True
 
 

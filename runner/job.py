@@ -298,6 +298,8 @@ async def _execute(
                 connect_timeout_s=endpoint.connect_timeout_s,
                 concurrency=job.run.concurrency,
                 headers=endpoint.headers,
+                max_response_bytes=endpoint.max_response_bytes,
+                ca_bundle=str(ca) if (ca := prepared.spec.ca_bundle) is not None else None,
             )
             policy = RetryPolicy(
                 max_attempts=job.run.max_attempts,

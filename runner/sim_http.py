@@ -8,9 +8,12 @@ cut short, or dripped slowly. What a request gets is the Host's business (runner
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Protocol
 
 import orjson
@@ -280,3 +283,43 @@ class Connection(asyncio.Protocol):
         if self._drip_handle is not None:
             self._drip_handle.cancel()
             self._drip_handle = None
+
+
+def server_tls(certfile: str, keyfile: str) -> ssl.SSLContext:
+    """A TLS server context for the simulator from a PEM certificate chain and its key."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def make_test_certificate(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate it signed, for localhost, sim.test, 127.0.0.1.
+
+    Returns (ca.pem, server.pem, server.key) in `folder`; made with the `openssl` command,
+    for tests and benchmarks only (the keys are not protected).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = folder / "ca.pem", folder / "ca.key"
+    cert, key, csr = folder / "server.pem", folder / "server.key", folder / "server.csr"
+    ext = folder / "server.ext"
+    ext.write_text(
+        "subjectAltName = DNS:localhost, DNS:sim.test, IP:127.0.0.1\n"
+        "basicConstraints = critical, CA:FALSE\n"
+        "keyUsage = critical, digitalSignature\n"
+        "extendedKeyUsage = serverAuth\n"
+        "subjectKeyIdentifier = hash\n"
+        "authorityKeyIdentifier = keyid, issuer\n"
+    )
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    commands = [
+        ["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "7",
+         "-subj", "/CN=runner test CA",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ["openssl", "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key,
+         "-CAcreateserial", "-out", cert, "-days", "7", "-extfile", ext],
+    ]  # fmt: skip
+    for argv in commands:
+        subprocess.run([str(a) for a in argv], check=True, capture_output=True)
+    return ca, cert, key

@@ -26,6 +26,7 @@ import hmac
 import math
 import random
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -66,6 +67,9 @@ class SimulatorConfig:
 
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
+    # > 0: latency drawn from a lognormal with median latency_ms and this sigma (jitter unused);
+    # 0.72 puts p99 at about 5.3x the median (1.5 s median, ~8 s p99).
+    latency_sigma: float = 0.0
     seed: int = 0
     api_key: str | None = None
     echo_key_on_401: bool = False
@@ -182,8 +186,11 @@ _QUOTA = "You exceeded your current quota, please check your plan and billing de
 class Simulator:
     """The server; every method runs on the event loop that called `start`."""
 
-    def __init__(self, config: SimulatorConfig | None = None) -> None:
+    def __init__(
+        self, config: SimulatorConfig | None = None, *, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.config = config if config is not None else SimulatorConfig()
+        self._tls = tls  # serve HTTPS with this context
         self._server: asyncio.Server | None = None
         self._host, self._port = "127.0.0.1", 0
         self.connections: set[Connection] = set()
@@ -213,7 +220,9 @@ class Simulator:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self), host, port, backlog=1024)
+        self._server = await loop.create_server(
+            lambda: Connection(self), host, port, backlog=1024, ssl=self._tls
+        )
         self._host, self._port = host, self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -233,7 +242,8 @@ class Simulator:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self._host}:{self._port}/v1"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{self._host}:{self._port}/v1"
 
     def loop(self) -> asyncio.AbstractEventLoop:
         assert self._server is not None
@@ -289,7 +299,9 @@ class Simulator:
             stats.by_status[reply.status] = stats.by_status.get(reply.status, 0) + 1
             stats.rate_limited += reply.status == 429
         delay = cfg.latency_ms
-        if cfg.jitter_ms:
+        if cfg.latency_sigma:
+            delay *= math.exp(self._jitter_rng.gauss(0.0, cfg.latency_sigma))
+        elif cfg.jitter_ms:
             delay += self._jitter_rng.uniform(-cfg.jitter_ms, cfg.jitter_ms)
         return reply, delay / 1000
 
@@ -471,9 +483,14 @@ class SimulatorThread:
     """A Simulator on its own event loop in a daemon thread, for synchronous tests and tools."""
 
     def __init__(
-        self, config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+        self,
+        config: SimulatorConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        self._sim = Simulator(config)
+        self._sim = Simulator(config, tls=tls)
         self._host, self._port = host, port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -570,12 +587,16 @@ class SimulatorThread:
 
 
 def serve(
-    host: str, port: int, config: SimulatorConfig, ready: Callable[[str], None] | None = None
+    host: str,
+    port: int,
+    config: SimulatorConfig,
+    ready: Callable[[str], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; call `ready(base_url)` once listening (port 0: any free port)."""
 
     async def main() -> None:
-        sim = Simulator(config)
+        sim = Simulator(config, tls=tls)
         await sim.start(host, port)
         loop, stop = asyncio.get_running_loop(), asyncio.Event()
         signals = (signal.SIGINT, signal.SIGTERM)

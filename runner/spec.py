@@ -41,6 +41,8 @@ _SECRET_RE = re.compile(
 )
 _TYPE_TAG = re.compile(r"function-\w+\[.*\]|str|int|float|bool|list\[.*\]|dict\[.*\]")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# What an API key's value may hold: printable ASCII without spaces.
+_KEY_VALUE_RE = re.compile(r"[\x21-\x7e]+")
 
 
 def is_loopback_url(url: str) -> bool:
@@ -172,6 +174,10 @@ class EndpointSpec(_Strict):
     timeout_s: PositiveFloat = 120.0
     connect_timeout_s: PositiveFloat = 10.0
     headers: dict[str, str] = Field(default_factory=dict)
+    # An answer body (raw or decompressed) above this fails its row, not retried.
+    max_response_bytes: Annotated[int, _between(1024, 2**40)] = 32 * 1024 * 1024
+    # PEM certificates to trust instead of the system store (a path relative to the spec).
+    ca_bundle: str | None = None
     # Switches for the built-in simulator when base_url = "simulator" (see runner simulate).
     simulator: dict[str, Any] = Field(default_factory=dict)
 
@@ -182,6 +188,8 @@ class EndpointSpec(_Strict):
             return value
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"must be an http(s) URL or {SIMULATOR!r} (got {value!r})")
+        if _CONTROL_RE.search(value) or " " in value:
+            raise ValueError("must not contain spaces or control characters")
         if (
             value.startswith("http://")
             and not info.data.get("allow_insecure")
@@ -190,6 +198,18 @@ class EndpointSpec(_Strict):
             raise ValueError(
                 "uses http:// for a non-loopback host; use https:// or set allow_insecure = true"
             )
+        try:
+            parts = urllib.parse.urlsplit(value)
+            port = parts.port
+        except ValueError:
+            # Never echo it: the bad part may be a password.
+            raise ValueError("is not a valid URL (its port must be a number 1-65535)") from None
+        if "@" in parts.netloc:
+            raise ValueError("must not carry credentials (user:password@): set api_key_env instead")
+        if not parts.hostname:
+            raise ValueError(f"has no host (got {value!r})")
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError(f"port must be 1-65535 (got {port})")
         return value.rstrip("/")
 
     @field_validator("api_key_env")
@@ -203,14 +223,42 @@ class EndpointSpec(_Strict):
 
     @field_validator("headers")
     @classmethod
-    def _no_auth_header(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if name.lower() in ("authorization", "api-key", "x-api-key"):
+    def _safe_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _TOKEN_RE.fullmatch(name):
+                raise ValueError(
+                    f"header name {short_repr(name)} must be letters, digits and !#$%&'*+-.^_`|~"
+                )
+            lowered = name.lower()
+            if lowered in ("authorization", "api-key", "x-api-key"):
                 raise ValueError(
                     f"the {name} header carries a secret: set api_key_env to the name of an "
                     "environment variable instead"
                 )
+            if lowered in _MANAGED_HEADERS:
+                raise ValueError(f"the {name} header is set by the runner; remove it")
+            if _CONTROL_RE.search(text):
+                raise ValueError(
+                    f"the value of header {name} holds a control character (CR, LF, NUL...)"
+                )
         return value
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_path(cls, value: str | None) -> str | None:
+        if value is not None and (not value or _CONTROL_RE.search(value)):
+            raise ValueError("must be the path of a PEM file")
+        return value
+
+
+# Header names are RFC 9110 tokens; values may hold no control character but tab.
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Headers the HTTP layer owns: a second copy would split or smuggle the request.
+_MANAGED_HEADERS = frozenset(
+    ("host", "content-length", "transfer-encoding", "connection", "te", "upgrade", "trailer",
+     "keep-alive", "proxy-authorization", "proxy-connection", "expect", "accept-encoding")
+)  # fmt: skip
 
 
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
@@ -342,6 +390,12 @@ class LoadedSpec:
     def input_path(self) -> Path:
         return (self.path.parent / self.job.input.path).resolve()
 
+    @property
+    def ca_bundle(self) -> Path | None:
+        """endpoint.ca_bundle, resolved against the spec's folder."""
+        ca = self.job.endpoint.ca_bundle
+        return None if ca is None else (self.path.parent / Path(ca).expanduser()).resolve()
+
 
 def read_text(path: Path, shown: str, what: str) -> str:
     """A UTF-8 text file's contents, or a one-line SpecError saying why not."""
@@ -399,6 +453,17 @@ def check_environment(spec: LoadedSpec, environ: dict[str, str] | None = None) -
         raise SpecError(
             str(spec.path), "endpoint.api_key_env", f"environment variable {name} is not set"
         )
+    if name is not None and not _KEY_VALUE_RE.fullmatch(env[name]):
+        # Names the variable, never the value: it is the key.
+        raise SpecError(
+            str(spec.path),
+            "endpoint.api_key_env",
+            f"environment variable {name} holds whitespace, control or non-ASCII characters; "
+            "a key is one printable word",
+        )
+    ca = spec.ca_bundle
+    if ca is not None and not ca.is_file():
+        raise SpecError(str(spec.path), "endpoint.ca_bundle", f"no such file: {ca}")
 
 
 def _refuse_secrets(data: Any, display: str, where: str = "") -> None:

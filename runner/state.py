@@ -53,7 +53,7 @@ def utc_now() -> str:
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
-    for package in ("runner", "httptools", "anyio", "pyarrow", "duckdb"):
+    for package in ("runner", "aiohttp", "anyio", "pyarrow", "duckdb"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[package] = metadata.version(package)
     return found

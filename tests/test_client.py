@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +34,8 @@ from runner.errors import (
 from runner.records import Completion
 from runner.retry import RetryPolicy, parse_retry_after
 from runner.simulator import SimulatorThread
+
+from .conftest import run_cli, spec_text
 
 KEY = "sk-SENTINEL-0123456789abcdefXYZ"
 
@@ -476,3 +479,47 @@ def test_scrub_never_leaves_the_key(key: str, around: list[str]) -> None:
     """A key of 8+ characters embedded anywhere in random text never survives scrub."""
     text = key.join(around) + key
     assert key not in scrub(text, Secret(key))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("raw", "kept"),
+    [
+        (b'"half an emoji: \\ud83d"', "half an emoji: \ufffd"),
+        (b'"\\ude00 then \\ud83d\\ude00"', "\ufffd then \U0001f600"),
+        (b'"bad utf-8: \xff"', "bad utf-8: \ufffd"),
+    ],
+)
+async def test_a_paid_200_with_lone_surrogates_is_kept(raw: bytes, kept: str) -> None:
+    """orjson refuses a lone surrogate escape (a cut emoji, as models emit) and invalid UTF-8;
+    the answer was paid for, so it is kept, the bad piece replaced by U+FFFD."""
+    body = (
+        b'{"id": "s1", "choices": [{"message": {"content": ' + raw + b'}, "finish_reason": '
+        b'"stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}'
+    )
+    async with raw_server(200, body) as server:
+        done = await send(server.url, chat("hi"))
+    assert done.content == kept
+    assert done.completion_tokens == 2
+
+
+def test_a_submit_stopped_with_connections_open_prints_no_traceback(
+    simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    """A malformed JSONL line stops the submit while 64 requests are on the wire: one line on
+    stderr, exit 2, and no asyncio traceback from connections torn down mid-request."""
+    simulator.set_config(latency_ms=300)
+    lines = [json.dumps({"id": f"r{i}", "text": f"hello {i}"}) for i in range(300)]
+    (tmp_path / "data.jsonl").write_text("\n".join([*lines, "{not json", *lines[:5]]) + "\n")
+    (tmp_path / "job.toml").write_text(
+        spec_text(
+            base_url=simulator.base_url,
+            input_extra='id_column = "id"\nprompt_column = "text"\ncheck_whole_file = false',
+            concurrency=64,
+        )
+    )
+    done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert simulator.stats.requests >= 64  # connections were open when it stopped
+    assert "Traceback" not in done.stderr and "Error:" not in done.stderr, done.stderr
+    assert "data.jsonl:301" in done.stderr

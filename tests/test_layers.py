@@ -14,7 +14,6 @@ ORDER = [
     "records",
     "spec",
     "source",
-    "http11",
     "client",
     "retry",
     "rate_headers",
@@ -34,8 +33,7 @@ ORDER = [
 ]
 # Third-party libraries and the one module allowed to import each.
 HOMES = {
-    "httptools": {"http11"},
-    "aiohttp": set(),  # the benchmark's baseline only
+    "aiohttp": {"client"},
     "tenacity": {"retry"},
     "duckdb": {"report"},
     "tqdm": {"cli"},

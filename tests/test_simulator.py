@@ -6,11 +6,13 @@ import hashlib
 import math
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -742,3 +744,33 @@ def test_go_duration_round_trips(seconds: float) -> None:
     """Reset durations are Go durations that parse back to the value, to the millisecond."""
     text = go_duration(seconds)
     assert math.isclose(_parse_go_duration(text), round(seconds * 1000) / 1000, abs_tol=1e-9)
+
+
+# -- transport: TLS and the latency distribution -------------------------------------------
+
+
+def test_lognormal_latency_has_the_median_and_tail_asked_for() -> None:
+    """latency_sigma draws each delay from a lognormal whose median is latency_ms: with sigma
+    0.72 and 1,500 ms, p99 is about 8 s (W5's heavy tail)."""
+    sim = Simulator(SimulatorConfig(latency_ms=1500, latency_sigma=0.72, seed=3))
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
+    delays = sorted(sim.dispatch(b"POST", b"/v1/chat/completions", None, body)[1]
+                    for _ in range(4000))  # fmt: skip
+    assert 1.35 < delays[2000] < 1.65
+    assert 6.5 < delays[3960] < 10.0
+    assert min(delays) > 0
+
+
+def test_the_simulator_serves_https(tmp_path: Path) -> None:
+    ca, cert, key = sim_http.make_test_certificate(tmp_path)
+    with SimulatorThread(SimulatorConfig(), tls=sim_http.server_tls(str(cert), str(key))) as sim:
+        assert sim.base_url.startswith("https://127.0.0.1:")
+        with httpx2.Client(verify=ssl.create_default_context(cafile=str(ca))) as client:
+            answer = client.post(
+                f"{sim.base_url}/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            )
+        assert answer.status_code == 200
+        assert sim.stats.ok == 1
+        with pytest.raises(httpx2.ConnectError), httpx2.Client() as untrusting:
+            untrusting.get(f"{sim.base_url}/models")

@@ -401,6 +401,80 @@ def test_look_alike_loopback_host_over_http_is_refused(base_url: str) -> None:
     assert err.message.startswith("uses http:// for a non-loopback host")
 
 
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        (
+            '{ "X-Team" = "a\\r\\nHost: evil.example" }',
+            "the value of header X-Team holds a control",
+        ),
+        ('{ "X-Team" = "a\\u0000b" }', "the value of header X-Team holds a control"),
+        ('{ "X-Team" = "a\\nb" }', "the value of header X-Team holds a control"),
+        ('{ "X-Te\\r\\nam" = "a" }', "header name 'X-Te\\r\\nam' must be"),
+        ('{ "X Team" = "a" }', "header name 'X Team' must be"),
+        ('{ "Host" = "evil.example" }', "the Host header is set by the runner"),
+        ('{ "content-length" = "5" }', "the content-length header is set by the runner"),
+        ('{ "Transfer-Encoding" = "chunked" }', "the Transfer-Encoding header is set by"),
+        ('{ "Connection" = "close" }', "the Connection header is set by the runner"),
+    ],
+)
+def test_headers_that_would_split_or_smuggle_a_request_are_refused(
+    headers: str, message: str
+) -> None:
+    err = fails(spec_text(endpoint_extra=f"headers = {headers}"))
+    assert err.field == "endpoint.headers"
+    assert err.message.startswith(message), err.message
+    assert "\n" not in str(err) and "\r" not in str(err)
+
+
+@pytest.mark.parametrize(
+    ("base_url", "message"),
+    [
+        ("https://user:secret-pass@api.example.com/v1", "must not carry credentials"),
+        ("https://token@api.example.com/v1", "must not carry credentials"),
+        ("http://127.0.0.1:0/v1", "port must be 1-65535 (got 0)"),
+        ("http://127.0.0.1:70000/v1", "is not a valid URL"),
+        ("http://127.0.0.1:99999999999/v1", "is not a valid URL"),
+        ("http://127.0.0.1:port/v1", "is not a valid URL"),
+        ("https:///v1", "has no host"),
+    ],
+)
+def test_base_url_credentials_and_bad_ports_are_refused(base_url: str, message: str) -> None:
+    err = fails(spec_text(base_url=base_url))
+    assert err.field == "endpoint.base_url"
+    assert err.message.startswith(message), err.message
+    assert "secret-pass" not in str(err)
+
+
+@pytest.mark.parametrize("value", ["sk-abc def", "sk-abc\n", "\tsk-abc", "sk-abc\x00", "sk-é"])
+def test_a_key_variable_holding_whitespace_or_controls_is_refused(value: str) -> None:
+    spec = parse(spec_text(endpoint_extra='api_key_env = "MY_KEY"'))
+    with pytest.raises(SpecError) as info:
+        check_environment(spec, {"MY_KEY": value})
+    assert info.value.field == "endpoint.api_key_env"
+    assert "MY_KEY" in info.value.message
+    assert "sk-abc" not in str(info.value)
+
+
+def test_max_response_bytes_and_ca_bundle(tmp_path: Path) -> None:
+    job = parse(spec_text()).job
+    assert job.endpoint.max_response_bytes == 32 * 1024 * 1024
+    assert job.endpoint.ca_bundle is None
+    err = fails(spec_text(endpoint_extra="max_response_bytes = 10"))
+    assert err.field == "endpoint.max_response_bytes"
+    spec_path = tmp_path / "sub" / "job.toml"
+    spec_path.parent.mkdir()
+    text = spec_text(endpoint_extra='ca_bundle = "../pki/ca.pem"')
+    loaded = parse_spec(text, path=spec_path, display="job.toml")
+    assert loaded.ca_bundle == (tmp_path / "pki" / "ca.pem").resolve()
+    with pytest.raises(SpecError) as info:
+        check_environment(loaded, {})
+    assert info.value.field == "endpoint.ca_bundle"
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "pki" / "ca.pem").write_text("pem")
+    check_environment(loaded, {})
+
+
 # -- valid specs -----------------------------------------------------------------------------
 
 FULL = """\
