@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -107,7 +108,7 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
             "price",
         ]
         rows = [
-            (m, n, p, c, _usd(lo), _usd(hi) if c is not None else "no max_tokens", prov)
+            (m, n, p, c, _money(lo), _money(hi) if c is not None else "no max_tokens", prov)
             for m, n, p, c, lo, hi, prov in found.models
         ]
         _emit(names, rows, "table")
@@ -131,16 +132,26 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
     default=None,
     help="A new total budget for the run in USD (replaces run.budget_usd).",
 )
+@click.option(
+    "--spec",
+    "spec_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="An edited job spec: its [endpoint], [run] and [prices] settings are used from now "
+    "on (recorded per session); a change to [request] or the prompt settings is refused.",
+)
 def resume(
     run: str,
     runs_dir: Path,
     retry_failed: bool,
     allow_changed_input: bool,
     budget_usd: float | None,
+    spec_path: Path | None,
 ) -> None:
     """Continue RUN (a run id, a run folder, or a job name for its latest run).
 
     Sends only what no earlier session settled: answered rows are never requested again.
+    Without --spec, the settings are those the run last ran with (its frozen spec).
     """
     from runner import job
 
@@ -151,6 +162,7 @@ def resume(
             retry_failed=retry_failed,
             allow_changed_input=allow_changed_input,
             budget_usd=budget_usd,
+            spec_path=spec_path,
             **hooks,
         ),
         run,
@@ -164,6 +176,7 @@ def _run_session(start: Callable[[dict[str, Any]], Any], label: str) -> None:
     hooks: dict[str, Any] = {
         "on_start": renderer.start,
         "on_progress": renderer.update,
+        "on_signal": renderer.signalled,
         "start_simulator": _simulator_starter,
     }
 
@@ -194,90 +207,221 @@ def _simulator_starter(switches: dict[str, Any]) -> Iterator[str]:
         yield sim.base_url
 
 
+def _terminal_width() -> int:
+    """The terminal's width (COLUMNS wins, as for every curses program), 80 when unknown."""
+    import shutil
+
+    return shutil.get_terminal_size((80, 24)).columns
+
+
 class _ProgressRenderer:
-    """tqdm on a terminal; a plain status line every few seconds otherwise."""
+    """On a terminal: tqdm's bar on one line and the counters on a second, both fitted to the
+    terminal's width. Otherwise: a plain status line every few seconds (for logs)."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.bar: Any = None
+        self.line: Any = None
         self.tty = sys.stderr.isatty()
         self.last_plain = 0.0
         self.run: RunDir | None = None
+        self.models = 1
+        self.cost_before: float | None = 0.0
+        self.last: Progress | None = None
 
     def start(self, run: RunDir) -> None:
         self.run = run
+        manifest = run.read_manifest()
+        self.models = len(_spec_models(run, manifest)) or 1
+        if manifest.get("sessions"):  # a resume: the cost of earlier sessions counts too
+            self.cost_before = manifest.get("cost_usd")
         click.echo(f"run {run.run_id}: {run.path}", err=True)
 
-    def update(self, progress: Progress) -> None:
-        done = progress.rows_done_before + progress.done + progress.skipped
-        tokens = progress.prompt_tokens + progress.completion_tokens
+    @property
+    def unit(self) -> str:
+        return "rows" if self.models == 1 else "answers"
+
+    def status(self, progress: Progress, width: int) -> str:
+        """The counters, most important first, cut to whole fields that fit in width."""
         elapsed = max(time.monotonic() - progress.started, 1e-9)
-        rate = progress.requests / elapsed
-        fields = (
-            f"ok={progress.rows_done_before + progress.ok} failed={progress.failed} "
-            f"retrying={progress.retrying} req/s={rate:.0f} tokens={tokens:,}"
-        )
+        fields = [f"ok {progress.rows_done_before + progress.ok:,}"]
+        fields.append(f"failed {progress.failed:,}")
+        cost = _cost_total(self.cost_before, progress.cost_usd)
+        if cost is not None:
+            fields.append(f"cost {_money(cost)}")
+            settled = progress.rows_done_before + progress.done + progress.skipped
+            if settled and progress.rows_total:
+                fields.append(f"~{_money(cost * progress.rows_total / settled)} at end")
+        fields.append(f"{progress.requests / elapsed:,.0f} req/s")
+        if progress.retrying:
+            fields.append(f"retrying {progress.retrying:,}")
+        fields.append(f"in flight {progress.in_flight:,}")
         if progress.concurrency is not None:
-            fields += f" conc={progress.concurrency}"
-        if progress.cost_usd is not None:
-            fields += f" cost=${progress.cost_usd:.4f}"
-            settled = progress.done + progress.skipped
-            left = (progress.rows_total or 0) - progress.rows_done_before - settled
-            if settled and progress.rows_total is not None:
-                projected = progress.cost_usd * (1 + max(left, 0) / settled)
-                fields += f" (~${projected:.4f} at the end)"
+            fields.append(f"conc {progress.concurrency:,}")
+        fields.append(f"tokens {progress.prompt_tokens + progress.completion_tokens:,}")
+        text = ""
+        for field in fields:
+            joined = f"{text}  {field}" if text else f"  {field}"
+            if len(joined) > width:
+                break
+            text = joined
+        return text
+
+    def update(self, progress: Progress) -> None:
+        self.last = progress
+        done = progress.rows_done_before + progress.done + progress.skipped
         if self.tty:
+            width = _terminal_width() - 1  # the last column would wrap on some terminals
             if self.bar is None:
                 from tqdm import tqdm
 
                 self.bar = tqdm(
                     total=progress.rows_total,
                     initial=progress.rows_done_before,
-                    unit="row",
-                    dynamic_ncols=True,
+                    unit=self.unit[:-1],
+                    bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                    + self.unit
+                    + " [{elapsed}<{remaining}]",
+                    ncols=width,
                     mininterval=0.2,
                     file=sys.stderr,
+                    leave=True,
+                    position=0,
                 )
+                self.line = tqdm(
+                    total=0, bar_format="{desc}", file=sys.stderr, leave=True, position=1
+                )
+            self.bar.ncols = width
+            self.bar.total = progress.rows_total
             self.bar.n = done
-            self.bar.set_postfix_str(fields, refresh=False)
+            self.line.set_description_str(self.status(progress, width), refresh=False)
             self.bar.refresh()
+            self.line.refresh()
             return
         now = time.monotonic()
         if now - self.last_plain >= PLAIN_EVERY_S:
             self.last_plain = now
             total = "?" if progress.rows_total is None else f"{progress.rows_total:,}"
-            click.echo(f"{done:,}/{total} rows  {fields}", err=True)
+            click.echo(f"{done:,}/{total} {self.unit}{self.status(progress, 1000)}", err=True)
+
+    def signalled(self, first: bool, grace_s: float) -> None:
+        """A Ctrl-C (SIGINT/SIGTERM): say at once what happens now."""
+        flying = self.last.in_flight if self.last is not None else 0
+        if first:
+            text = (
+                f"stopping: no new requests; waiting up to {_seconds(grace_s)} for "
+                f"{flying:,} in flight (Ctrl-C again to stop at once)"
+            )
+        else:
+            text = "stopping now: requests in flight are cut; answers received are kept"
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            click.echo(text, err=True)
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.refresh()
+            self.line.close()
             self.bar.close()
-            self.bar = None
+            self.bar = self.line = None
+
+
+def _spec_models(run: RunDir, manifest: dict[str, Any]) -> list[str]:
+    """The models of the spec a run last ran with (read from its frozen copy)."""
+    import tomllib
+
+    try:
+        data = tomllib.loads((run.path / manifest.get("spec_file", "job.toml")).read_text())
+    except (OSError, ValueError):
+        return []
+    model = (data.get("request") or {}).get("model")
+    return [model] if isinstance(model, str) else list(model or [])
+
+
+def _cost_total(before: float | None, now: float | None) -> float | None:
+    return None if before is None or now is None else before + now
 
 
 def _print_outcome(outcome: Outcome) -> None:
     p = outcome.progress
     run = outcome.run
+    models = outcome.models
+    per_row = max(len(models), 1)
     total = p.rows_total
     done = outcome.settled_before + p.done + p.skipped
-    lines = [
-        f"run {run.run_id}: {outcome.state}",
-        f"  rows      {p.ok:,} ok, {p.failed:,} failed, {p.skipped:,} skipped this session"
-        + (f" ({outcome.settled_before:,} settled before)" if outcome.settled_before else ""),
-        f"  requests  {p.requests:,} (retries included)",
-        f"  tokens    {p.prompt_tokens:,} prompt, {p.completion_tokens:,} completion",
-        f"  wall time {outcome.wall_s:.1f} s",
-        f"  results   {run.parts_dir}",
-        f"  export    runner export {run.run_id} out.parquet",
-    ]
+    rows = outcome.input_rows
+    if rows is None and total is not None:
+        rows = total // per_row
+    shown_rows = "?" if rows is None else f"{rows:,}"
+    lines = [f"run {run.run_id}: {outcome.state} in {_seconds(outcome.wall_s)}"]
+    if per_row > 1:
+        lines.append(f"  input     {shown_rows} rows x {per_row} models ({', '.join(models)})")
+        unit = "answers"
+    else:
+        lines.append(f"  input     {shown_rows} rows" + (f", model {models[0]}" if models else ""))
+        unit = "rows"
+    before = f"; {outcome.settled_before:,} settled before" if outcome.settled_before else ""
+    lines.append(
+        f"  {unit:<9} {p.ok:,} ok, {p.failed:,} failed, {p.skipped:,} skipped this session{before}"
+    )
+    rate = p.requests / outcome.wall_s if outcome.wall_s > 0 else 0.0
+    lines.append(f"  requests  {p.requests:,} (retries included), {rate:,.1f} per second")
+    lines.append(f"  tokens    {p.prompt_tokens:,} prompt, {p.completion_tokens:,} completion")
+    lines.append("  cost      " + _cost_line(outcome))
+    lines.append(f"  results   {run.parts_dir}")
+    lines.append(f"  next      runner report {run.run_id}")
+    lines.append(f"            runner export {run.run_id} out.parquet")
     click.echo("\n".join(lines), err=True)
     if outcome.state != "completed":
         shown = f"{total:,}" if total is not None else "?"
         reason = f" ({outcome.stop_reason})" if outcome.stop_reason else ""
+        how = f"runner resume {run.run_id}"
+        if outcome.stopped_by_endpoint:
+            how += " --spec FILE (FILE: the spec with [endpoint] fixed)"
         click.echo(
-            f"stopped{reason}: {done:,} of {shown} rows done; "
-            f"resume with: runner resume {run.run_id}",
-            err=True,
+            f"stopped{reason}: {done:,} of {shown} {unit} done; resume with: {how}", err=True
         )
+
+
+def _cost_line(outcome: Outcome) -> str:
+    """The run's cost over all sessions, this session's, and where the prices came from."""
+    if outcome.cost_usd is None:
+        unpriced = [m for m, source in outcome.prices.items() if source == "unpriced"]
+        return "unknown: no price for " + ", ".join(unpriced) if unpriced else "unknown"
+    text = _money(outcome.cost_usd)
+    if outcome.settled_before and outcome.progress.cost_usd is not None:
+        text += f" over all sessions ({_money(outcome.progress.cost_usd)} this session)"
+    sources = sorted(set(outcome.prices.values()))
+    if sources:
+        text += ", estimated from tokens at " + "+".join(sources) + " prices"
+    return text
+
+
+def _money(value: float | None, decimals: int | None = None) -> str:
+    """USD for people: $12.35, $0.0123, $0.000013 (two significant digits when tiny)."""
+    if value is None:
+        return "unpriced"
+    if decimals is None:
+        decimals = _money_decimals(value)
+    return f"-${-value:,.{decimals}f}" if value < 0 else f"${value:,.{decimals}f}"
+
+
+def _money_decimals(value: float) -> int:
+    size = abs(value)
+    if size == 0 or size >= 1:
+        return 2
+    if size >= 0.01:
+        return 4
+    return min(10, 1 - math.floor(math.log10(size)))
+
+
+def _seconds(value: float) -> str:
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, secs = divmod(round(value), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 # -- inspecting runs -----------------------------------------------------------------------
@@ -393,10 +537,6 @@ def report(run: str, runs_dir: Path, fmt: str, by: str | None, prices_file: Path
             if fmt == "table":
                 click.echo(("\n" if i else "") + f"{title}")
             _emit(names, rows_, fmt)
-
-
-def _usd(value: float | None) -> str:
-    return "unpriced" if value is None else f"${value:,.4f}"
 
 
 def _plain(value: Any) -> str:

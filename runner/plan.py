@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runner.errors import SpecError
 from runner.pricing import PriceSource, estimate_range, parse_price_table
 from runner.source import CheckResult, InputFile, RequestBuilder, check_input
-from runner.spec import LoadedSpec, check_environment, load_spec
+from runner.spec import LoadedSpec, check_environment, load_spec, sent_fields_changed
 
 
 @dataclass(slots=True)
@@ -118,4 +119,51 @@ def estimate(prepared: Prepared) -> Estimate:
     return Estimate(check.rows, check.items, check.skipped, models)
 
 
-__all__ = ["Estimate", "Prepared", "estimate", "prepare", "prepare_loaded", "shown"]
+def check_resumable(frozen: LoadedSpec, new: LoadedSpec, run_id: str) -> None:
+    """Refuse a spec for `runner resume --spec` that would change what is sent.
+
+    The endpoint, [run] and [prices] may change between sessions; the request and the way
+    prompts are read from the input may not (answers already stored were asked that way).
+    """
+    field = sent_fields_changed(frozen, new)
+    if field is not None:
+        raise SpecError(
+            str(new.path),
+            field,
+            f"differs from run {run_id}'s; a change to what is sent needs a new run "
+            f"(runner submit {shown(new.path)})",
+        )
+
+
+def session_settings(spec: LoadedSpec, spec_file: str) -> dict[str, Any]:
+    """What a session ran with, for the manifest: endpoint, [run] and [prices] (the parts a
+    resume may change) and the frozen spec file they came from. Never a secret: header
+    values and the API key are left out (only the variable's name is kept)."""
+    job = spec.job
+    endpoint = job.endpoint
+    return {
+        "spec_file": spec_file,
+        "spec_hash": spec.hash,
+        "endpoint": {
+            "base_url": endpoint.base_url,
+            "api_key_env": endpoint.api_key_env,
+            "timeout_s": endpoint.timeout_s,
+            "connect_timeout_s": endpoint.connect_timeout_s,
+            "headers": sorted(endpoint.headers),
+            "simulator": {k: v for k, v in endpoint.simulator.items() if k != "api_key"},
+        },
+        "run": job.run.model_dump(mode="json"),
+        "prices": job.prices,
+    }
+
+
+__all__ = [
+    "Estimate",
+    "Prepared",
+    "check_resumable",
+    "estimate",
+    "prepare",
+    "prepare_loaded",
+    "session_settings",
+    "shown",
+]
