@@ -135,9 +135,17 @@ def test_submit_prints_the_run_id_and_a_completed_summary(finished: Finished) ->
     run_id = finished.run.run_id
     lines = finished.submitted.stderr.splitlines()
     assert lines[0] == f"run {run_id}: {Path('runs') / run_id}"
-    assert f"run {run_id}: completed" in lines
+    assert any(re.fullmatch(rf"run {run_id}: completed in [\d.]+ s", line) for line in lines)
+    assert f"  input     {ROWS} rows, model gpt-4o-mini" in lines
     assert f"  rows      {ROWS} ok, 0 failed, 0 skipped this session" in lines
-    assert f"  export    runner export {run_id} out.parquet" in lines
+    assert f"            runner export {run_id} out.parquet" in lines
+    cost = next(line for line in lines if line.startswith("  cost      "))
+    manifest = finished.run.read_manifest()
+    found = re.fullmatch(
+        r"  cost      \$(0\.0*[1-9]\d), estimated from tokens at price-table prices", cost
+    )
+    assert found, cost  # two significant digits, never 1.3e-05
+    assert float(found[1]) == pytest.approx(manifest["cost_usd"], rel=0.05)
     assert finished.submitted.stdout == ""
     manifest = finished.run.read_manifest()
     assert manifest["state"] == "completed"
@@ -150,12 +158,12 @@ def test_submit_progress_is_plain_lines_when_stderr_is_not_a_terminal(finished: 
     stderr = finished.submitted.stderr
     assert "\r" not in stderr and "\x1b" not in stderr
     assert "row/s" not in stderr and "%|" not in stderr
-    progress = [line for line in stderr.splitlines() if " rows  ok=" in line]
+    progress = [line for line in stderr.splitlines() if " rows  ok " in line]
     assert progress, stderr
     for line in progress:
         assert re.fullmatch(
-            r"\d+/\d+ rows  ok=\d+ failed=\d+ retrying=\d+ req/s=\d+ tokens=[\d,]+"
-            r"( conc=\d+)?( cost=\$[\d.]+( \(~\$[\d.]+ at the end\))?)?",
+            r"\d+/\d+ rows  ok \d+  failed \d+  cost \$[\d.]+(  ~\$[\d.]+ at end)?"
+            r"  \d+ req/s(  retrying \d+)?  in flight \d+  conc \d+  tokens [\d,]+",
             line,
         ), line
 
@@ -511,8 +519,10 @@ def test_resume_of_a_completed_run_sends_nothing(
     done = run_cli("resume", run.run_id, "--runs-dir", "runs", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert simulator.stats.requests == sent
-    assert f"run {run.run_id}: completed" in done.stderr.splitlines()
-    assert "0 ok, 0 failed, 0 skipped this session (20 settled before)" in done.stderr
+    assert any(
+        line.startswith(f"run {run.run_id}: completed in ") for line in done.stderr.splitlines()
+    )
+    assert "0 ok, 0 failed, 0 skipped this session; 20 settled before" in done.stderr
     assert results(run) == before
     manifest = run.read_manifest()
     assert manifest["state"] == "completed" and len(manifest["sessions"]) == 2
@@ -597,3 +607,31 @@ def test_entry_point_runs_a_command(entry: str, finished: Finished) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert [r["run_id"] for r in json.loads(done.stdout)] == [finished.run.run_id]
+
+
+# -- a model the server does not know ----------------------------------------------------
+
+
+def test_unknown_model_stops_the_run_naming_it(tmp_path: Path) -> None:
+    """A 404 model_not_found on the first answers stops the run (exit 3) in one line naming
+    the model; no row is marked failed and the run stays resumable."""
+    make_job(tmp_path, rows(30), endpoint_extra='simulator = { unknown_model = "gpt-4o-mini" }')
+    done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 3, done.stderr
+    (stop,) = [line for line in done.stderr.splitlines() if line.startswith("stopped")]
+    assert "the server refused model 'gpt-4o-mini': 404 model_not_found" in stop
+    assert "resume with: runner resume" in stop
+    run = only_run(tmp_path / "runs")
+    assert run.read_manifest()["state"] == "stopped"
+    assert select(run, "SELECT count(*) AS n FROM results WHERE status = 'failed'") == [{"n": 0}]
+
+
+def test_a_404_after_the_model_answered_fails_only_its_row(tmp_path: Path) -> None:
+    """Once a model has answered, a 404 is that row's failure: the run completes (exit 1)."""
+    make_job(tmp_path, rows(12, {8: "[[sim:404]]"}), concurrency=1)
+    done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    failed = [r for r in results(only_run(tmp_path / "runs")) if r["status"] == "failed"]
+    assert [(r["row_id"], r["http_status"], r["error_type"]) for r in failed] == [
+        ("r8", 404, "model_not_found")
+    ]
