@@ -220,8 +220,7 @@ class _ProgressRenderer:
 
     def __init__(self, label: str) -> None:
         self.label = label
-        self.bar: Any = None
-        self.line: Any = None
+        self.drawn = False
         self.tty = sys.stderr.isatty()
         self.last_plain = 0.0
         self.run: RunDir | None = None
@@ -248,10 +247,12 @@ class _ProgressRenderer:
         fields.append(f"failed {progress.failed:,}")
         cost = _cost_total(self.cost_before, progress.cost_usd)
         if cost is not None:
-            fields.append(f"cost {_money(cost)}")
             settled = progress.rows_done_before + progress.done + progress.skipped
             if settled and progress.rows_total:
-                fields.append(f"~{_money(cost * progress.rows_total / settled)} at end")
+                end = _money(cost * progress.rows_total / settled)
+                fields.append(f"{_money(cost)} (~{end} at end)")
+            else:
+                fields.append(_money(cost))
         fields.append(f"{progress.requests / elapsed:,.0f} req/s")
         if progress.retrying:
             fields.append(f"retrying {progress.retrying:,}")
@@ -267,64 +268,71 @@ class _ProgressRenderer:
             text = joined
         return text
 
+    def bar(self, progress: Progress, width: int) -> str:
+        """tqdm's bar, percentage, counts and times, `width` wide."""
+        from tqdm import tqdm
+
+        done = progress.rows_done_before + progress.done + progress.skipped
+        elapsed = time.monotonic() - progress.started
+        if progress.rows_total is None:  # an unchecked input: no end to measure against
+            return f"  {done:,} {self.unit} [{tqdm.format_interval(elapsed)}]"
+        line: str = tqdm.format_meter(
+            min(done, progress.rows_total),
+            progress.rows_total,
+            elapsed,
+            ncols=width,
+            initial=progress.rows_done_before,  # the rate is this session's
+            bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+            + self.unit
+            + " [{elapsed}<{remaining}]",
+        )
+        return line
+
     def update(self, progress: Progress) -> None:
         self.last = progress
-        done = progress.rows_done_before + progress.done + progress.skipped
         if self.tty:
-            width = _terminal_width() - 1  # the last column would wrap on some terminals
-            if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(
-                    total=progress.rows_total,
-                    initial=progress.rows_done_before,
-                    unit=self.unit[:-1],
-                    bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
-                    + self.unit
-                    + " [{elapsed}<{remaining}]",
-                    ncols=width,
-                    mininterval=0.2,
-                    file=sys.stderr,
-                    leave=True,
-                    position=0,
-                )
-                self.line = tqdm(
-                    total=0, bar_format="{desc}", file=sys.stderr, leave=True, position=1
-                )
-            self.bar.ncols = width
-            self.bar.total = progress.rows_total
-            self.bar.n = done
-            self.line.set_description_str(self.status(progress, width), refresh=False)
-            self.bar.refresh()
-            self.line.refresh()
+            self._draw(progress)
             return
         now = time.monotonic()
         if now - self.last_plain >= PLAIN_EVERY_S:
             self.last_plain = now
+            done = progress.rows_done_before + progress.done + progress.skipped
             total = "?" if progress.rows_total is None else f"{progress.rows_total:,}"
             click.echo(f"{done:,}/{total} {self.unit}{self.status(progress, 1000)}", err=True)
+
+    def _draw(self, progress: Progress, above: str = "") -> None:
+        """Redraw the two lines in place (the cursor rests at the start of the first), with
+        `above` written on its own line above them."""
+        width = _terminal_width() - 1  # a character in the last column wraps on some terminals
+        out = "\r\x1b[K" + above + "\n" if above else ""
+        out += (
+            f"\r\x1b[K{self.bar(progress, width)}\n\r\x1b[K{self.status(progress, width)}\r\x1b[A"
+        )
+        sys.stderr.write(out)
+        sys.stderr.flush()
+        self.drawn = True
 
     def signalled(self, first: bool, grace_s: float) -> None:
         """A Ctrl-C (SIGINT/SIGTERM): say at once what happens now."""
         flying = self.last.in_flight if self.last is not None else 0
         if first:
             text = (
-                f"stopping: no new requests; waiting up to {_seconds(grace_s)} for "
-                f"{flying:,} in flight (Ctrl-C again to stop at once)"
+                f"stopping: waiting up to {grace_s:g} s for {flying:,} requests in flight; "
+                "Ctrl-C again stops now"
             )
         else:
-            text = "stopping now: requests in flight are cut; answers received are kept"
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
+            text = "stopping now: requests in flight are cut, answers received are kept"
+        if self.drawn and self.last is not None:
+            self._draw(self.last, above=text)
         else:
             click.echo(text, err=True)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.refresh()
-            self.line.close()
-            self.bar.close()
-            self.bar = self.line = None
+        if self.drawn and self.last is not None:
+            self._draw(self.last)
+            sys.stderr.write("\n\n")  # below the two lines, which stay on the screen
+            sys.stderr.flush()
+            self.drawn = False
 
 
 def _spec_models(run: RunDir, manifest: dict[str, Any]) -> list[str]:
@@ -353,14 +361,9 @@ def _print_outcome(outcome: Outcome) -> None:
     rows = outcome.input_rows
     if rows is None and total is not None:
         rows = total // per_row
-    shown_rows = "?" if rows is None else f"{rows:,}"
     lines = [f"run {run.run_id}: {outcome.state} in {_seconds(outcome.wall_s)}"]
-    if per_row > 1:
-        lines.append(f"  input     {shown_rows} rows x {per_row} models ({', '.join(models)})")
-        unit = "answers"
-    else:
-        lines.append(f"  input     {shown_rows} rows" + (f", model {models[0]}" if models else ""))
-        unit = "rows"
+    lines.append(_input_line(rows, models))
+    unit = "answers" if per_row > 1 else "rows"
     before = f"; {outcome.settled_before:,} settled before" if outcome.settled_before else ""
     lines.append(
         f"  {unit:<9} {p.ok:,} ok, {p.failed:,} failed, {p.skipped:,} skipped this session{before}"
@@ -382,6 +385,14 @@ def _print_outcome(outcome: Outcome) -> None:
         click.echo(
             f"stopped{reason}: {done:,} of {shown} {unit} done; resume with: {how}", err=True
         )
+
+
+def _input_line(rows: int | None, models: Sequence[str]) -> str:
+    """Input rows and models apart: 3,000 rows by 2 models are 6,000 answers, not rows."""
+    shown = "?" if rows is None else f"{rows:,}"
+    if len(models) > 1:
+        return f"  input     {shown} rows x {len(models)} models ({', '.join(models)})"
+    return f"  input     {shown} rows" + (f", model {models[0]}" if models else "")
 
 
 def _cost_line(outcome: Outcome) -> str:
@@ -436,41 +447,62 @@ def status(run: str, runs_dir: Path, as_json: bool) -> None:
     from runner import report
     from runner.state import resolve_run
 
-    info = report.status(resolve_run(run, runs_dir))
+    target = resolve_run(run, runs_dir)
+    info = report.status(target)
     if as_json:
         click.echo(report.to_json(info))
         return
+    manifest = target.read_manifest()
+    models = _spec_models(target, manifest)
     total = info["total"]
     done = info["ok"] + info["failed"] + info["skipped"]
     pct = f" ({100 * done / total:.1f} %)" if total else ""
-    click.echo(
-        f"{info['run_id']}  {info['state']}"
-        + (f" (pid {info['pid']})" if info["pid"] else "")
-        + f"\n  rows      {done:,} of {'?' if total is None else f'{total:,}'} done{pct}: "
-        f"{info['ok']:,} ok, {info['failed']:,} failed, {info['skipped']:,} skipped"
-        f"\n  requests  {info['requests']:,}"
-        f"\n  tokens    {info['prompt_tokens'] or 0:,} prompt, "
-        f"{info['completion_tokens'] or 0:,} completion"
-        f"\n  folder    {info['path']}"
-    )
+    unit = "answers" if len(models) > 1 else "rows"
+    lines = [
+        f"{info['run_id']}  {info['state']}" + (f" (pid {info['pid']})" if info["pid"] else "")
+    ]
+    lines.append(_input_line(manifest.get("input", {}).get("rows"), models))
+    lines += [
+        f"  {unit:<9} {done:,} of {'?' if total is None else f'{total:,}'} done{pct}: "
+        f"{info['ok']:,} ok, {info['failed']:,} failed, {info['skipped']:,} skipped",
+        f"  requests  {info['requests']:,}",
+        f"  tokens    {info['prompt_tokens'] or 0:,} prompt, "
+        f"{info['completion_tokens'] or 0:,} completion",
+    ]
+    if info["state"] != "running" and "cost_usd" in manifest:
+        lines.append(f"  cost      {_money(manifest['cost_usd'])}")
+    lines.append(f"  folder    {info['path']}")
+    click.echo("\n".join(lines))
 
 
 @cli.command()
 @_runs_dir_option
 @_format_option
 def runs(runs_dir: Path, fmt: str) -> None:
-    """List runs: id, job, state, rows ok/failed/total, cost (when known), start time."""
-    from runner.state import list_runs
+    """List runs: id, job, state, rows ok/failed/total, cost (when known), start time.
+
+    The table leaves out the job and the start time: the run id begins with the job's
+    name and ends with the time it started (UTC); csv and json have them apart.
+    """
+    from runner.state import RunDir, list_runs
 
     header = ["run_id", "job", "state", "ok", "failed", "total", "cost_usd", "created_at"]
     rows = []
     for m in list_runs(runs_dir):
         counts = m.get("counts") or {}
+        state = m.get("state")
+        run = RunDir(runs_dir / str(m.get("run_id")))
+        if state == "running" and run.holder_pid():
+            # The manifest's counts are written when a session ends: count the results now.
+            from runner import report
+
+            live = report.status(run)
+            counts = {"ok": live["ok"], "failed": live["failed"], "total": live["total"]}
         rows.append(
             (
                 m.get("run_id"),
                 m.get("job_name"),
-                m.get("state"),
+                state,
                 counts.get("ok"),
                 counts.get("failed"),
                 counts.get("total"),
@@ -478,6 +510,9 @@ def runs(runs_dir: Path, fmt: str) -> None:
                 m.get("created_at"),
             )
         )
+    if fmt == "table":
+        _emit(header[:1] + header[2:-1], [r[:1] + r[2:-1] for r in rows], fmt)
+        return
     _emit(header, rows, fmt)
 
 
@@ -626,26 +661,80 @@ def _emit(names: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str) -> None
         writer.writerows(rows)
         click.echo(buffer.getvalue(), nl=False)
     else:
-        click.echo(_table(names, rows))
+        width = _terminal_width() if sys.stdout.isatty() else None
+        click.echo(_table(names, rows, width))
 
 
-def _table(names: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(value: Any) -> str:
+MIN_CUT = 24  # a text column is never cut below this many characters
+
+
+def _table(names: Sequence[str], rows: Sequence[Sequence[Any]], width: int | None = None) -> str:
+    """Columns aligned (numbers to the right, money with the same decimals down a column).
+    Text is cut only when the table would not fit in `width` (a terminal's), widest first;
+    `--format json` or csv always has the full text."""
+    money = [n.endswith("_usd") for n in names]
+    decimals = [
+        max((_money_decimals(r[i]) for r in rows if isinstance(r[i], float)), default=2)
+        if is_money
+        else 0
+        for i, is_money in enumerate(money)
+    ]
+
+    def cell(value: Any, column: int) -> str:
         if value is None:
             return ""
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, float) and money[column]:
+            return f"{value:,.{decimals[column]}f}"
         if isinstance(value, float):
-            return f"{value:,.6g}"
-        if isinstance(value, int) and not isinstance(value, bool):
+            return _number(value)
+        if isinstance(value, int):
             return f"{value:,}"
-        text = str(value).replace("\n", " ")
-        return text if len(text) <= 60 else text[:57] + "..."
+        return str(value).replace("\n", " ")
 
-    cells = [[cell(v) for v in row] for row in rows]
+    cells = [[cell(v, i) for i, v in enumerate(row)] for row in rows]
+    numeric = [
+        bool(rows) and all(isinstance(r[i], int | float) or r[i] is None for r in rows)
+        for i in range(len(names))
+    ]
     widths = [max([len(n), *(len(r[i]) for r in cells)]) for i, n in enumerate(names)]
-    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells)
+    if width is not None:
+        _fit(widths, [len(n) for n in names], numeric, width)
+
+    def line(values: Sequence[str]) -> str:
+        out = []
+        for text, w, right in zip(values, widths, numeric, strict=True):
+            if len(text) > w:
+                text = text[: w - 3] + "..."
+            out.append(text.rjust(w) if right else text.ljust(w))
+        return "  ".join(out).rstrip()
+
+    lines = [line(names), "  ".join("-" * w for w in widths)]
+    lines.extend(line(r) for r in cells)
     return "\n".join(lines)
+
+
+def _fit(widths: list[int], floors: list[int], numeric: list[bool], width: int) -> None:
+    """Narrow the widest text columns until the table fits in width (or cannot)."""
+    while sum(widths) + 2 * (len(widths) - 1) > width:
+        text = [i for i, w in enumerate(widths) if not numeric[i] and w > max(MIN_CUT, floors[i])]
+        if not text:
+            return
+        widest = max(text, key=lambda i: widths[i])
+        over = sum(widths) + 2 * (len(widths) - 1) - width
+        widths[widest] = max(widths[widest] - over, MIN_CUT, floors[widest])
+
+
+def _number(value: float) -> str:
+    """A float for people: 1,234.5, 0.25, 0.000013 (never 1.3e-05)."""
+    if value == 0 or value != value or abs(value) >= 1e15:
+        return f"{value:g}"
+    if value.is_integer():
+        return f"{value:,.0f}"
+    if abs(value) >= 0.01:
+        return f"{value:,.6g}" if abs(value) < 1e6 else f"{value:,.0f}"
+    return f"{value:.{1 - math.floor(math.log10(abs(value)))}f}"
 
 
 def _tune_malloc() -> None:

@@ -240,7 +240,7 @@ def test_runs_lists_the_run_with_its_counts(finished: Finished, fmt: str) -> Non
     assert float(str(row.pop("cost_usd")).replace(",", "")) == pytest.approx(
         manifest["cost_usd"], rel=1e-5
     )
-    assert {k: plain(v) for k, v in row.items()} == {
+    expected = {
         "run_id": finished.run.run_id,
         "job": "cli",
         "state": "completed",
@@ -249,6 +249,9 @@ def test_runs_lists_the_run_with_its_counts(finished: Finished, fmt: str) -> Non
         "total": str(ROWS),
         "created_at": manifest["created_at"],
     }
+    if fmt == "table":  # the run id holds the job's name and the start time
+        del expected["job"], expected["created_at"]
+    assert {k: plain(v) for k, v in row.items()} == expected
 
 
 def run_ref(finished: Finished, kind: str) -> str:
@@ -266,9 +269,13 @@ def test_status_text(finished: Finished, kind: str) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == f"{finished.run.run_id}  completed"
+    assert lines[1] == f"  input     {ROWS} rows, model gpt-4o-mini"
     assert (
-        lines[1] == f"  rows      {ROWS} of {ROWS} done (100.0 %): {ROWS} ok, 0 failed, 0 skipped"
+        lines[2] == f"  rows      {ROWS} of {ROWS} done (100.0 %): {ROWS} ok, 0 failed, 0 skipped"
     )
+    manifest = finished.run.read_manifest()
+    assert re.fullmatch(r"  cost      \$0\.0*[1-9]\d", lines[-2])
+    assert float(lines[-2].split("$")[1]) == pytest.approx(manifest["cost_usd"], rel=0.05)
     assert lines[-1] == f"  folder    {finished.run.path.resolve()}"
 
 
