@@ -667,3 +667,27 @@ def test_runs_counts_a_run_while_it_is_going(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
     assert proc.returncode == 3
+
+
+def test_resume_summary_counts_the_cost_of_every_session(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    """After a resume the summary's cost is the run's (all sessions), this session's apart."""
+    marked = dict.fromkeys((2, 7, 11), "[[sim:fail_first=1]]")
+    make_job(tmp_path, rows(20, marked), base_url=simulator.base_url, run_extra="max_attempts = 1")
+    assert run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path).returncode == 1
+    run = only_run(tmp_path / "runs")
+    first = run.read_manifest()["cost_usd"]
+    done = run_cli("resume", run.run_id, "--retry-failed", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    total = run.read_manifest()["cost_usd"]
+    assert total > first > 0
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("  cost      ")]
+    found = re.fullmatch(
+        r"  cost      \$([\d.]+) over all sessions \(\$([\d.]+) this session\), "
+        r"estimated from tokens at price-table prices",
+        line,
+    )
+    assert found, line
+    assert float(found[1]) == pytest.approx(total, rel=0.05)
+    assert float(found[2]) == pytest.approx(total - first, rel=0.05)
