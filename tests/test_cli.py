@@ -691,3 +691,13 @@ def test_resume_summary_counts_the_cost_of_every_session(
     assert found, line
     assert float(found[1]) == pytest.approx(total, rel=0.05)
     assert float(found[2]) == pytest.approx(total - first, rel=0.05)
+
+
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_report_labels_are_never_cut_off_a_terminal(finished: Finished, fmt: str) -> None:
+    """Piped (no terminal to fit) or as JSON, the report's labels are whole."""
+    done = finished.cli("report", finished.run.run_id, "--format", fmt)
+    assert done.returncode == 0, done.stderr
+    label = "failed attempts sent without a usable answer (timeouts, drops, 5xx)"
+    assert label in done.stdout
+    assert "..." not in done.stdout
