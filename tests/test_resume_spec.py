@@ -146,3 +146,30 @@ def test_resume_spec_changing_only_the_endpoint_records_no_secret(
     settings = json.loads(text)["sessions"][-1]["settings"]
     assert settings["endpoint"]["api_key_env"] == "SIM_KEY"
     assert settings["endpoint"]["headers"] == ["X-Team"]
+
+
+def test_resume_spec_prices_are_the_reports(tmp_path: Path, stopped: RunDir) -> None:
+    """New [prices] given at resume price the run's budget, its summary and its report."""
+    priced = spec_text(base_url="simulator") + (
+        '\n[prices."gpt-4o-mini"]\ninput = 1000.0\noutput = 1000.0\n'
+    )
+    fixed = write_spec(tmp_path, priced, name="priced.toml")
+    done = run_cli(
+        "resume", stopped.run_id, "--spec", str(fixed), "--runs-dir", "runs", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "estimated from tokens at override prices" in done.stderr
+    manifest = stopped.read_manifest()
+    assert manifest["sessions"][-1]["settings"]["prices"] == {
+        "gpt-4o-mini": {"input": 1000.0, "output": 1000.0}
+    }
+    tokens = select(stopped, "SELECT sum(prompt_tokens + completion_tokens) AS n FROM results")
+    expected = int(tokens[0]["n"]) * 1000.0 / 1e6
+    assert manifest["cost_usd"] == pytest.approx(expected, rel=1e-4)
+    report = run_cli(
+        "report", stopped.run_id, "--format", "json", "--runs-dir", "runs", cwd=tmp_path
+    )
+    assert report.returncode == 0, report.stderr
+    (cost,) = json.loads(report.stdout)["cost"]
+    assert cost["provenance"] == "override"
+    assert cost["cost_usd"] == pytest.approx(expected, rel=1e-4)
