@@ -233,7 +233,7 @@ class _ProgressRenderer:
         manifest = run.read_manifest()
         self.models = len(_spec_models(run, manifest)) or 1
         if manifest.get("sessions"):  # a resume: the cost of earlier sessions counts too
-            self.cost_before = manifest.get("cost_usd")
+            self.cost_before = manifest.get("cost_usd", 0.0)
         click.echo(f"run {run.run_id}: {run.path}", err=True)
 
     @property
@@ -382,6 +382,8 @@ def _print_outcome(outcome: Outcome) -> None:
         how = f"runner resume {run.run_id}"
         if outcome.stopped_by_endpoint:
             how += " --spec FILE (FILE: the spec with [endpoint] fixed)"
+        if outcome.refused_model is not None:
+            how += "; another model needs a new run (runner submit)"
         click.echo(
             f"stopped{reason}: {done:,} of {shown} {unit} done; resume with: {how}", err=True
         )
@@ -492,8 +494,9 @@ def runs(runs_dir: Path, fmt: str) -> None:
         counts = m.get("counts") or {}
         state = m.get("state")
         run = RunDir(runs_dir / str(m.get("run_id")))
-        if state == "running" and run.holder_pid():
-            # The manifest's counts are written when a session ends: count the results now.
+        if state == "running":
+            # The manifest's counts are written when a session ends: count the results now
+            # (also for a session that died without ending: its answers are on disk).
             from runner import report
 
             live = report.status(run)

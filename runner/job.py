@@ -28,6 +28,7 @@ from runner.errors import (
     AuthFailed,
     InputError,
     Interrupted,
+    ModelRefused,
     RunStopped,
     StorageFailed,
     UsageError,
@@ -82,6 +83,7 @@ class Outcome:
     # The endpoint refused or could not be reached (or did not know the model): a fix to
     # [endpoint] goes in with `runner resume RUN --spec FILE`.
     stopped_by_endpoint: bool = False
+    refused_model: str | None = None  # the model the server said it does not know
     models: list[str] = field(default_factory=list)
     input_rows: int | None = None  # rows of the input file, when known
     cost_usd: float | None = None  # over all sessions (None: some cost is unknown)
@@ -336,6 +338,7 @@ async def _execute(
     started = time.monotonic()
     stop_reason: str | None = None
     by_endpoint = False
+    refused: str | None = None
     pool: Pool | None = None
     checker: _Checker | None = None
     try:
@@ -405,6 +408,7 @@ async def _execute(
         # A stop (auth, quota, disk, signal) is an outcome, not a crash: the run is resumable.
         stop_reason = str(exc)
         by_endpoint = isinstance(exc, AuthFailed)
+        refused = exc.model if isinstance(exc, ModelRefused) else None
     finally:
         with anyio.CancelScope(shield=True):
             stop_reason = await _finish(
@@ -426,6 +430,7 @@ async def _execute(
         settled.count,
         stop_reason,
         by_endpoint,
+        refused_model=refused,
         models=names,
         input_rows=manifest.get("input", {}).get("rows"),
         cost_usd=manifest.get("cost_usd"),

@@ -629,6 +629,7 @@ def test_unknown_model_stops_the_run_naming_it(tmp_path: Path) -> None:
     (stop,) = [line for line in done.stderr.splitlines() if line.startswith("stopped")]
     assert "the server refused model 'gpt-4o-mini': 404 model_not_found" in stop
     assert "resume with: runner resume" in stop
+    assert stop.endswith("; another model needs a new run (runner submit)")
     run = only_run(tmp_path / "runs")
     assert run.read_manifest()["state"] == "stopped"
     assert select(run, "SELECT count(*) AS n FROM results WHERE status = 'failed'") == [{"n": 0}]
