@@ -372,6 +372,8 @@ def _print_outcome(outcome: Outcome) -> None:
     lines.append(f"  requests  {p.requests:,} (retries included), {rate:,.1f} per second")
     lines.append(f"  tokens    {p.prompt_tokens:,} prompt, {p.completion_tokens:,} completion")
     lines.append("  cost      " + _cost_line(outcome))
+    if p.failed:
+        lines.extend(_top_errors(run, _terminal_width() - 1 if sys.stderr.isatty() else None))
     lines.append(f"  results   {run.parts_dir}")
     lines.append(f"  next      runner report {run.run_id}")
     lines.append(f"            runner export {run.run_id} out.parquet")
@@ -387,6 +389,29 @@ def _print_outcome(outcome: Outcome) -> None:
         click.echo(
             f"stopped{reason}: {done:,} of {shown} {unit} done; resume with: {how}", err=True
         )
+
+
+def _top_errors(run: RunDir, width: int | None, top: int = 3) -> list[str]:
+    """Why rows failed: the most frequent errors over the run, with their counts."""
+    from runner.report import RunDB
+
+    with RunDB(run, with_input=False) as db:
+        _, found = db.query(
+            "SELECT count(*), http_status, error_type, error_message FROM results "
+            "WHERE status = 'failed' GROUP BY ALL ORDER BY 1 DESC, 3, 4 "
+            f"LIMIT {top + 1}"
+        )
+    lines = []
+    for i, (count, status, kind, message) in enumerate(found[:top]):
+        label = "  failed    " if i == 0 else " " * 12
+        # The message starts with the status and the provider's code when there is one.
+        line = f"{label}{count:,} x {message or (f'{status} ' if status else '') + kind}"
+        if width is not None and len(line) > width:
+            line = line[: width - 3] + "..."
+        lines.append(line)
+    if len(found) > top:
+        lines.append(f"            ... more in: runner report {run.run_id}")
+    return lines
 
 
 def _input_line(rows: int | None, models: Sequence[str]) -> str:

@@ -174,6 +174,8 @@ def test_submit_with_rejected_rows_exits_1(tmp_path: Path) -> None:
     done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     assert "  rows      18 ok, 2 failed, 0 skipped this session" in done.stderr.splitlines()
+    # The summary says why, with counts (the most frequent errors of the run).
+    assert "  failed    2 x 400 invalid_request_error: Simulated 400 error." in done.stderr
     failed = [r for r in results(only_run(tmp_path / "runs")) if r["status"] == "failed"]
     assert [(r["row_id"], r["http_status"], r["attempts"]) for r in failed] == [
         ("r3", 400, 1),
