@@ -173,3 +173,23 @@ def test_resume_spec_prices_are_the_reports(tmp_path: Path, stopped: RunDir) -> 
     (cost,) = json.loads(report.stdout)["cost"]
     assert cost["provenance"] == "override"
     assert cost["cost_usd"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_resume_spec_from_another_folder_reads_the_same_input(
+    tmp_path: Path, stopped: RunDir, sim_factory: Any
+) -> None:
+    """An edited copy kept in another folder may name the same input by another relative
+    path: the input is compared by where it is, not by how it is written."""
+    sim = sim_factory()
+    (tmp_path / "edits").mkdir()
+    fixed = write_spec(
+        tmp_path / "edits",
+        spec_text(base_url=sim.base_url, input_path="../data.jsonl"),
+        name="fixed.toml",
+    )
+    done = run_cli(
+        "resume", stopped.run_id, "--spec", "edits/fixed.toml", "--runs-dir", "runs", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert sim.stats.ok == ROWS
+    assert stopped.read_manifest()["spec_path"] == str(fixed.resolve())
