@@ -414,6 +414,14 @@ def _top_errors(run: RunDir, width: int | None, top: int = 3) -> list[str]:
     return lines
 
 
+def _relative(path: Path) -> Path:
+    """A path as a person would type it here: relative to the working folder when below it."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def _input_line(rows: int | None, models: Sequence[str]) -> str:
     """Input rows and models apart: 3,000 rows by 2 models are 6,000 answers, not rows."""
     shown = "?" if rows is None else f"{rows:,}"
@@ -498,7 +506,7 @@ def status(run: str, runs_dir: Path, as_json: bool) -> None:
     ]
     if info["state"] != "running" and "cost_usd" in manifest:
         lines.append(f"  cost      {_money(manifest['cost_usd'])}")
-    lines.append(f"  folder    {info['path']}")
+    lines.append(f"  folder    {_relative(Path(info['path']))}")
     click.echo("\n".join(lines))
 
 

@@ -279,7 +279,7 @@ def test_status_text(finished: Finished, kind: str) -> None:
     manifest = finished.run.read_manifest()
     assert re.fullmatch(r"  cost      \$0\.0*[1-9]\d", lines[-2])
     assert float(lines[-2].split("$")[1]) == pytest.approx(manifest["cost_usd"], rel=0.05)
-    assert lines[-1] == f"  folder    {finished.run.path.resolve()}"
+    assert lines[-1] == f"  folder    {Path('runs') / finished.run.run_id}"  # from its folder
 
 
 @pytest.mark.parametrize("kind", ["id", "path", "job"])
