@@ -193,3 +193,29 @@ def test_resume_spec_from_another_folder_reads_the_same_input(
     assert done.returncode == 0, done.stderr
     assert sim.stats.ok == ROWS
     assert stopped.read_manifest()["spec_path"] == str(fixed.resolve())
+
+
+PROMPT = 'id_column = "id"\nprompt_column = "text"'
+
+
+@pytest.mark.parametrize(
+    ("pieces", "field"),
+    [
+        ({"base_url": "http://127.0.0.1:1/v1", "endpoint_extra": "connect_timeout_s = 3"}, None),
+        ({"concurrency": 3, "run_extra": "requests_per_minute = 60\nmax_attempts = 2"}, None),
+        ({"input_extra": PROMPT + "\ncheck_whole_file = false"}, None),
+        ({"request_extra": "seed = 1"}, "request.seed"),
+        ({"input_extra": PROMPT + '\nsystem = "Be brief."'}, "input.system"),
+        ({"input_extra": 'id_column = "row"\nprompt_column = "text"'}, "input.id_column"),
+        ({"input_path": "other.jsonl"}, "input.path"),
+    ],
+)
+def test_which_fields_a_resume_may_change(
+    tmp_path: Path, pieces: dict[str, Any], field: str | None
+) -> None:
+    """Endpoint, [run] and check_whole_file may change; the request and prompt settings not."""
+    from runner.spec import load_spec, sent_fields_changed
+
+    old = load_spec(write_spec(tmp_path, spec_text(), name="old.toml"))
+    new = load_spec(write_spec(tmp_path, spec_text(**pieces), name="new.toml"))
+    assert sent_fields_changed(old, new) == field
