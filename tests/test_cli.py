@@ -704,3 +704,69 @@ def test_report_labels_are_never_cut_off_a_terminal(finished: Finished, fmt: str
     label = "failed attempts sent without a usable answer (timeouts, drops, 5xx)"
     assert label in done.stdout
     assert "..." not in done.stdout
+
+
+# -- rendering, in process (the screens themselves are in tests/test_screens.py) ---------
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (1.3e-05, "$0.000013"),
+        (0.0, "$0.00"),
+        (0.012345, "$0.0123"),
+        (1234.567, "$1,234.57"),
+        (None, "unpriced"),
+        (-0.5, "-$0.5000"),
+    ],
+)
+def test_money_is_for_people(value: float | None, shown: str) -> None:
+    """Dollars never in scientific notation; tiny amounts keep two significant digits."""
+    from runner.cli import _money
+
+    assert _money(value) == shown
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(1.3e-05, "0.000013"), (1234.5, "1,234.5"), (3.0, "3"), (0.25, "0.25"), (2e7, "20,000,000")],
+)
+def test_numbers_are_for_people(value: float, shown: str) -> None:
+    """Floats in tables never use scientific notation."""
+    from runner.cli import _number
+
+    assert _number(value) == shown
+
+
+def test_table_fits_a_narrow_terminal_by_cutting_the_widest_text_only() -> None:
+    """Numbers are right-aligned and never cut; the widest text column is cut to fit."""
+    from runner.cli import _table
+
+    rows = [("a" * 70, 1_234_567, 0.5), ("short", 3, 1.3e-05)]
+    wide = _table(["label", "count", "cost_usd"], rows).splitlines()
+    assert wide[2].startswith("a" * 70)
+    assert wide[3].endswith("        3  0.000013")
+    narrow = _table(["label", "count", "cost_usd"], rows, 60).splitlines()
+    assert all(len(line) <= 60 for line in narrow)
+    assert narrow[2].split()[1:] == ["1,234,567", "0.500000"]
+    assert narrow[2].split()[0].endswith("...")
+
+
+@pytest.mark.parametrize("width", [40, 79, 159])
+def test_progress_lines_fit_the_width(width: int) -> None:
+    """Both progress lines fit the width at any count; whole fields are left out, never cut."""
+    from runner.cli import _ProgressRenderer
+    from runner.records import Progress
+
+    renderer = _ProgressRenderer("t")
+    renderer.models = 2
+    progress = Progress(rows_total=6_000_000, rows_done_before=1_000_000, ok=123_456)
+    progress.failed, progress.retrying, progress.concurrency = 7_890, 12, 2_048
+    progress.cost_usd, progress.requests, progress.prompt_tokens = 123.45, 200_000, 9_999_999
+    status = renderer.status(progress, width)
+    assert len(status) <= width and status.startswith("  ok 1,123,456  failed 7,890")
+    assert not status.endswith(" ")
+    bar = renderer.bar(progress, width)
+    assert len(bar) == width and "answers" in bar
+    progress.rows_total = None
+    assert renderer.bar(progress, width).startswith("  1,131,346 answers [")
