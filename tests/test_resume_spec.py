@@ -34,8 +34,7 @@ def the_run(tmp_path: Path) -> RunDir:
     return RunDir(path)
 
 
-@pytest.fixture
-def stopped(tmp_path: Path) -> RunDir:
+def stop_a_run(tmp_path: Path) -> RunDir:
     """A run that stopped (exit 3) on an endpoint nothing listens on; nothing was answered."""
     write_rows(tmp_path / "data.jsonl", rows())
     spec = write_spec(
@@ -48,6 +47,19 @@ def stopped(tmp_path: Path) -> RunDir:
     # The stop says how to carry on once the endpoint is fixed.
     assert f"runner resume {run.run_id} --spec" in first.stderr, first.stderr
     return run
+
+
+@pytest.fixture
+def stopped(tmp_path: Path) -> RunDir:
+    """A stopped run of this test's own."""
+    return stop_a_run(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def refused_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunDir]:
+    """One stopped run shared by the tests whose resume is refused (they change nothing)."""
+    folder = tmp_path_factory.mktemp("refused")
+    return folder, stop_a_run(folder)
 
 
 def test_resume_with_fixed_endpoint_finishes_every_row_once(
@@ -100,10 +112,11 @@ def test_resume_with_fixed_endpoint_finishes_every_row_once(
     ],
 )
 def test_resume_refuses_a_change_to_what_is_sent(
-    tmp_path: Path, stopped: RunDir, pieces: dict[str, str], field: str
+    refused_folder: tuple[Path, RunDir], pieces: dict[str, str], field: str
 ) -> None:
     """A changed request or prompt setting is refused (exit 2) in one line that names the
     field and says to submit anew; the run is left as it was."""
+    tmp_path, stopped = refused_folder
     before = stopped.manifest_path.read_text()
     edited = write_spec(tmp_path, spec_text(base_url="simulator", **pieces), name="edited.toml")
     found = run_cli(
