@@ -108,7 +108,7 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
             "price",
         ]
         rows = [
-            (m, n, p, c, _money(lo), _money(hi) if c is not None else "no max_tokens", prov)
+            (m, n, p, c, lo if lo is not None else "unpriced", _high(lo, hi, c), prov)
             for m, n, p, c, lo, hi, prov in found.models
         ]
         _emit(names, rows, "table")
@@ -608,6 +608,13 @@ def report(run: str, runs_dir: Path, fmt: str, by: str | None, prices_file: Path
             if fmt == "table":
                 click.echo(("\n" if i else "") + f"{title}")
             _emit(names, rows_, fmt)
+
+
+def _high(low: float | None, high: float | None, cap: int | None) -> float | str:
+    """The dry run's worst case: a number, or why there is none."""
+    if cap is None:
+        return "no max_tokens"
+    return "unpriced" if low is None or high is None else high
 
 
 def _plain(value: Any) -> str:
