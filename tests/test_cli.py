@@ -722,9 +722,9 @@ def test_report_labels_are_never_cut_off_a_terminal(finished: Finished, fmt: str
 )
 def test_money_is_for_people(value: float | None, shown: str) -> None:
     """Dollars never in scientific notation; tiny amounts keep two significant digits."""
-    from runner.cli import _money
+    from runner.screens import money
 
-    assert _money(value) == shown
+    assert money(value) == shown
 
 
 @pytest.mark.parametrize(
@@ -733,20 +733,20 @@ def test_money_is_for_people(value: float | None, shown: str) -> None:
 )
 def test_numbers_are_for_people(value: float, shown: str) -> None:
     """Floats in tables never use scientific notation."""
-    from runner.cli import _number
+    from runner.screens import number
 
-    assert _number(value) == shown
+    assert number(value) == shown
 
 
 def test_table_fits_a_narrow_terminal_by_cutting_the_widest_text_only() -> None:
     """Numbers are right-aligned and never cut; the widest text column is cut to fit."""
-    from runner.cli import _table
+    from runner.screens import table
 
     rows = [("a" * 70, 1_234_567, 0.5), ("short", 3, 1.3e-05)]
-    wide = _table(["label", "count", "cost_usd"], rows).splitlines()
+    wide = table(["label", "count", "cost_usd"], rows).splitlines()
     assert wide[2].startswith("a" * 70)
     assert wide[3].endswith("        3  0.000013")
-    narrow = _table(["label", "count", "cost_usd"], rows, 60).splitlines()
+    narrow = table(["label", "count", "cost_usd"], rows, 60).splitlines()
     assert all(len(line) <= 60 for line in narrow)
     assert narrow[2].split()[1:] == ["1,234,567", "0.500000"]
     assert narrow[2].split()[0].endswith("...")
@@ -755,10 +755,10 @@ def test_table_fits_a_narrow_terminal_by_cutting_the_widest_text_only() -> None:
 @pytest.mark.parametrize("width", [40, 79, 159])
 def test_progress_lines_fit_the_width(width: int) -> None:
     """Both progress lines fit the width at any count; whole fields are left out, never cut."""
-    from runner.cli import _ProgressRenderer
     from runner.records import Progress
+    from runner.screens import ProgressRenderer
 
-    renderer = _ProgressRenderer("t")
+    renderer = ProgressRenderer("t")
     renderer.models = 2
     progress = Progress(rows_total=6_000_000, rows_done_before=1_000_000, ok=123_456)
     progress.failed, progress.retrying, progress.concurrency = 7_890, 12, 2_048
