@@ -38,10 +38,10 @@ from runner.limiter import Limiter, Limiters
 from runner.plan import (
     Estimate,
     Prepared,
-    check_resumable,
     estimate,
     prepare,
     prepare_loaded,
+    resumed_spec,
     session_settings,
     shown,
 )
@@ -51,7 +51,7 @@ from runner.records import Progress, WorkItem
 from runner.retry import RetryPolicy
 from runner.sink import RunSink
 from runner.source import RequestBuilder, Skip, check_input
-from runner.spec import SIMULATOR, LoadedSpec, RunSpec, check_environment, load_spec, parse_spec
+from runner.spec import SIMULATOR, RunSpec, check_environment
 from runner.state import (
     RunDir,
     Settled,
@@ -189,7 +189,7 @@ async def resume(
     run.lock()
     try:
         manifest = run.read_manifest()
-        spec = _resumed_spec(run, manifest, spec_path)
+        spec = resumed_spec(run, manifest, spec_path)
         check_environment(spec)
         if budget_usd is not None:
             manifest["budget_usd"] = budget_usd
@@ -240,31 +240,6 @@ async def resume(
         )
     finally:
         run.unlock()
-
-
-def _resumed_spec(run: RunDir, manifest: dict[str, Any], spec_path: Path | None) -> LoadedSpec:
-    """The spec this session runs with: the latest frozen one, or `spec_path` when its
-    changes are ones a resume may take (then frozen beside the first as job.<n>.toml)."""
-    frozen_file = run.path / manifest.get("spec_file", run.spec_path.name)
-    frozen = parse_spec(
-        frozen_file.read_text(), path=Path(manifest["spec_path"]), display=str(frozen_file)
-    )
-    if spec_path is None:
-        return frozen
-    spec = load_spec(spec_path)
-    check_resumable(frozen, spec, run.run_id)
-    name = f"job.{len(manifest.get('sessions', [])) + 1}.toml"
-    try:
-        tmp = run.path / f".{name}.tmp"
-        tmp.write_text(spec.text)
-        os.replace(tmp, run.path / name)
-    except OSError as exc:
-        raise StorageFailed(f"cannot write {run.path / name} ({exc.strerror})") from None
-    manifest["spec_file"] = name
-    manifest["spec_path"] = str(spec.path)
-    manifest["spec_hash"] = spec.hash
-    manifest.pop("budget_usd", None)  # the new spec's run.budget_usd, unless --budget-usd
-    return spec
 
 
 def _all_priced(prepared: Prepared) -> bool:

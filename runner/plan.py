@@ -1,19 +1,29 @@
 """A job made ready to run: spec, environment and input checked, nothing sent yet.
 
 `prepare` validates before any spending (the spec, the key's presence, the input's columns and,
-unless deferred, every row); `estimate` is the dry run. runner/job.py runs what this prepares.
+unless deferred, every row); `estimate` is the dry run; `resumed_spec` picks the spec a resume
+runs with (the run's frozen one, or an edited one that changes only what a resume may take).
+runner/job.py runs what this prepares.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.errors import SpecError
+from runner.errors import SpecError, StorageFailed
 from runner.pricing import PriceSource, estimate_range, parse_price_table
 from runner.source import CheckResult, InputFile, RequestBuilder, check_input
-from runner.spec import LoadedSpec, check_environment, load_spec, sent_fields_changed
+from runner.spec import (
+    LoadedSpec,
+    check_environment,
+    load_spec,
+    parse_spec,
+    sent_fields_changed,
+)
+from runner.state import RunDir
 
 
 @dataclass(slots=True)
@@ -135,6 +145,31 @@ def check_resumable(frozen: LoadedSpec, new: LoadedSpec, run_id: str) -> None:
         )
 
 
+def resumed_spec(run: RunDir, manifest: dict[str, Any], spec_path: Path | None) -> LoadedSpec:
+    """The spec this session runs with: the latest frozen one, or `spec_path` when its
+    changes are ones a resume may take (then frozen beside the first as job.<n>.toml)."""
+    frozen_file = run.path / manifest.get("spec_file", run.spec_path.name)
+    frozen = parse_spec(
+        frozen_file.read_text(), path=Path(manifest["spec_path"]), display=str(frozen_file)
+    )
+    if spec_path is None:
+        return frozen
+    spec = load_spec(spec_path)
+    check_resumable(frozen, spec, run.run_id)
+    name = f"job.{len(manifest.get('sessions', [])) + 1}.toml"
+    try:
+        tmp = run.path / f".{name}.tmp"
+        tmp.write_text(spec.text)
+        os.replace(tmp, run.path / name)
+    except OSError as exc:
+        raise StorageFailed(f"cannot write {run.path / name} ({exc.strerror})") from None
+    manifest["spec_file"] = name
+    manifest["spec_path"] = str(spec.path)
+    manifest["spec_hash"] = spec.hash
+    manifest.pop("budget_usd", None)  # the new spec's run.budget_usd, unless --budget-usd
+    return spec
+
+
 def session_settings(spec: LoadedSpec, spec_file: str) -> dict[str, Any]:
     """What a session ran with, for the manifest: endpoint, [run] and [prices] (the parts a
     resume may change) and the frozen spec file they came from. Never a secret: header
@@ -164,6 +199,7 @@ __all__ = [
     "estimate",
     "prepare",
     "prepare_loaded",
+    "resumed_spec",
     "session_settings",
     "shown",
 ]
