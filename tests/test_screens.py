@@ -275,39 +275,44 @@ def test_progress_frame_ctrl_c_and_stopped_summary(tmp_path: Path, width: int) -
     check_golden(f"interrupted-{width}.txt", normalise(final, tmp_path, all_digits=True))
 
 
+@dataclass
+class Finished:
+    folder: Path
+    submitted: Shot
+
+
 @pytest.fixture(scope="module")
-def two_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A completed run of 20 rows by two models (deterministic simulator answers)."""
+def two_models(tmp_path_factory: pytest.TempPathFactory) -> Finished:
+    """A run of 20 rows by two models (deterministic simulator answers), submitted on an
+    80-column terminal."""
     folder = tmp_path_factory.mktemp("screens")
     job(folder, 20, '["gpt-4o", "gpt-4o-mini"]', "seed = 1", 4)
-    return folder
+    return Finished(folder, in_pty(["submit", "job.toml", "--runs-dir", "runs"], folder, 80))
 
 
-def test_summary_of_a_two_model_run(two_models: Path) -> None:
+def test_summary_of_a_two_model_run(two_models: Finished) -> None:
     """The summary counts input rows apart from models and gives the cost and its source."""
-    folder = two_models
-    shot = in_pty(["submit", "job.toml", "--runs-dir", "runs"], folder, 80)
+    shot = two_models.submitted
     final = shot.final
     assert shot.code == 0, "\n".join(final)
     assert shot.wraps == 0, final
     start = next(i for i, line in enumerate(final) if re.match(r"run \S+: completed in ", line))
     summary = final[start:]
     assert summary[1] == "  input     20 rows x 2 models (gpt-4o, gpt-4o-mini)"
-    check_golden("summary.txt", normalise(summary, folder))
+    check_golden("summary.txt", normalise(summary, two_models.folder))
 
 
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("command", ["status", "report", "runs"])
-def test_screens_of_a_finished_run(two_models: Path, command: str, width: int) -> None:
+def test_screens_of_a_finished_run(two_models: Finished, command: str, width: int) -> None:
     """`runner status`, `report` and `runs` fit the terminal; nothing is cut at 160."""
-    if not (two_models / "runs").exists():
-        test_summary_of_a_two_model_run(two_models)
-    (run,) = [p.name for p in (two_models / "runs").iterdir()]
+    assert two_models.submitted.code == 0
+    (run,) = [p.name for p in (two_models.folder / "runs").iterdir()]
     args = [command] if command == "runs" else [command, run]
-    shot = in_pty([*args, "--runs-dir", "runs"], two_models, width)
+    shot = in_pty([*args, "--runs-dir", "runs"], two_models.folder, width)
     final = shot.final
     assert shot.code == 0, "\n".join(final)
     assert shot.wraps == 0, final
     if width == 160:
         assert not any(line.endswith("...") for line in final), final
-    check_golden(f"{command}-{width}.txt", normalise(final, two_models))
+    check_golden(f"{command}-{width}.txt", normalise(final, two_models.folder))
