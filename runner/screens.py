@@ -174,6 +174,7 @@ def _cost_total(before: float | None, now: float | None) -> float | None:
 
 
 def print_outcome(outcome: Outcome) -> None:
+    """The summary at the end of a session, and how to carry on when it stopped early."""
     p = outcome.progress
     run = outcome.run
     models = outcome.models
@@ -215,12 +216,15 @@ def _top_errors(run: RunDir, width: int | None, top: int = 3) -> list[str]:
     """Why rows failed: the most frequent errors over the run, with their counts."""
     from runner.report import RunDB
 
-    with RunDB(run, with_input=False) as db:
-        _, found = db.query(
-            "SELECT count(*), http_status, error_type, error_message FROM results "
-            "WHERE status = 'failed' GROUP BY ALL ORDER BY 1 DESC, 3, 4 "
-            f"LIMIT {top + 1}"
-        )
+    try:
+        with RunDB(run, with_input=False) as db:
+            _, found = db.query(
+                "SELECT count(*), http_status, error_type, error_message FROM results "
+                "WHERE status = 'failed' GROUP BY ALL ORDER BY 1 DESC, 3, 4 "
+                f"LIMIT {top + 1}"
+            )
+    except Exception:  # a summary line must not turn the end of a run into exit 4
+        return [f"  failed    see: runner report {run.run_id}"]
     lines = []
     for i, (count, status, kind, message) in enumerate(found[:top]):
         label = "  failed    " if i == 0 else " " * 12
