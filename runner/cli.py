@@ -15,7 +15,6 @@ import io
 import json
 import os
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,15 +22,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from runner import screens
 from runner.errors import EXIT_INTERNAL, EXIT_STOPPED, EXIT_USAGE, RunnerError
 
 if TYPE_CHECKING:
     from runner.job import Outcome
-    from runner.records import Progress
-    from runner.state import RunDir
 
 F = TypeVar("F", bound=Callable[..., Any])
-PLAIN_EVERY_S = 5.0
 
 
 def _runs_dir_option(func: F) -> F:
@@ -107,7 +104,7 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
             "price",
         ]
         rows = [
-            (m, n, p, c, _usd(lo), _usd(hi) if c is not None else "no max_tokens", prov)
+            (m, n, p, c, lo if lo is not None else "unpriced", _high(lo, hi, c), prov)
             for m, n, p, c, lo, hi, prov in found.models
         ]
         _emit(names, rows, "table")
@@ -131,16 +128,26 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
     default=None,
     help="A new total budget for the run in USD (replaces run.budget_usd).",
 )
+@click.option(
+    "--spec",
+    "spec_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="An edited job spec: its [endpoint], [run] and [prices] settings are used from now "
+    "on (recorded per session); a change to [request] or the prompt settings is refused.",
+)
 def resume(
     run: str,
     runs_dir: Path,
     retry_failed: bool,
     allow_changed_input: bool,
     budget_usd: float | None,
+    spec_path: Path | None,
 ) -> None:
     """Continue RUN (a run id, a run folder, or a job name for its latest run).
 
     Sends only what no earlier session settled: answered rows are never requested again.
+    Without --spec, the settings are those the run last ran with (its frozen spec).
     """
     from runner import job
 
@@ -151,6 +158,7 @@ def resume(
             retry_failed=retry_failed,
             allow_changed_input=allow_changed_input,
             budget_usd=budget_usd,
+            spec_path=spec_path,
             **hooks,
         ),
         run,
@@ -160,10 +168,11 @@ def resume(
 def _run_session(start: Callable[[dict[str, Any]], Any], label: str) -> None:
     import anyio
 
-    renderer = _ProgressRenderer(label)
+    renderer = screens.ProgressRenderer(label)
     hooks: dict[str, Any] = {
         "on_start": renderer.start,
         "on_progress": renderer.update,
+        "on_signal": renderer.signalled,
         "start_simulator": _simulator_starter,
     }
 
@@ -176,7 +185,7 @@ def _run_session(start: Callable[[dict[str, Any]], Any], label: str) -> None:
         outcome = anyio.run(main)
     finally:
         renderer.close()
-    _print_outcome(outcome)
+    screens.print_outcome(outcome)
     sys.exit(outcome.exit_code)
 
 
@@ -194,92 +203,6 @@ def _simulator_starter(switches: dict[str, Any]) -> Iterator[str]:
         yield sim.base_url
 
 
-class _ProgressRenderer:
-    """tqdm on a terminal; a plain status line every few seconds otherwise."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.bar: Any = None
-        self.tty = sys.stderr.isatty()
-        self.last_plain = 0.0
-        self.run: RunDir | None = None
-
-    def start(self, run: RunDir) -> None:
-        self.run = run
-        click.echo(f"run {run.run_id}: {run.path}", err=True)
-
-    def update(self, progress: Progress) -> None:
-        done = progress.rows_done_before + progress.done + progress.skipped
-        tokens = progress.prompt_tokens + progress.completion_tokens
-        elapsed = max(time.monotonic() - progress.started, 1e-9)
-        rate = progress.requests / elapsed
-        fields = (
-            f"ok={progress.rows_done_before + progress.ok} failed={progress.failed} "
-            f"retrying={progress.retrying} req/s={rate:.0f} tokens={tokens:,}"
-        )
-        if progress.concurrency is not None:
-            fields += f" conc={progress.concurrency}"
-        if progress.cost_usd is not None:
-            fields += f" cost=${progress.cost_usd:.4f}"
-            settled = progress.done + progress.skipped
-            left = (progress.rows_total or 0) - progress.rows_done_before - settled
-            if settled and progress.rows_total is not None:
-                projected = progress.cost_usd * (1 + max(left, 0) / settled)
-                fields += f" (~${projected:.4f} at the end)"
-        if self.tty:
-            if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(
-                    total=progress.rows_total,
-                    initial=progress.rows_done_before,
-                    unit="row",
-                    dynamic_ncols=True,
-                    mininterval=0.2,
-                    file=sys.stderr,
-                )
-            self.bar.n = done
-            self.bar.set_postfix_str(fields, refresh=False)
-            self.bar.refresh()
-            return
-        now = time.monotonic()
-        if now - self.last_plain >= PLAIN_EVERY_S:
-            self.last_plain = now
-            total = "?" if progress.rows_total is None else f"{progress.rows_total:,}"
-            click.echo(f"{done:,}/{total} rows  {fields}", err=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _print_outcome(outcome: Outcome) -> None:
-    p = outcome.progress
-    run = outcome.run
-    total = p.rows_total
-    done = outcome.settled_before + p.done + p.skipped
-    lines = [
-        f"run {run.run_id}: {outcome.state}",
-        f"  rows      {p.ok:,} ok, {p.failed:,} failed, {p.skipped:,} skipped this session"
-        + (f" ({outcome.settled_before:,} settled before)" if outcome.settled_before else ""),
-        f"  requests  {p.requests:,} (retries included)",
-        f"  tokens    {p.prompt_tokens:,} prompt, {p.completion_tokens:,} completion",
-        f"  wall time {outcome.wall_s:.1f} s",
-        f"  results   {run.parts_dir}",
-        f"  export    runner export {run.run_id} out.parquet",
-    ]
-    click.echo("\n".join(lines), err=True)
-    if outcome.state != "completed":
-        shown = f"{total:,}" if total is not None else "?"
-        reason = f" ({outcome.stop_reason})" if outcome.stop_reason else ""
-        click.echo(
-            f"stopped{reason}: {done:,} of {shown} rows done; "
-            f"resume with: runner resume {run.run_id}",
-            err=True,
-        )
-
-
 # -- inspecting runs -----------------------------------------------------------------------
 
 
@@ -292,41 +215,55 @@ def status(run: str, runs_dir: Path, as_json: bool) -> None:
     from runner import report
     from runner.state import resolve_run
 
-    info = report.status(resolve_run(run, runs_dir))
+    target = resolve_run(run, runs_dir)
+    info = report.status(target)
     if as_json:
         click.echo(report.to_json(info))
         return
+    manifest = target.read_manifest()
+    models = screens.spec_models(target, manifest)
     total = info["total"]
     done = info["ok"] + info["failed"] + info["skipped"]
     pct = f" ({100 * done / total:.1f} %)" if total else ""
-    click.echo(
-        f"{info['run_id']}  {info['state']}"
-        + (f" (pid {info['pid']})" if info["pid"] else "")
-        + f"\n  rows      {done:,} of {'?' if total is None else f'{total:,}'} done{pct}: "
-        f"{info['ok']:,} ok, {info['failed']:,} failed, {info['skipped']:,} skipped"
-        f"\n  requests  {info['requests']:,}"
-        f"\n  tokens    {info['prompt_tokens'] or 0:,} prompt, "
-        f"{info['completion_tokens'] or 0:,} completion"
-        f"\n  folder    {info['path']}"
-    )
+    unit = "answers" if len(models) > 1 else "rows"
+    lines = [
+        f"{info['run_id']}  {info['state']}" + (f" (pid {info['pid']})" if info["pid"] else "")
+    ]
+    lines.append(screens.input_line(manifest.get("input", {}).get("rows"), models))
+    lines += [
+        f"  {unit:<9} {done:,} of {'?' if total is None else f'{total:,}'} done{pct}: "
+        f"{info['ok']:,} ok, {info['failed']:,} failed, {info['skipped']:,} skipped",
+        f"  requests  {info['requests']:,}",
+        f"  tokens    {info['prompt_tokens'] or 0:,} prompt, "
+        f"{info['completion_tokens'] or 0:,} completion",
+    ]
+    if info["state"] != "running" and "cost_usd" in manifest:
+        lines.append(f"  cost      {screens.money(manifest['cost_usd'])}")
+    lines.append(f"  folder    {screens.relative(Path(info['path']))}")
+    click.echo("\n".join(lines))
 
 
 @cli.command()
 @_runs_dir_option
 @_format_option
 def runs(runs_dir: Path, fmt: str) -> None:
-    """List runs: id, job, state, rows ok/failed/total, cost (when known), start time."""
+    """List runs: id, job, state, rows ok/failed/total, cost (when known), start time.
+
+    The table leaves out the job and the start time: the run id begins with the job's
+    name and ends with the time it started (UTC); csv and json have them apart.
+    """
     from runner.state import list_runs
 
     header = ["run_id", "job", "state", "ok", "failed", "total", "cost_usd", "created_at"]
     rows = []
     for m in list_runs(runs_dir):
         counts = _run_counts(runs_dir, m)
+        state = m.get("state")
         rows.append(
             (
                 m.get("run_id"),
                 m.get("job_name"),
-                m.get("state"),
+                state,
                 counts.get("ok"),
                 counts.get("failed"),
                 counts.get("total"),
@@ -334,6 +271,9 @@ def runs(runs_dir: Path, fmt: str) -> None:
                 m.get("created_at"),
             )
         )
+    if fmt == "table":
+        _emit(header[:1] + header[2:-1], [r[:1] + r[2:-1] for r in rows], fmt)
+        return
     _emit(header, rows, fmt)
 
 
@@ -449,8 +389,11 @@ def report(run: str, runs_dir: Path, fmt: str, by: str | None, prices_file: Path
             _emit(names, rows_, fmt)
 
 
-def _usd(value: float | None) -> str:
-    return "unpriced" if value is None else f"${value:,.4f}"
+def _high(low: float | None, high: float | None, cap: int | None) -> float | str:
+    """The dry run's worst case: a number, or why there is none."""
+    if cap is None:
+        return "no max_tokens"
+    return "unpriced" if low is None or high is None else high
 
 
 def _plain(value: Any) -> str:
@@ -547,26 +490,8 @@ def _emit(names: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str) -> None
         writer.writerows(rows)
         click.echo(buffer.getvalue(), nl=False)
     else:
-        click.echo(_table(names, rows))
-
-
-def _table(names: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(value: Any) -> str:
-        if value is None:
-            return ""
-        if isinstance(value, float):
-            return f"{value:,.6g}"
-        if isinstance(value, int) and not isinstance(value, bool):
-            return f"{value:,}"
-        text = str(value).replace("\n", " ")
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    cells = [[cell(v) for v in row] for row in rows]
-    widths = [max([len(n), *(len(r[i]) for r in cells)]) for i, n in enumerate(names)]
-    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells)
-    return "\n".join(lines)
+        width = screens.terminal_width() if sys.stdout.isatty() else None
+        click.echo(screens.table(names, rows, width))
 
 
 def _tune_malloc() -> None:

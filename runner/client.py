@@ -48,6 +48,7 @@ from runner.errors import (
     ConnectFailure,
     MalformedResponse,
     OversizedResponse,
+    ModelNotFound,
     ProtocolFailure,
     QuotaFailure,
     RateLimited,
@@ -450,6 +451,8 @@ class ChatClient:
             error = RequestRejected
         elif code in _QUOTA_CODES or status == 402:
             error = QuotaFailure
+        elif status == 404 or code == "model_not_found":
+            error = ModelNotFound
         elif status == 429:
             error = RateLimited
         elif status in (401, 403):

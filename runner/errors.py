@@ -11,6 +11,7 @@ Imports nothing from the rest of the package (it is the bottom of the module map
     └── RunStopped                   exit 3: stopped early, resumable
         ├── Interrupted              SIGINT / SIGTERM
         ├── AuthFailed               401 / 403 / unreachable endpoint on the first requests
+        │   └── ModelRefused         404 / model_not_found before any answer of that model
         ├── QuotaExhausted           429 insufficient_quota and other billing errors
         └── StorageFailed            disk full, unwritable folder, fsync error
 
@@ -21,6 +22,7 @@ Imports nothing from the rest of the package (it is the bottom of the module map
     │   ├── AuthFailure              401, 403: stops the run when it comes first
     │   ├── ServerFailure            408, 409, 5xx: retryable
     │   └── RequestRejected          400, 404, 422, other 4xx, redirects: the row fails
+    │       └── ModelNotFound        404, model_not_found: stops the run when it comes first
     ├── ConnectFailure               the request never reached the server: not billed
     ├── TimeoutFailure               the total per-request deadline or a read timeout fired
     ├── ProtocolFailure              connection dropped or reset mid-answer
@@ -104,6 +106,14 @@ class AuthFailed(RunStopped):
     """The endpoint refused the credentials (or could not be reached) on the first requests."""
 
 
+class ModelRefused(AuthFailed):
+    """The server does not know a model (404 or model_not_found) and never answered it."""
+
+    def __init__(self, model: str, message: str) -> None:
+        self.model = model
+        super().__init__(f"the server refused model {model!r}: {message}")
+
+
 class QuotaExhausted(RunStopped):
     """The provider says the account has no quota or credit left."""
 
@@ -164,6 +174,12 @@ class ServerFailure(HTTPStatusFailure):
 
 class RequestRejected(HTTPStatusFailure):
     error_type = "invalid_request"
+
+
+class ModelNotFound(RequestRejected):
+    """404 or an error code of model_not_found: a wrong model or a wrong endpoint path."""
+
+    error_type = "model_not_found"
 
 
 class ConnectFailure(AttemptError):

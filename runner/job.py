@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +25,33 @@ from runner.errors import (
     EXIT_FAILED_ROWS,
     EXIT_OK,
     EXIT_STOPPED,
+    AuthFailed,
     InputError,
     Interrupted,
+    ModelRefused,
     RunStopped,
     StorageFailed,
     UsageError,
     primary,
 )
 from runner.limiter import Limiter, Limiters
-from runner.plan import Estimate, Prepared, estimate, prepare, prepare_loaded, shown
+from runner.plan import (
+    Estimate,
+    Prepared,
+    estimate,
+    prepare,
+    prepare_loaded,
+    resumed_spec,
+    session_settings,
+    shown,
+)
 from runner.pool import Pool
 from runner.pricing import Budget, spent_before
 from runner.records import Progress, WorkItem
 from runner.retry import RetryPolicy
 from runner.sink import RunSink
 from runner.source import RequestBuilder, Skip, check_input
-from runner.spec import SIMULATOR, RunSpec, check_environment, parse_spec
+from runner.spec import SIMULATOR, RunSpec, check_environment
 from runner.state import (
     RunDir,
     Settled,
@@ -56,6 +67,7 @@ PART_ROWS = 10_000
 TICK_S = 0.25
 SimulatorStarter = Callable[[dict[str, Any]], AbstractContextManager[str]]
 ProgressHook = Callable[[Progress], None]
+SignalHook = Callable[[bool, float], None]  # (first signal?, grace seconds)
 
 
 @dataclass(slots=True)
@@ -68,6 +80,14 @@ class Outcome:
     wall_s: float
     settled_before: int
     stop_reason: str | None = None
+    # The endpoint refused or could not be reached (or did not know the model): a fix to
+    # [endpoint] goes in with `runner resume RUN --spec FILE`.
+    stopped_by_endpoint: bool = False
+    refused_model: str | None = None  # the model the server said it does not know
+    models: list[str] = field(default_factory=list)
+    input_rows: int | None = None  # rows of the input file, when known
+    cost_usd: float | None = None  # over all sessions (None: some cost is unknown)
+    prices: dict[str, str] = field(default_factory=dict)  # model -> price provenance
 
     @property
     def exit_code(self) -> int:
@@ -105,6 +125,7 @@ async def submit(
     on_progress: ProgressHook | None = None,
     start_simulator: SimulatorStarter | None = None,
     handle_signals: bool = True,
+    on_signal: SignalHook | None = None,
 ) -> Outcome:
     """Start a new run of a prepared job."""
     check_writable(runs_dir)
@@ -138,6 +159,7 @@ async def submit(
             on_progress,
             start_simulator,
             handle_signals,
+            on_signal,
         )
     finally:
         run.unlock()
@@ -154,20 +176,20 @@ async def resume(
     start_simulator: SimulatorStarter | None = None,
     handle_signals: bool = True,
     budget_usd: float | None = None,
+    spec_path: Path | None = None,
+    on_signal: SignalHook | None = None,
 ) -> Outcome:
     """Continue a run: send only what no earlier session settled.
 
     `budget_usd` replaces the spec's run.budget_usd (the total for the run, all sessions).
+    `spec_path` is an edited copy of the job's spec whose endpoint, [run] and [prices]
+    settings this session and later ones use; a change to what is sent is refused.
     """
     run = resolve_run(ref, runs_dir)
     run.lock()
     try:
         manifest = run.read_manifest()
-        spec = parse_spec(
-            run.spec_path.read_text(),
-            path=Path(manifest["spec_path"]),
-            display=str(run.spec_path),
-        )
+        spec = resumed_spec(run, manifest, spec_path)
         check_environment(spec)
         if budget_usd is not None:
             manifest["budget_usd"] = budget_usd
@@ -214,6 +236,7 @@ async def resume(
             on_progress,
             start_simulator,
             handle_signals,
+            on_signal,
         )
     finally:
         run.unlock()
@@ -254,6 +277,7 @@ async def _execute(
     on_progress: ProgressHook | None,
     start_simulator: SimulatorStarter | None,
     handle_signals: bool,
+    on_signal: SignalHook | None = None,
 ) -> Outcome:
     job = prepared.spec.job
     endpoint = job.endpoint
@@ -271,6 +295,7 @@ async def _execute(
         "started_at": utc_now(),
         "started_epoch": time.time(),
         "pid": os.getpid(),
+        "settings": session_settings(prepared.spec, manifest.get("spec_file", "job.toml")),
     }
     manifest.setdefault("sessions", []).append(session)
     manifest["state"] = "running"
@@ -287,6 +312,8 @@ async def _execute(
     sink = RunSink(run.journal_dir, run.parts_dir, next_number=next_segment, part_rows=PART_ROWS)
     started = time.monotonic()
     stop_reason: str | None = None
+    by_endpoint = False
+    refused: str | None = None
     pool: Pool | None = None
     checker: _Checker | None = None
     try:
@@ -342,7 +369,7 @@ async def _execute(
                     tg.start_soon(_tick, sink, progress, on_progress, limiters, run, pool)
                     tg.start_soon(sink.compactor)
                     if handle_signals:
-                        tg.start_soon(_watch_signals, pool, job.run.grace_s)
+                        tg.start_soon(_watch_signals, pool, job.run.grace_s, on_signal)
                     if checker is not None:
                         tg.start_soon(checker.run)
                     await pool.run(_items(prepared, settled))
@@ -357,6 +384,8 @@ async def _execute(
     except RunStopped as exc:
         # A stop (auth, quota, disk, signal) is an outcome, not a crash: the run is resumable.
         stop_reason = str(exc)
+        by_endpoint = isinstance(exc, AuthFailed)
+        refused = exc.model if isinstance(exc, ModelRefused) else None
     finally:
         with anyio.CancelScope(shield=True):
             stop_reason = await _finish(
@@ -369,7 +398,24 @@ async def _execute(
     state = manifest["state"]
     if pool is not None and pool.stopping and state != "completed":
         stop_reason = stop_reason or "interrupted"
-    return Outcome(run, state, progress, time.monotonic() - started, settled.count, stop_reason)
+    names = job.request.models if job.request is not None else []
+    return Outcome(
+        run,
+        state,
+        progress,
+        time.monotonic() - started,
+        settled.count,
+        stop_reason,
+        by_endpoint,
+        refused_model=refused,
+        models=names,
+        input_rows=manifest.get("input", {}).get("rows"),
+        cost_usd=manifest.get("cost_usd"),
+        prices={
+            m: (price.provenance if (price := prepared.prices.price(m)) else "unpriced")
+            for m in names
+        },
+    )
 
 
 class _Checker:
@@ -501,10 +547,13 @@ async def _tick(
             on_progress(progress)
 
 
-async def _watch_signals(pool: Pool, grace_s: float) -> None:
-    """First SIGINT/SIGTERM: drain for up to grace_s. Second: stop at once."""
+async def _watch_signals(pool: Pool, grace_s: float, on_signal: SignalHook | None = None) -> None:
+    """First SIGINT/SIGTERM: drain for up to grace_s. Second: stop at once. `on_signal`
+    hears of each at once (first or not, and the grace time), so a person sees a reply."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
+            if on_signal:
+                on_signal(not pool.stopping, grace_s)
             if pool.stopping:
                 pool.abort()
                 return
@@ -512,6 +561,8 @@ async def _watch_signals(pool: Pool, grace_s: float) -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_abort_after, pool, grace_s)
                 async for _ in signals:
+                    if on_signal:
+                        on_signal(False, grace_s)
                     pool.abort()
                     tg.cancel_scope.cancel()
                     return

@@ -1,18 +1,29 @@
 """A job made ready to run: spec, environment and input checked, nothing sent yet.
 
 `prepare` validates before any spending (the spec, the key's presence, the input's columns and,
-unless deferred, every row); `estimate` is the dry run. runner/job.py runs what this prepares.
+unless deferred, every row); `estimate` is the dry run; `resumed_spec` picks the spec a resume
+runs with (the run's frozen one, or an edited one that changes only what a resume may take).
+runner/job.py runs what this prepares.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from runner.errors import SpecError
+from runner.errors import SpecError, StorageFailed
 from runner.pricing import PriceSource, estimate_range, parse_price_table
 from runner.source import CheckResult, InputFile, RequestBuilder, check_input
-from runner.spec import LoadedSpec, check_environment, load_spec
+from runner.spec import (
+    LoadedSpec,
+    check_environment,
+    load_spec,
+    parse_spec,
+    sent_fields_changed,
+)
+from runner.state import RunDir
 
 
 @dataclass(slots=True)
@@ -118,4 +129,77 @@ def estimate(prepared: Prepared) -> Estimate:
     return Estimate(check.rows, check.items, check.skipped, models)
 
 
-__all__ = ["Estimate", "Prepared", "estimate", "prepare", "prepare_loaded", "shown"]
+def check_resumable(frozen: LoadedSpec, new: LoadedSpec, run_id: str) -> None:
+    """Refuse a spec for `runner resume --spec` that would change what is sent.
+
+    The endpoint, [run] and [prices] may change between sessions; the request and the way
+    prompts are read from the input may not (answers already stored were asked that way).
+    """
+    field = sent_fields_changed(frozen, new)
+    if field is not None:
+        raise SpecError(
+            str(new.path),
+            field,
+            f"differs from run {run_id}'s; a change to what is sent needs a new run "
+            f"(runner submit {shown(new.path)})",
+        )
+
+
+def resumed_spec(run: RunDir, manifest: dict[str, Any], spec_path: Path | None) -> LoadedSpec:
+    """The spec this session runs with: the latest frozen one, or `spec_path` when its
+    changes are ones a resume may take (then frozen beside the first as job.<n>.toml)."""
+    frozen_file = run.path / manifest.get("spec_file", run.spec_path.name)
+    frozen = parse_spec(
+        frozen_file.read_text(), path=Path(manifest["spec_path"]), display=str(frozen_file)
+    )
+    if spec_path is None:
+        return frozen
+    spec = load_spec(spec_path)
+    check_resumable(frozen, spec, run.run_id)
+    name = f"job.{len(manifest.get('sessions', [])) + 1}.toml"
+    try:
+        tmp = run.path / f".{name}.tmp"
+        tmp.write_text(spec.text)
+        os.replace(tmp, run.path / name)
+    except OSError as exc:
+        raise StorageFailed(f"cannot write {run.path / name} ({exc.strerror})") from None
+    manifest["spec_file"] = name
+    manifest["spec_path"] = str(spec.path)
+    manifest["spec_hash"] = spec.hash
+    manifest.pop("budget_usd", None)  # the new spec's run.budget_usd, unless --budget-usd
+    return spec
+
+
+def session_settings(spec: LoadedSpec, spec_file: str) -> dict[str, Any]:
+    """What a session ran with, for the manifest: endpoint, [run] and [prices] (the parts a
+    resume may change) and the frozen spec file they came from. Never a secret: header
+    values and the API key are left out (only the variable's name is kept)."""
+    job = spec.job
+    endpoint = job.endpoint
+    return {
+        "spec_file": spec_file,
+        "spec_hash": spec.hash,
+        "endpoint": {
+            "base_url": endpoint.base_url,
+            "api_key_env": endpoint.api_key_env,
+            "timeout_s": endpoint.timeout_s,
+            "connect_timeout_s": endpoint.connect_timeout_s,
+            "headers": sorted(endpoint.headers),
+            "simulator": {k: v for k, v in endpoint.simulator.items() if k != "api_key"},
+        },
+        "run": job.run.model_dump(mode="json"),
+        "prices": job.prices,
+    }
+
+
+__all__ = [
+    "Estimate",
+    "Prepared",
+    "check_resumable",
+    "estimate",
+    "prepare",
+    "prepare_loaded",
+    "resumed_spec",
+    "session_settings",
+    "shown",
+]

@@ -26,6 +26,8 @@ from runner.errors import (
     AuthFailed,
     AuthFailure,
     ConnectFailure,
+    ModelNotFound,
+    ModelRefused,
     QuotaExhausted,
     QuotaFailure,
     RateLimited,
@@ -98,6 +100,8 @@ class Pool:
         self._work_scope = anyio.CancelScope()
         self._successes = 0
         self._blocking_failures = 0  # auth / connect failures since the last success
+        self._answered_models: set[str] = set()  # models answered at least once (a 404 stops
+        # the run until then: the server does not know the model)
         self._items: Iterator[WorkItem | Skip] = iter(())
         # Records waiting for the writer, which journals them in one write per turn of the
         # event loop; run() flushes what is left when it ends, cancelled or not.
@@ -312,9 +316,14 @@ class Pool:
             if self._successes:
                 return current.failure(exc, current.attempts, final=True)
             return None  # not the row's fault: it stays pending and the run stops
+        except ModelNotFound as exc:
+            if item.model not in self._answered_models:  # a wrong model, not a wrong row
+                raise ModelRefused(item.model, exc.message) from None
+            return current.failure(exc, current.attempts, final=True)
         except AttemptError as exc:
             return current.failure(exc, current.attempts, final=True)
         self._successes += 1
+        self._answered_models.add(item.model)
         self._blocking_failures = 0
         return current.success(answer)
 

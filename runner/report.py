@@ -306,11 +306,13 @@ def price_rows(
 ) -> list[PriceRow]:
     """The price table for a run: the spec's overrides, a --prices file over them, then
     genai-prices for every model the run used."""
+    # The spec the run last ran with: `runner resume --spec` may have changed [prices].
+    spec_path = run.path / run.read_manifest().get("spec_file", run.spec_path.name)
     try:
-        frozen = tomllib.loads(run.spec_path.read_text())
+        frozen = tomllib.loads(spec_path.read_text())
     except (OSError, tomllib.TOMLDecodeError):
         frozen = {}
-    overrides = parse_price_table(frozen.get("prices", {}), path=str(run.spec_path))
+    overrides = parse_price_table(frozen.get("prices", {}), path=str(spec_path))
     if prices_file is not None:
         overrides = {**overrides, **load_price_file(prices_file)}
     if models is None:

@@ -86,6 +86,8 @@ class SimulatorConfig:
     tpm_limit: int | None = None
     ratelimit_headers: bool = True
     insufficient_quota: bool = False
+    # A model name answered with 404 model_not_found, as a server that does not serve it.
+    unknown_model: str | None = None
 
     def __post_init__(self) -> None:
         # Specs and CLI flags build configs directly: a bad switch fails here, not mid-run.
@@ -336,6 +338,9 @@ class Simulator:
             problem = invalid_reason(body)
         if problem is not None:
             return error_reply(400, problem, "invalid_request_error", None, headers)
+        if cfg.unknown_model is not None and body.get("model") == cfg.unknown_model:
+            message = f"The model `{cfg.unknown_model}` does not exist or you do not have access."
+            return error_reply(404, message, "invalid_request_error", "model_not_found", headers)
         digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
         if digest in self._ok_bodies:
             self.stats.resent_after_ok += 1

@@ -445,6 +445,38 @@ def input_spec_of(text: str, path: str) -> InputSpec | None:
         return None
 
 
+# What a resume may take from an edited spec: how to reach the endpoint, how fast and how
+# long to run, and at what prices. Everything else (the request, how prompts are read from
+# the input, the name) decides what is sent, and answers already stored were asked that way.
+RESUME_MAY_CHANGE = frozenset({"endpoint", "run", "prices"})
+# [input] keys that change nothing that is sent (the path is compared resolved).
+_INPUT_FREE = frozenset({"path", "check_whole_file"})
+
+
+def sent_fields_changed(old: LoadedSpec, new: LoadedSpec) -> str | None:
+    """The dotted name of the first field that differs between two specs and would change
+    what is sent, or None when only endpoint, [run] and [prices] settings differ."""
+    a, b = old.job.model_dump(), new.job.model_dump()
+    for section in JobSpec.model_fields:
+        if section in RESUME_MAY_CHANGE:
+            continue
+        if section == "input":
+            if old.input_path != new.input_path:
+                return "input.path"
+            for key in a["input"]:
+                if key not in _INPUT_FREE and a["input"][key] != b["input"].get(key):
+                    return f"input.{key}"
+            continue
+        if a[section] == b[section]:
+            continue
+        if isinstance(a[section], dict) and isinstance(b[section], dict):
+            for key in sorted(set(a[section]) | set(b[section])):
+                if a[section].get(key) != b[section].get(key):
+                    return f"{section}.{key}"
+        return section
+    return None
+
+
 def check_environment(spec: LoadedSpec, environ: dict[str, str] | None = None) -> None:
     """Checks that need the world outside the spec text: the API key variable."""
     env = os.environ if environ is None else environ

@@ -135,9 +135,17 @@ def test_submit_prints_the_run_id_and_a_completed_summary(finished: Finished) ->
     run_id = finished.run.run_id
     lines = finished.submitted.stderr.splitlines()
     assert lines[0] == f"run {run_id}: {Path('runs') / run_id}"
-    assert f"run {run_id}: completed" in lines
+    assert any(re.fullmatch(rf"run {run_id}: completed in [\d.]+ s", line) for line in lines)
+    assert f"  input     {ROWS} rows, model gpt-4o-mini" in lines
     assert f"  rows      {ROWS} ok, 0 failed, 0 skipped this session" in lines
-    assert f"  export    runner export {run_id} out.parquet" in lines
+    assert f"            runner export {run_id} out.parquet" in lines
+    cost = next(line for line in lines if line.startswith("  cost      "))
+    manifest = finished.run.read_manifest()
+    found = re.fullmatch(
+        r"  cost      \$(0\.0*[1-9]\d), estimated from tokens at price-table prices", cost
+    )
+    assert found, cost  # two significant digits, never 1.3e-05
+    assert float(found[1]) == pytest.approx(manifest["cost_usd"], rel=0.05)
     assert finished.submitted.stdout == ""
     manifest = finished.run.read_manifest()
     assert manifest["state"] == "completed"
@@ -150,12 +158,12 @@ def test_submit_progress_is_plain_lines_when_stderr_is_not_a_terminal(finished: 
     stderr = finished.submitted.stderr
     assert "\r" not in stderr and "\x1b" not in stderr
     assert "row/s" not in stderr and "%|" not in stderr
-    progress = [line for line in stderr.splitlines() if " rows  ok=" in line]
+    progress = [line for line in stderr.splitlines() if " rows  ok " in line]
     assert progress, stderr
     for line in progress:
         assert re.fullmatch(
-            r"\d+/\d+ rows  ok=\d+ failed=\d+ retrying=\d+ req/s=\d+ tokens=[\d,]+"
-            r"( conc=\d+)?( cost=\$[\d.]+( \(~\$[\d.]+ at the end\))?)?",
+            r"\d+/\d+ rows  ok \d+  failed \d+  \$[\d.]+( \(~\$[\d.]+ at end\))?"
+            r"  \d+ req/s(  retrying \d+)?  in flight \d+  conc \d+  tokens [\d,]+",
             line,
         ), line
 
@@ -166,6 +174,8 @@ def test_submit_with_rejected_rows_exits_1(tmp_path: Path) -> None:
     done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     assert "  rows      18 ok, 2 failed, 0 skipped this session" in done.stderr.splitlines()
+    # The summary says why, with counts (the most frequent errors of the run).
+    assert "  failed    2 x 400 invalid_request_error: Simulated 400 error." in done.stderr
     failed = [r for r in results(only_run(tmp_path / "runs")) if r["status"] == "failed"]
     assert [(r["row_id"], r["http_status"], r["attempts"]) for r in failed] == [
         ("r3", 400, 1),
@@ -229,10 +239,11 @@ def test_runs_lists_the_run_with_its_counts(finished: Finished, fmt: str) -> Non
     (row,) = [r for r in listed if r["run_id"] == finished.run.run_id]
     manifest = finished.run.read_manifest()
     assert manifest["cost_usd"] > 0  # gpt-4o-mini is priced
+    # The table shows two significant digits; csv and json the stored value.
     assert float(str(row.pop("cost_usd")).replace(",", "")) == pytest.approx(
-        manifest["cost_usd"], rel=1e-5
+        manifest["cost_usd"], rel=0.05 if fmt == "table" else 1e-5
     )
-    assert {k: plain(v) for k, v in row.items()} == {
+    expected = {
         "run_id": finished.run.run_id,
         "job": "cli",
         "state": "completed",
@@ -241,6 +252,9 @@ def test_runs_lists_the_run_with_its_counts(finished: Finished, fmt: str) -> Non
         "total": str(ROWS),
         "created_at": manifest["created_at"],
     }
+    if fmt == "table":  # the run id holds the job's name and the start time
+        del expected["job"], expected["created_at"]
+    assert {k: plain(v) for k, v in row.items()} == expected
 
 
 def run_ref(finished: Finished, kind: str) -> str:
@@ -258,10 +272,14 @@ def test_status_text(finished: Finished, kind: str) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == f"{finished.run.run_id}  completed"
+    assert lines[1] == f"  input     {ROWS} rows, model gpt-4o-mini"
     assert (
-        lines[1] == f"  rows      {ROWS} of {ROWS} done (100.0 %): {ROWS} ok, 0 failed, 0 skipped"
+        lines[2] == f"  rows      {ROWS} of {ROWS} done (100.0 %): {ROWS} ok, 0 failed, 0 skipped"
     )
-    assert lines[-1] == f"  folder    {finished.run.path.resolve()}"
+    manifest = finished.run.read_manifest()
+    assert re.fullmatch(r"  cost      \$0\.0*[1-9]\d", lines[-2])
+    assert float(lines[-2].split("$")[1]) == pytest.approx(manifest["cost_usd"], rel=0.05)
+    assert lines[-1] == f"  folder    {Path('runs') / finished.run.run_id}"  # from its folder
 
 
 @pytest.mark.parametrize("kind", ["id", "path", "job"])
@@ -511,8 +529,10 @@ def test_resume_of_a_completed_run_sends_nothing(
     done = run_cli("resume", run.run_id, "--runs-dir", "runs", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert simulator.stats.requests == sent
-    assert f"run {run.run_id}: completed" in done.stderr.splitlines()
-    assert "0 ok, 0 failed, 0 skipped this session (20 settled before)" in done.stderr
+    assert any(
+        line.startswith(f"run {run.run_id}: completed in ") for line in done.stderr.splitlines()
+    )
+    assert "0 ok, 0 failed, 0 skipped this session; 20 settled before" in done.stderr
     assert results(run) == before
     manifest = run.read_manifest()
     assert manifest["state"] == "completed" and len(manifest["sessions"]) == 2
@@ -597,3 +617,156 @@ def test_entry_point_runs_a_command(entry: str, finished: Finished) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert [r["run_id"] for r in json.loads(done.stdout)] == [finished.run.run_id]
+
+
+# -- a model the server does not know ----------------------------------------------------
+
+
+def test_unknown_model_stops_the_run_naming_it(tmp_path: Path) -> None:
+    """A 404 model_not_found on the first answers stops the run (exit 3) in one line naming
+    the model; no row is marked failed and the run stays resumable."""
+    make_job(tmp_path, rows(30), endpoint_extra='simulator = { unknown_model = "gpt-4o-mini" }')
+    done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 3, done.stderr
+    (stop,) = [line for line in done.stderr.splitlines() if line.startswith("stopped")]
+    assert "the server refused model 'gpt-4o-mini': 404 model_not_found" in stop
+    assert "resume with: runner resume" in stop
+    assert stop.endswith("; another model needs a new run (runner submit)")
+    run = only_run(tmp_path / "runs")
+    assert run.read_manifest()["state"] == "stopped"
+    assert select(run, "SELECT count(*) AS n FROM results WHERE status = 'failed'") == [{"n": 0}]
+
+
+def test_a_404_after_the_model_answered_fails_only_its_row(tmp_path: Path) -> None:
+    """Once a model has answered, a 404 is that row's failure: the run completes (exit 1)."""
+    make_job(tmp_path, rows(12, {8: "[[sim:404]]"}), concurrency=1)
+    done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    failed = [r for r in results(only_run(tmp_path / "runs")) if r["status"] == "failed"]
+    assert [(r["row_id"], r["http_status"], r["error_type"]) for r in failed] == [
+        ("r8", 404, "model_not_found")
+    ]
+
+
+def test_runs_counts_a_run_while_it_is_going(tmp_path: Path) -> None:
+    """`runner runs` shows the live counts of a running run (its manifest has none yet)."""
+    from .conftest import start_runner
+    from .test_resume import wait_for_results
+
+    make_job(tmp_path, rows(200), endpoint_extra="simulator = { latency_ms = 200 }", concurrency=4)
+    proc = start_runner(tmp_path, "submit", "job.toml")
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # "run ID: PATH", once the run folder exists
+        run_id = first.split()[1].rstrip(":")
+        wait_for_results(tmp_path / "runs" / run_id, at_least=8)
+        done = run_cli("runs", "--format", "json", "--runs-dir", "runs", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        (row,) = json.loads(done.stdout)
+        assert row["state"] == "running"
+        assert 8 <= row["ok"] < 200 and row["failed"] == 0
+        assert row["total"] in (None, 200)  # known once the input check has ended
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 3
+
+
+def test_resume_summary_counts_the_cost_of_every_session(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    """After a resume the summary's cost is the run's (all sessions), this session's apart."""
+    marked = dict.fromkeys((2, 7, 11), "[[sim:fail_first=1]]")
+    make_job(tmp_path, rows(20, marked), base_url=simulator.base_url, run_extra="max_attempts = 1")
+    assert run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path).returncode == 1
+    run = only_run(tmp_path / "runs")
+    first = run.read_manifest()["cost_usd"]
+    done = run_cli("resume", run.run_id, "--retry-failed", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    total = run.read_manifest()["cost_usd"]
+    assert total > first > 0
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("  cost      ")]
+    found = re.fullmatch(
+        r"  cost      \$([\d.]+) over all sessions \(\$([\d.]+) this session\), "
+        r"estimated from tokens at price-table prices",
+        line,
+    )
+    assert found, line
+    assert float(found[1]) == pytest.approx(total, rel=0.05)
+    assert float(found[2]) == pytest.approx(total - first, rel=0.05)
+
+
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_report_labels_are_never_cut_off_a_terminal(finished: Finished, fmt: str) -> None:
+    """Piped (no terminal to fit) or as JSON, the report's labels are whole."""
+    done = finished.cli("report", finished.run.run_id, "--format", fmt)
+    assert done.returncode == 0, done.stderr
+    label = "failed attempts sent without a usable answer (timeouts, drops, 5xx)"
+    assert label in done.stdout
+    assert "..." not in done.stdout
+
+
+# -- rendering, in process (the screens themselves are in tests/test_screens.py) ---------
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (1.3e-05, "$0.000013"),
+        (0.0, "$0.00"),
+        (0.012345, "$0.0123"),
+        (1234.567, "$1,234.57"),
+        (None, "unpriced"),
+        (-0.5, "-$0.5000"),
+    ],
+)
+def test_money_is_for_people(value: float | None, shown: str) -> None:
+    """Dollars never in scientific notation; tiny amounts keep two significant digits."""
+    from runner.screens import money
+
+    assert money(value) == shown
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(1.3e-05, "0.000013"), (1234.5, "1,234.5"), (3.0, "3"), (0.25, "0.25"), (2e7, "20,000,000")],
+)
+def test_numbers_are_for_people(value: float, shown: str) -> None:
+    """Floats in tables never use scientific notation."""
+    from runner.screens import number
+
+    assert number(value) == shown
+
+
+def test_table_fits_a_narrow_terminal_by_cutting_the_widest_text_only() -> None:
+    """Numbers are right-aligned and never cut; the widest text column is cut to fit."""
+    from runner.screens import table
+
+    rows = [("a" * 70, 1_234_567, 0.5), ("short", 3, 1.3e-05)]
+    wide = table(["label", "count", "cost_usd"], rows).splitlines()
+    assert wide[2].startswith("a" * 70)
+    assert wide[3].endswith("        3  0.000013")
+    narrow = table(["label", "count", "cost_usd"], rows, 60).splitlines()
+    assert all(len(line) <= 60 for line in narrow)
+    assert narrow[2].split()[1:] == ["1,234,567", "0.500000"]
+    assert narrow[2].split()[0].endswith("...")
+
+
+@pytest.mark.parametrize("width", [40, 79, 159])
+def test_progress_lines_fit_the_width(width: int) -> None:
+    """Both progress lines fit the width at any count; whole fields are left out, never cut."""
+    from runner.records import Progress
+    from runner.screens import ProgressRenderer
+
+    renderer = ProgressRenderer("t")
+    renderer.models = 2
+    progress = Progress(rows_total=6_000_000, rows_done_before=1_000_000, ok=123_456)
+    progress.failed, progress.retrying, progress.concurrency = 7_890, 12, 2_048
+    progress.cost_usd, progress.requests, progress.prompt_tokens = 123.45, 200_000, 9_999_999
+    status = renderer.status(progress, width)
+    assert len(status) <= width and status.startswith("  ok 1,123,456  failed 7,890")
+    assert not status.endswith(" ")
+    bar = renderer.bar(progress, width)
+    assert len(bar) == width and "answers" in bar
+    progress.rows_total = None
+    assert renderer.bar(progress, width).startswith("  1,131,346 answers [")

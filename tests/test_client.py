@@ -24,6 +24,7 @@ from runner.errors import (
     AuthFailure,
     ConnectFailure,
     MalformedResponse,
+    ModelNotFound,
     ProtocolFailure,
     QuotaFailure,
     RateLimited,
@@ -134,7 +135,7 @@ async def raw_server(
         (401, AuthFailure),
         (402, QuotaFailure),
         (403, AuthFailure),
-        (404, RequestRejected),
+        (404, ModelNotFound),
         (408, ServerFailure),
         (409, ServerFailure),
         (418, RequestRejected),
@@ -263,7 +264,7 @@ async def test_redirect_is_rejected_and_not_followed(status: int) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("status", "kind"),
-    [(403, AuthFailure), (404, RequestRejected), (503, ServerFailure), (429, RateLimited)],
+    [(403, AuthFailure), (404, ModelNotFound), (503, ServerFailure), (429, RateLimited)],
 )
 async def test_html_error_page_is_classified_by_status(
     status: int, kind: type[AttemptError]

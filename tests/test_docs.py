@@ -58,3 +58,25 @@ def test_group_help_lists_every_command() -> None:
     for command in COMMANDS:
         assert command in result.output
     assert isinstance(cli, click.Group)
+
+
+def readme_block(after: str) -> list[str]:
+    """The lines of the first ```text block after the README line that starts with `after`."""
+    rest = README.split(after, 1)[1].split("```text\n", 1)[1]
+    return rest.split("```", 1)[0].rstrip("\n").splitlines()
+
+
+@pytest.mark.parametrize(
+    ("after", "golden", "all_digits"),
+    [
+        ("On a terminal, `runner submit`", "progress-80.txt", True),
+        ("The first Ctrl-C answers at once", "summary.txt", False),
+    ],
+)
+def test_readme_screens_are_the_golden_ones(after: str, golden: str, all_digits: bool) -> None:
+    """The README's progress and summary blocks are real screens: normalised as the golden
+    screens are, they are those screens (a change of layout must update both)."""
+    from .test_screens import GOLDEN, normalise
+
+    shown = normalise(readme_block(after), ROOT, all_digits=all_digits)
+    assert shown == (GOLDEN / golden).read_text()

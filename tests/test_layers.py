@@ -29,6 +29,7 @@ ORDER = [
     "sim_http",
     "sim_answers",
     "simulator",
+    "screens",
     "cli",
 ]
 # Third-party libraries and the one module allowed to import each.
@@ -36,7 +37,7 @@ HOMES = {
     "aiohttp": {"client"},
     "tenacity": {"retry"},
     "duckdb": {"report"},
-    "tqdm": {"cli"},
+    "tqdm": {"screens"},
     "click": {"cli"},
     "pydantic": {"spec", "pricing"},
     "genai_prices": {"pricing"},
