@@ -231,8 +231,13 @@ class Pool:
             key = hash_key(item.request_hash)
             tracked = self._repeated is None or key in self._repeated
             if tracked:
-                twin = self._in_flight.get(item.request_hash)
-                if twin is not None and key not in self._answered:
+                # Wait while an identical request is on the wire. When it failed, the first
+                # waiter to wake finds no twin and sends (the check and the claim below run
+                # without an await between them); the others then wait on that one.
+                while key not in self._answered:
+                    twin = self._in_flight.get(item.request_hash)
+                    if twin is None:
+                        break
                     await twin.wait()
                 if key in self._answered:
                     self._deliver(_reuse_record(item))
@@ -253,7 +258,7 @@ class Pool:
                     self._add_cost(self.spender.settle(reservation, record))
             finally:
                 if own is not None:
-                    del self._in_flight[item.request_hash]
+                    self._in_flight.pop(item.request_hash, None)
                     own.set()
                 if current.retrying:
                     self.progress.retrying -= 1

@@ -184,6 +184,25 @@ async def test_server_error_is_retried_then_the_row_fails_with_status_and_messag
 
 
 @pytest.mark.anyio
+async def test_identical_requests_that_all_fail_settle_every_row_without_a_crash(
+    tmp_path: Path, sim_factory: Any
+) -> None:
+    """300 rows over 3 prompts, every answer a 5xx: each row fails on its own two attempts
+    (twins take over one at a time), no internal error."""
+    sim = sim_factory(rate_500=1.0)
+    data = [{"id": f"r{i}", "text": f"Question {i % 3}"} for i in range(300)]
+    outcome = await run_job(
+        tmp_path, data, sim.base_url, concurrency=32, run_extra="max_attempts = 2"
+    )
+    assert outcome.state == "completed"
+    assert outcome.exit_code == 1
+    got = results(outcome.run)
+    assert len(got) == 300
+    assert {r["status"] for r in got.values()} == {"failed"}
+    assert sim.stats.requests == 600
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize(("fail_first", "status"), [(2, "ok"), (3, "failed")])
 async def test_fail_first_rows_recover_within_max_attempts(
     tmp_path: Path, sim_factory: Any, fail_first: int, status: str
