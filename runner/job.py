@@ -47,6 +47,7 @@ from runner.state import (
     check_writable,
     input_fingerprint,
     resolve_run,
+    row_keys_stamp,
     utc_now,
     versions,
 )
@@ -183,16 +184,26 @@ async def resume(
                 f"{run.run_id} started; rerun with --allow-changed-input to send only rows "
                 "whose request changed"
             )
-        # An unchanged input was checked whole when the run was submitted (unless that
-        # session ended before its check did).
-        unchecked = manifest.get("input_check") == "pending"
-        prepared = prepare_loaded(spec, None if changed or unchecked else False)
+        # Once the input has changed, a row is known by its key, never by its position:
+        # row_keys.parquet lists the current rows' keys, made from the input as it is now.
+        by_key = changed or run.row_keys_path.exists()
+        if by_key and (changed or not run.row_keys_fresh(now)):
+            prepared = prepare_loaded(spec, False)
+            prepared.check = check_input(
+                prepared.source,
+                prepared.builder,
+                keys_to=run.row_keys_path,
+                keys_metadata=row_keys_stamp(now),
+            )
+        else:
+            # An unchanged input was checked whole when the run was submitted (unless that
+            # session ended before its check did).
+            unchecked = manifest.get("input_check") == "pending"
+            prepared = prepare_loaded(spec, None if unchecked else False)
         if prepared.check is not None:
             manifest.pop("input_check", None)
         if changed:
-            manifest["input"] = input_fingerprint(
-                prepared.source.path, prepared.check.rows if prepared.check else None
-            )
+            manifest["input"] = {**now, "rows": prepared.check.rows if prepared.check else None}
         next_segment = run.recover()
         if manifest.get("state") == "running" and manifest.get("sessions"):
             # The last session crashed: count what it had on the wire and never heard back.
@@ -200,9 +211,15 @@ async def resume(
             manifest["sessions"][-1]["outcome"] = "crashed"
         run.clear_sending()
         repeated = prepared.check.repeated if prepared.check else run.read_repeated()
-        if (changed or unchecked) and prepared.check is not None:
+        if prepared.check is not None:
             run.write_repeated(prepared.check.repeated)
-        settled = run.settled(retry_failed=retry_failed, by_request=changed, reusable=repeated)
+        if by_key:
+            settled = run.settled(retry_failed=retry_failed, by_request=True)
+            # Answers are content-addressed: an unchanged request whose row moved (or whose
+            # twin's row was edited) takes the answer already bought for it.
+            settled.reusable = None if repeated is None else repeated | settled.ok_hashes
+        else:
+            settled = run.settled(retry_failed=retry_failed, reusable=repeated)
         if on_start:
             on_start(run)
         return await _execute(
@@ -330,7 +347,9 @@ async def _execute(
                 startup_failures_to_stop=job.run.auth_failures_to_stop,
                 answered=settled.ok_hashes,
                 repeated=(
-                    prepared.check.repeated if prepared.check is not None else settled.reusable
+                    prepared.check.repeated
+                    if prepared.check is not None and settled.keys is None
+                    else settled.reusable
                 ),
             )
             if prepared.check_alongside:

@@ -5,7 +5,9 @@ file held by a writer could not be read by anyone else), never takes the run's l
 never prints: it returns rows and dicts for `cli` to render.
 
 Views:  attempts  every journaled attempt (retries included)
-        results   one row per (row_id, model): the latest final record
+        results   one row per current input row and model (its key: row id, model,
+                  request hash), the latest final record; `reused` rows were answered by
+                  an identical request, bought once on row `reused_from`, tokens NULL
         costed    results plus cost_usd and cost_provenance (provider, override,
                   price-table, free, unpriced, unknown-usage, none)
         prices    the price table in force (model, rates per million tokens, provenance)
@@ -37,7 +39,15 @@ from runner.pricing import (
 )
 from runner.sink import ANSWER_COLUMNS, COLUMNS, REUSED_COLUMNS, SCHEMA, parts, to_table
 from runner.source import detect_format
-from runner.state import RunDir
+from runner.state import RunDir, input_fingerprint
+
+_TOKEN_COLUMNS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+)
 
 
 def _sql_str(value: str) -> str:
@@ -90,18 +100,40 @@ class RunDB:
         else:
             source = ""
         self.con.execute(f"CREATE VIEW attempts AS {source}SELECT * FROM journal_records")
-        self.con.execute(
-            "CREATE VIEW latest AS SELECT * EXCLUDE (final) FROM attempts WHERE final "
-            "QUALIFY row_number() OVER (PARTITION BY row_index, model "
-            "ORDER BY finished_at DESC, attempts DESC) = 1"
-        )
-        # A reused row shows the answer of the ok result it reused (same request hash).
+        # A row is known by its key: (row id, model, request hash), the row id being the id
+        # column's value or the row number. While the input never changed, every record is
+        # of a current row; once it has, row_keys.parquet lists the current rows (with their
+        # current row_index), and rows that left the input stay in `attempts` only.
+        keys = run.row_keys_path
+        if keys.exists():
+            self.con.execute(
+                "CREATE VIEW latest AS SELECT a.* EXCLUDE (final) REPLACE (k.row_index AS "
+                "row_index) FROM (SELECT * FROM attempts WHERE final QUALIFY row_number() OVER "
+                "(PARTITION BY row_id, model, request_hash ORDER BY finished_at DESC, "
+                f"attempts DESC) = 1) a JOIN read_parquet({_sql_str(str(keys))}) k "
+                "ON k.row_id = a.row_id AND k.model = a.model "
+                "AND k.request_hash = a.request_hash"
+            )
+        else:
+            self.con.execute(
+                "CREATE VIEW latest AS SELECT * EXCLUDE (final) FROM attempts WHERE final "
+                "QUALIFY row_number() OVER (PARTITION BY row_id, model "
+                "ORDER BY finished_at DESC, attempts DESC) = 1"
+            )
+        # A reused row shows the answer bought for its request (same request hash, whichever
+        # row bought it, current or not), names that row in reused_from, and has no tokens
+        # of its own: they were paid once, on that row.
         filled = ", ".join(f"coalesce(l.{c}, a.{c}) AS {c}" for c in REUSED_COLUMNS)
+        unpaid = ", ".join(
+            f"CASE WHEN l.reused THEN NULL ELSE l.{c} END AS {c}" for c in _TOKEN_COLUMNS
+        )
         taken = ", ".join(REUSED_COLUMNS)
         self.con.execute(
-            f"CREATE VIEW results AS SELECT l.* REPLACE ({filled}) FROM latest l "
-            f"LEFT JOIN (SELECT DISTINCT ON (request_hash) request_hash, {taken} FROM latest "
-            "WHERE status = 'ok' AND NOT reused) a "
+            f"CREATE VIEW results AS SELECT l.* REPLACE ({filled}, {unpaid}), "
+            "a.row_id AS reused_from FROM latest l "
+            f"LEFT JOIN (SELECT DISTINCT ON (request_hash) request_hash, row_id, {taken} "
+            "FROM attempts WHERE final AND status = 'ok' AND NOT reused "
+            "ORDER BY request_hash, finished_at, row_id) a "
             "ON l.reused AND a.request_hash = l.request_hash"
         )
         self.input_path: Path | None = None
@@ -433,6 +465,7 @@ def export(run: RunDir, out: Path) -> int:
             raise UsageError(
                 f"the input file of run {run.run_id} is gone ({db.manifest['input']['path']})"
             )
+        _check_same_input(run, db.manifest, db.input_path)
         input_columns = [c for c in db.query("SELECT * FROM input LIMIT 0")[0] if c != "row_index"]
         answer = [c for c in ANSWER_COLUMNS if c not in ("row_id",)]
         picked = ", ".join(
@@ -440,8 +473,10 @@ def export(run: RunDir, out: Path) -> int:
         )
         inputs = ", ".join(f'i."{c}"' for c in input_columns)
         select = (
-            f"SELECT {inputs}{', ' if inputs else ''}r.row_id, {picked} FROM input i "
-            "LEFT JOIN results r ON r.row_index = i.row_index ORDER BY i.row_index, r.model"
+            f"SELECT {inputs}{', ' if inputs else ''}r.row_id, {picked}, "
+            "coalesce(r.reused, false) AS reused, r.reused_from "
+            f"FROM input i LEFT JOIN results r ON {_export_join(db, run)} "
+            "ORDER BY i.row_index, r.model"
         )
         options = {"parquet": "FORMAT parquet", "json": "FORMAT json", "csv": "FORMAT csv, HEADER"}
         tmp = out.with_name(out.name + ".tmp")
@@ -449,6 +484,43 @@ def export(run: RunDir, out: Path) -> int:
         tmp.replace(out)
         _, count = db.query(f"SELECT count(*) FROM ({select})")
         return int(count[0][0])
+
+
+def _check_same_input(run: RunDir, manifest: dict[str, Any], path: Path) -> None:
+    """Refuse to pair answers with an input file the run has not seen (edited since)."""
+    seen = manifest.get("input", {})
+    now = input_fingerprint(path, None)
+    if any(now[k] != seen.get(k) for k in ("size", "hash")):
+        raise UsageError(
+            f"{path}: the input changed since run {run.run_id} last ran; run "
+            f"`runner resume {run.run_id} --allow-changed-input` (it sends only new and "
+            "edited rows), or restore the file, then export"
+        )
+
+
+_ID_TYPES = ("VARCHAR", "BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER")
+
+
+def _export_join(db: RunDB, run: RunDir) -> str:
+    """How input rows meet their results: by the row's key, never by its position alone.
+
+    With an id column of text or integers, by id (what the runner keys results by); else
+    by the row number, which for a run whose input changed is the row's current number, read
+    through its key in row_keys.parquet (results.row_index).
+    """
+    try:
+        frozen = tomllib.loads(run.spec_path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        frozen = {}
+    spec_input = frozen.get("input", {})
+    column = spec_input.get("id_column")
+    if spec_input.get("format") == "openai-batch":
+        column = "custom_id"
+    if isinstance(column, str):
+        kinds = dict(db.query("SELECT column_name, column_type FROM (DESCRIBE input)")[1])
+        if kinds.get(column) in _ID_TYPES:
+            return f'r.row_id = CAST(i."{column}" AS VARCHAR)'
+    return "r.row_index = i.row_index"
 
 
 def status(run: RunDir) -> dict[str, Any]:

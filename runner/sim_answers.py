@@ -6,6 +6,7 @@ how runner/simulator.py counts answers paid for twice).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import deque
 from typing import Any
@@ -128,6 +129,16 @@ def completion_cap(body: dict[str, Any]) -> int | None:
     return None
 
 
+def request_tag(model: str, messages: object) -> str:
+    """A short digest of what a request asks (its model and messages), carried in the answer.
+
+    Every simulated answer (but sim-echo's) names the request it answers, so a test can tell
+    an answer put on the wrong row: `[req <tag>]` follows the echoed prompt words.
+    """
+    data = orjson.dumps({"messages": messages, "model": model}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
 def count_tokens(text: str) -> int:
     return max(1, len(text.encode()) // 4)
 
@@ -151,7 +162,9 @@ def answer_for(
     else:
         count = 4 + digest[1] % 40  # so answer lengths, and usage, vary from row to row
         filler = " ".join(_FILLER[(digest[2 + i % 30] + i) % len(_FILLER)] for i in range(count))
-        content = f"Simulated answer to: {' '.join(words[:12]) or '(no user message)'}. {filler}."
+        asked = " ".join(words[:12]) or "(no user message)"
+        tag = request_tag(model, body["messages"])
+        content = f"Simulated answer to: {asked}. [req {tag}] {filler}."
     completion, finish = count_tokens(content), "stop"
     if cap is not None and completion > cap:
         content, completion = content.encode()[: cap * 4].decode(errors="ignore"), cap

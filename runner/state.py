@@ -83,9 +83,11 @@ _CODES = {"ok": 1, "failed": 2, "skipped": 3}
 class Settled:
     """What earlier sessions of a run settled, compact enough for millions of rows.
 
-    By default rows are matched by position: one status byte per row and model (the input is
-    unchanged, so row N is still row N). After an input change, rows are matched by
-    (row id, model, request hash) instead, so only rows whose request changed are sent.
+    While the input never changed, rows are matched by position: one status byte per row and
+    model (row N is still row N). Once it has changed, a row's identity is its key, never its
+    position: (row id, model, request hash), where the row id is the id column's value, or
+    the row number when there is none. Only the rows of the input as it is now
+    (runs/<id>/row_keys.parquet) count as settled; an edited or inserted row is sent.
     """
 
     ok: int = 0
@@ -94,7 +96,7 @@ class Settled:
     retry_failed: bool = False
     # model -> status byte per row_index (0 = nothing yet, else _CODES)
     by_row: dict[str, bytearray] = field(default_factory=dict)
-    keys: set[int] | None = None  # work_key() of settled work, when matching by request
+    keys: set[int] | None = None  # work_key() of the current rows' settled work, by key
     ok_hashes: set[int] = field(default_factory=set)  # hash_key() of answers to reuse
     # model -> [prompt, cached, completion, provider_cost] summed over paid ok answers; rows
     # with a provider-reported cost count only in the last.
@@ -119,6 +121,15 @@ class Settled:
             return False
         code = codes[row_index]
         return code != 0 and (code != 2 or not self.retry_failed)
+
+
+ROW_KEYS = "row_keys.parquet"
+
+
+def row_keys_stamp(fingerprint: dict[str, Any]) -> dict[bytes, bytes]:
+    """The input a row_keys.parquet was made from, kept in the file's own metadata."""
+    seen = {k: fingerprint.get(k) for k in ("size", "mtime", "hash")}
+    return {b"input": json.dumps(seen, sort_keys=True).encode()}
 
 
 class RunDir:
@@ -275,6 +286,19 @@ class RunDir:
         except OSError as exc:
             raise storage_error("recover journal in", self.journal_dir, exc) from None
 
+    @property
+    def row_keys_path(self) -> Path:
+        """The keys of the current input's rows, written once the input has changed."""
+        return self.path / ROW_KEYS
+
+    def row_keys_fresh(self, fingerprint: dict[str, Any]) -> bool:
+        """Whether row_keys.parquet was made from the input with this fingerprint."""
+        try:
+            metadata = pq.read_schema(self.row_keys_path).metadata or {}
+        except (OSError, pa.ArrowInvalid):
+            return False
+        return metadata.get(b"input") == row_keys_stamp(fingerprint)[b"input"]
+
     def settled(
         self,
         *,
@@ -286,9 +310,11 @@ class RunDir:
 
         Parts and segments are read in the order they were written, so a later record (a
         failed row answered on a --retry-failed resume) overwrites an earlier one.
+        `by_request`: match by key against the rows of row_keys.parquet (the input as it is
+        now); only those rows are counted, however many rows earlier inputs had.
         """
         result = Settled(retry_failed=retry_failed, reusable=reusable)
-        latest: dict[tuple[str, str], tuple[int, str]] | None = {} if by_request else None
+        latest: dict[int, int] | None = {} if by_request else None
         columns = ["row_index", "row_id", "model", "request_hash", "status", "reused"]
         for path in parts(self.parts_dir):
             table = pq.read_table(path, columns=[*columns, "final"])
@@ -324,11 +350,7 @@ class RunDir:
             result.failed += codes.count(2)
             result.skipped += codes.count(3)
         if latest is not None:
-            result.keys = {
-                work_key(row_id, model, digest)
-                for (row_id, model), (code, digest) in latest.items()
-                if code != 2 or not retry_failed
-            }
+            _settle_current(result, latest, self.row_keys_path)
         return result
 
 
@@ -377,9 +399,26 @@ def _add_usage(result: Settled, table: pa.Table) -> None:
                 acc[2] += row["completion_tokens_sum"] or 0
 
 
+def _settle_current(result: Settled, latest: dict[int, int], path: Path) -> None:
+    """Count and key the settled work of the current input's rows only."""
+    keys: set[int] = set()
+    counts = [0, 0, 0, 0]  # by code: nothing, ok, failed, skipped
+    table = pq.ParquetFile(path)
+    for batch in table.iter_batches(columns=["row_id", "model", "request_hash"]):
+        ids, models, digests = (column.to_pylist() for column in batch.columns)
+        for row_id, model, digest in zip(ids, models, digests, strict=True):
+            key = work_key(row_id, model, digest)
+            code = latest.get(key, 0)
+            counts[code] += 1
+            if code and (code != 2 or not result.retry_failed):
+                keys.add(key)
+    result.ok, result.failed, result.skipped = counts[1], counts[2], counts[3]
+    result.keys = keys
+
+
 def _settle(
     result: Settled,
-    latest: dict[tuple[str, str], tuple[int, str]] | None,
+    latest: dict[int, int] | None,
     row_index: int,
     row_id: str,
     model: str,
@@ -388,14 +427,15 @@ def _settle(
     reused: bool,
 ) -> None:
     code = _CODES.get(status, 0)
-    codes = result.by_row.get(model)
-    if codes is None:
-        codes = result.by_row[model] = bytearray()
-    if row_index >= len(codes):
-        codes.extend(bytes(max(row_index + 1 - len(codes), len(codes))))
-    codes[row_index] = code
     if latest is not None:
-        latest[(row_id, model)] = (code, digest)
+        latest[work_key(row_id, model, digest)] = code
+    else:
+        codes = result.by_row.get(model)
+        if codes is None:
+            codes = result.by_row[model] = bytearray()
+        if row_index >= len(codes):
+            codes.extend(bytes(max(row_index + 1 - len(codes), len(codes))))
+        codes[row_index] = code
     if code == 1 and not reused:
         key = hash_key(digest)
         if result.reusable is None or key in result.reusable:

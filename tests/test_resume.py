@@ -238,7 +238,9 @@ async def test_duplicate_prompts_are_sent_once(tmp_path: Path) -> None:
         assert sim.stats.resent_after_ok == 0
     assert outcome.progress.reused == 300
     with RunDB(outcome.run, with_input=False) as db:
-        got = db.arrow("SELECT row_id, content, reused, prompt_tokens FROM results").to_pylist()
+        got = db.arrow(
+            "SELECT row_id, content, reused, reused_from, prompt_tokens FROM results"
+        ).to_pylist()
     by_text = {}
     text_of = {str(r["id"]): r["text"] for r in data}
     for r in got:
@@ -247,7 +249,17 @@ async def test_duplicate_prompts_are_sent_once(tmp_path: Path) -> None:
     assert len(got) == 1000
     assert all(len(contents) == 1 for contents in by_text.values())  # twins share the answer
     assert sum(r["reused"] for r in got) == 300
-    assert sum(r["prompt_tokens"] for r in got) == sim.stats.prompt_tokens  # paid once
+    assert sum(r["prompt_tokens"] or 0 for r in got) == sim.stats.prompt_tokens  # paid once
+    # A reused row has no tokens of its own (NULL, not 0) and names the row that paid.
+    paid_by = {r["row_id"]: r for r in got if not r["reused"]}
+    for r in got:
+        if r["reused"]:
+            assert r["prompt_tokens"] is None
+            twin = paid_by[r["reused_from"]]
+            assert text_of[twin["row_id"]] == text_of[r["row_id"]]
+            assert twin["content"] == r["content"]
+        else:
+            assert r["prompt_tokens"] and r["reused_from"] is None
 
 
 def test_resume_refuses_a_changed_input_unless_allowed(
