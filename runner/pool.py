@@ -88,6 +88,7 @@ class Pool:
         self.limiters = limiters
         self.spender = spender
         self.stop_reason: str | None = None
+        self.sent = 0  # attempts that went (or may have gone) on the wire
         # (row_id, model, attempt) of the requests on the wire now: snapshotted to disk so a
         # crash can tell what may have been billed without an answer.
         self.sending: set[tuple[str, str, int]] = set()
@@ -286,6 +287,7 @@ class Pool:
             progress.in_flight += 1
             sending = (item.row_id, item.model, current.attempts)
             self.sending.add(sending)
+            self.sent += 1
             try:
                 answer = await self.client.complete(item.body)
                 outcome, headers = "ok", answer.headers
