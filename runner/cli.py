@@ -302,6 +302,7 @@ def status(run: str, runs_dir: Path, as_json: bool) -> None:
     click.echo(
         f"{info['run_id']}  {info['state']}"
         + (f" (pid {info['pid']})" if info["pid"] else "")
+        + (f": {info['error']}" if info.get("error") else "")
         + f"\n  rows      {done:,} of {'?' if total is None else f'{total:,}'} done{pct}: "
         f"{info['ok']:,} ok, {info['failed']:,} failed, {info['skipped']:,} skipped"
         f"\n  requests  {info['requests']:,}"

@@ -46,6 +46,7 @@ from runner.state import (
     Settled,
     check_writable,
     input_fingerprint,
+    manifest_says_nothing_sent,
     resolve_run,
     row_keys_stamp,
     utc_now,
@@ -140,6 +141,13 @@ async def submit(
             start_simulator,
             handle_signals,
         )
+    except UsageError:
+        # Bad input or spec found before the first request: nothing was paid, so no run is
+        # left for the job name to mean (a later fix of the input is a new submit).
+        if manifest_says_nothing_sent(run):
+            run.unlock()
+            run.discard()
+        raise
     finally:
         run.unlock()
 
@@ -304,6 +312,7 @@ async def _execute(
     sink = RunSink(run.journal_dir, run.parts_dir, next_number=next_segment, part_rows=PART_ROWS)
     started = time.monotonic()
     stop_reason: str | None = None
+    error: str | None = None
     pool: Pool | None = None
     checker: _Checker | None = None
     try:
@@ -374,10 +383,19 @@ async def _execute(
     except RunStopped as exc:
         # A stop (auth, quota, disk, signal) is an outcome, not a crash: the run is resumable.
         stop_reason = str(exc)
+    except UsageError as exc:
+        stop_reason = str(exc)  # bad input found on the way (exit 2): a stop
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]  # exit 4: the run failed
+        raise
+    except BaseException:
+        stop_reason = stop_reason or "cancelled"  # never "completed" on the way out
+        raise
     finally:
         with anyio.CancelScope(shield=True):
             stop_reason = await _finish(
-                run, manifest, session, sink, progress, settled, stop_reason, pool
+                run, manifest, session, sink, progress, settled, stop_reason, pool, error
             )
         if on_progress:
             on_progress(progress)
@@ -449,11 +467,15 @@ async def _finish(
     settled: Settled,
     stop_reason: str | None,
     pool: Pool | None,
+    error: str | None = None,
 ) -> str | None:
     """Make every answer durable and record how the session ended; bounded in time.
 
-    Returns the stop reason, which a storage failure here may set: whatever was journaled
-    stays in the journal and the next resume compacts it.
+    The state written is `failed` (an internal error: `error`, its one line, is kept),
+    `completed`, or `stopped`; `running` stays only when the process dies before this runs
+    (readers then show `interrupted`, see state.run_state). Returns the stop reason, which a
+    storage failure here may set: whatever was journaled stays in the journal and the next
+    resume compacts it.
     """
     try:
         with anyio.move_on_after(60):
@@ -465,8 +487,23 @@ async def _finish(
     if progress.rows_total is not None:
         pending = progress.rows_total - progress.rows_done_before - progress.done - progress.skipped
     interrupted = pool is not None and pool.stopping
-    complete = stop_reason is None and not interrupted and (pending is None or pending <= 0)
-    manifest["state"] = "completed" if complete else "stopped"
+    complete = (
+        error is None
+        and stop_reason is None
+        and not interrupted
+        and (pending is None or pending <= 0)
+    )
+    manifest["state"] = "failed" if error else "completed" if complete else "stopped"
+    if error:
+        manifest["error"] = error
+    else:
+        manifest.pop("error", None)
+    sent = pool.sent if pool is not None else 0
+    if sent == 0 and not complete and len(manifest.get("sessions", [])) == 1:
+        # Nothing was sent, so nothing was paid: a job name no longer means this run.
+        manifest["nothing_sent"] = True
+    else:
+        manifest.pop("nothing_sent", None)
     if complete and progress.rows_total is None:
         # An unchecked input's size is known once every row went through.
         progress.rows_total = progress.rows_done_before + progress.done + progress.skipped
@@ -488,6 +525,7 @@ async def _finish(
         ended_epoch=time.time(),
         outcome=manifest["state"],
         stop_reason=stop_reason or ("interrupted" if interrupted else None),
+        requests_started=sent,
         ok=progress.ok,
         failed=progress.failed,
         requests=progress.requests,

@@ -54,8 +54,10 @@ class Spender(Protocol):
     def reached(self) -> str:
         """The one-line message for a stop at the budget."""
 
-    def paid(self, record: ResultRecord) -> float | None:
-        """Count a paid answer that did not settle its row (re-asked); returns its cost."""
+    def paid(self, reservation: object, record: ResultRecord) -> float | None:
+        """Count a paid answer that did not settle its row (re-asked); returns its cost.
+
+        `reservation` is the row's (its worst case stands for an answer of unknown usage)."""
 
 
 class ResultSink(Protocol):
@@ -86,6 +88,7 @@ class Pool:
         self.limiters = limiters
         self.spender = spender
         self.stop_reason: str | None = None
+        self.sent = 0  # attempts that went (or may have gone) on the wire
         # (row_id, model, attempt) of the requests on the wire now: snapshotted to disk so a
         # crash can tell what may have been billed without an answer.
         self.sending: set[tuple[str, str, int]] = set()
@@ -223,7 +226,7 @@ class Pool:
                 # A re-asked answer was still paid for: keep its usage with the attempt.
                 record = current.paid_attempt(record, exc.answer)
                 if self.spender is not None:
-                    self._add_cost(self.spender.paid(record))
+                    self._add_cost(self.spender.paid(current.reservation, record))
             self._deliver(record)
 
         retrying = Retrier(self.policy, on_retry)
@@ -247,6 +250,7 @@ class Pool:
                 self._stop_at_budget()
                 continue
             current.start(item)
+            current.reservation = reservation
             own = None
             if tracked:
                 own = self._in_flight[item.request_hash] = anyio.Event()
@@ -283,9 +287,11 @@ class Pool:
             progress.in_flight += 1
             sending = (item.row_id, item.model, current.attempts)
             self.sending.add(sending)
+            self.sent += 1
             try:
                 answer = await self.client.complete(item.body)
-                outcome, used, headers = "ok", answer.total_tokens, answer.headers
+                outcome, headers = "ok", answer.headers
+                used = answer.total_tokens if answer.usage_raw is None else None
             except RateLimited as exc:
                 outcome, used, headers = "rate_limited", 0, exc.headers  # refused: none used
                 raise
@@ -347,10 +353,11 @@ class Pool:
 class _Current:
     """What one worker is doing now; builds the records for it."""
 
-    __slots__ = ("attempt_started", "attempts", "item", "retrying", "started")
+    __slots__ = ("attempt_started", "attempts", "item", "reservation", "retrying", "started")
 
     def __init__(self) -> None:
         self.item: WorkItem | None = None
+        self.reservation: object | None = None  # the Spender's, for the row being sent
         self.attempts = 0
         self.started = 0.0
         self.attempt_started = 0.0
@@ -404,7 +411,37 @@ class _Current:
 
 
 def _answer_fields(answer: Completion) -> dict[str, Any]:
-    """The result columns an answer fills in."""
+    """The result columns an answer fills in.
+
+    Usage that was not trustworthy as a whole (usage_raw is set) is kept only raw: no count
+    from it is stored, so the row is priced as unknown and counts at its worst case.
+    """
+    if answer.usage_raw is not None:
+        return {**_content_fields(answer), **_NO_USAGE, "usage_raw": answer.usage_raw}
+    return {
+        **_content_fields(answer),
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "total_tokens": answer.total_tokens,
+        "cached_tokens": answer.cached_tokens,
+        "reasoning_tokens": answer.reasoning_tokens,
+        "provider_cost": answer.provider_cost,
+    }
+
+
+_NO_USAGE: dict[str, Any] = dict.fromkeys(
+    (
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_tokens",
+        "reasoning_tokens",
+        "provider_cost",
+    )
+)
+
+
+def _content_fields(answer: Completion) -> dict[str, Any]:
     return {
         "http_status": answer.http_status,
         "content": answer.content,
@@ -414,12 +451,6 @@ def _answer_fields(answer: Completion) -> dict[str, Any]:
         "response_model": answer.response_model,
         "response_id": answer.response_id,
         "system_fingerprint": answer.system_fingerprint,
-        "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens,
-        "total_tokens": answer.total_tokens,
-        "cached_tokens": answer.cached_tokens,
-        "reasoning_tokens": answer.reasoning_tokens,
-        "provider_cost": answer.provider_cost,
     }
 
 

@@ -438,11 +438,17 @@ class Budget:
         return worst
 
     def settle(self, reservation: object, record: ResultRecord) -> float | None:
+        """Replace the reservation with the row's cost; an unknown cost spends the reservation.
+
+        Unknown usage (missing, or not non-negative integers) may have been billed at up to
+        the worst case, so that is what the budget counts; the returned cost is None.
+        """
         assert isinstance(reservation, Decimal)
         self.reserved -= reservation
         actual = self._actual(record, reservation)
         if actual is None:
             self.unknown += 1
+            self.spent += reservation
             return None
         self.spent += actual
         return float(actual)
@@ -450,7 +456,7 @@ class Budget:
     def _actual(self, record: ResultRecord, reservation: Decimal) -> Decimal | None:
         if record.reused or record.status == "skipped":
             return ZERO
-        if record.provider_cost is not None:
+        if record.provider_cost is not None and record.provider_cost >= 0:
             return Decimal(str(record.provider_cost))
         price = self.prices.price(record.model)
         if price is None:
@@ -465,11 +471,14 @@ class Budget:
             cached_tokens=record.cached_tokens,
         )
 
-    def paid(self, record: ResultRecord) -> float | None:
-        """Count an answer that was paid for but did not settle its row (it was re-asked)."""
+    def paid(self, reservation: object, record: ResultRecord) -> float | None:
+        """Count an answer that was paid for but did not settle its row (it was re-asked);
+        unknown usage counts at the row's worst case (`reservation`)."""
+        assert isinstance(reservation, Decimal)
         actual = self._actual(dataclasses.replace(record, status="ok"), ZERO)
         if actual is None:
             self.unknown += 1
+            self.spent += reservation
             return None
         self.spent += actual
         return float(actual)

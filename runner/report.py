@@ -413,7 +413,7 @@ def _round(value: float | None) -> float | None:
 
 
 def _state(run: RunDir, manifest: dict[str, Any]) -> str:
-    return "running" if run.holder_pid() else str(manifest.get("state"))
+    return run.state(manifest)
 
 
 def _wall_seconds(manifest: dict[str, Any]) -> float:
@@ -531,7 +531,8 @@ def status(run: RunDir) -> dict[str, Any]:
     return {
         "run_id": run.run_id,
         "job_name": manifest.get("job_name"),
-        "state": "running" if holder else manifest.get("state"),
+        "state": run.state(manifest),
+        "error": manifest.get("error"),
         "pid": holder,
         "total": live.get("total"),
         "ok": live["ok"],

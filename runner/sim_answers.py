@@ -216,6 +216,28 @@ def answer_for(
     }
     success: Success = (digest, 0, 0, 0, 0, 0.0)
     if "no_usage" not in directives:
-        answer["usage"] = usage
+        answer["usage"] = _garble(usage, directives)
         success = (digest, prompt, completion, cached, reasoning, cost)
     return orjson.dumps(answer), success, prompt + completion
+
+
+# Usage a hostile or buggy server might report; the stats still count what was really served.
+_BAD_USAGE: dict[str, Any] = {
+    "usage_negative": lambda n: -n,
+    "usage_string": str,
+    "usage_float": lambda n: n + 0.5,
+    "usage_bool": lambda n: True,
+    "usage_huge": lambda n: 2**63 + n,  # past int64, still a JSON integer orjson writes
+}
+
+
+def _garble(usage: dict[str, Any], directives: dict[str, str | None]) -> dict[str, Any]:
+    """`[[sim:usage_negative]]` and its kin: the counts replaced; `[[sim:cost_negative]]`: a
+    negative `usage.cost`."""
+    for name, change in _BAD_USAGE.items():
+        if name in directives:
+            for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                usage[key] = change(usage[key])
+    if "cost_negative" in directives:
+        usage["cost"] = -abs(usage.get("cost") or 0.001)
+    return usage

@@ -13,7 +13,9 @@ Speed matters (the benchmark measures the client, not this).
 Per-row directives, read from the last user message: `[[sim:NNN]]` (any status 400-599),
 `[[sim:context_length_exceeded]]`, `[[sim:refusal]]`, `[[sim:content_filter]]`,
 `[[sim:length]]`, `[[sim:no_usage]]`, `[[sim:tool_calls]]`, `[[sim:fail_first=N]]`,
-`[[sim:cost]]`, `[[sim:slow_drip]]`. They act after auth and rate limits, before random faults.
+`[[sim:cost]]`, `[[sim:slow_drip]]`, and usage that cannot be trusted: `[[sim:usage_negative]]`,
+`usage_string`, `usage_float`, `usage_bool`, `usage_huge` (> 2^63), `cost_negative`. They act
+after auth and rate limits, before random faults.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from array import array
 from collections.abc import Iterator
@@ -38,7 +39,11 @@ from runner.records import hash_key, work_key
 from runner.sink import SCHEMA, compact_leftovers, fsync_dir, parts
 
 DIR_MODE = 0o700
-STATES = ("running", "stopped", "completed", "failed")
+# What readers show. `running` and `interrupted` are never trusted from the manifest: they
+# come from the lock (held: running; not held and the run not ended: interrupted, a crash or
+# a kill). The manifest's own word is kept for the states a session writes as it ends.
+STATES = ("running", "interrupted", "stopped", "completed", "failed")
+ENDED_STATES = ("stopped", "completed", "failed")
 _FINGERPRINT_BYTES = 1 << 20
 
 
@@ -207,6 +212,22 @@ class RunDir:
             return None
         finally:
             os.close(fd)
+
+    def discard(self) -> None:
+        """Remove the run folder (only for a run that sent nothing: nothing paid is lost)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def state(self, manifest: dict[str, Any] | None = None) -> str:
+        """The run's state for readers; see STATES (derived from the lock, not a stored word)."""
+        if self.holder_pid() is not None:
+            return "running"
+        if manifest is None:
+            try:
+                manifest = self.read_manifest()
+            except UsageError:
+                return "interrupted"
+        stored = manifest.get("state")
+        return stored if stored in ENDED_STATES else "interrupted"
 
     # -- manifest ----------------------------------------------------------------------------
 
@@ -465,14 +486,27 @@ def resolve_run(ref: str, runs_dir: Path) -> RunDir:
         return RunDir(candidate.resolve())
     if (runs_dir / ref / "manifest.json").exists():
         return RunDir((runs_dir / ref).resolve())
-    latest = [m for m in list_runs(runs_dir) if m.get("job_name") == ref]
+    latest = [
+        m for m in list_runs(runs_dir) if m.get("job_name") == ref and not m.get("nothing_sent")
+    ]
     if latest:
         return RunDir((runs_dir / latest[-1]["run_id"]).resolve())
     raise RunNotFound(f"no run or job named {ref!r} in {runs_dir}")
 
 
+def manifest_says_nothing_sent(run: RunDir) -> bool:
+    """Whether the run's only session ended having sent nothing (or never wrote a manifest)."""
+    try:
+        return bool(run.read_manifest().get("nothing_sent"))
+    except RunNotFound:
+        return True
+    except UsageError:
+        return False
+
+
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    """Manifests of every run under runs_dir, oldest first."""
+    """Manifests of every run under runs_dir, oldest first; `state` as readers show it
+    (RunDir.state: running and interrupted come from the lock)."""
     found: list[dict[str, Any]] = []
     if not runs_dir.is_dir():
         return found
@@ -482,6 +516,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
             with contextlib.suppress(OSError, ValueError):
                 data = json.loads(path.read_text())
                 if isinstance(data, dict) and "run_id" in data:
+                    data["state"] = RunDir(child).state(data)
                     found.append(data)
     found.sort(key=lambda m: (m.get("created_at", ""), m.get("run_id", "")))
     return found
