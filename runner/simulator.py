@@ -112,6 +112,9 @@ class SimulatorStats:
     cost: float = 0.0
     rate_limited: int = 0
     connections: int = 0
+    # Tokens of every complete answer produced (prompt + completion), whatever usage it
+    # reports (`no_usage` and garbled usage included): what a server would bill.
+    served_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -355,6 +358,7 @@ class Simulator:
             else:
                 mode = DRIP if "slow_drip" in directives else FULL
                 reply = Reply(200, payload, headers, mode=mode, success=success)
+                self.stats.served_tokens += spent
         if self._tpm_entry is not None:  # admission counted max_tokens; keep what was really used
             self._tokens.total += spent - self._tpm_entry.amount
             self._tpm_entry.amount = spent
