@@ -475,19 +475,10 @@ def _unsent_record(
 
 
 def _reuse_record(item: WorkItem) -> ResultRecord:
-    """An ok row answered by an identical request's answer: nothing sent, nothing spent."""
+    """An ok row answered by an identical request's answer: nothing sent, nothing spent (its
+    tokens stay NULL: they were paid once, on the row that bought the answer)."""
     return _unsent_record(
-        item.row_id,
-        item.row_index,
-        item.model,
-        item.request_hash,
-        "ok",
-        prompt_tokens=0,
-        completion_tokens=0,
-        total_tokens=0,
-        cached_tokens=0,
-        reasoning_tokens=0,
-        reused=True,
+        item.row_id, item.row_index, item.model, item.request_hash, "ok", reused=True
     )
 
 

@@ -116,8 +116,9 @@ class RunDB:
             )
         else:
             self.con.execute(
+                # (row id and row number go together while the input never changed)
                 "CREATE VIEW latest AS SELECT * EXCLUDE (final) FROM attempts WHERE final "
-                "QUALIFY row_number() OVER (PARTITION BY row_id, model "
+                "QUALIFY row_number() OVER (PARTITION BY row_index, model "
                 "ORDER BY finished_at DESC, attempts DESC) = 1"
             )
         # A reused row shows the answer bought for its request (same request hash, whichever
@@ -132,7 +133,8 @@ class RunDB:
             f"CREATE VIEW results AS SELECT l.* REPLACE ({filled}, {unpaid}), "
             "a.row_id AS reused_from FROM latest l "
             f"LEFT JOIN (SELECT DISTINCT ON (request_hash) request_hash, row_id, {taken} "
-            "FROM attempts WHERE final AND status = 'ok' AND NOT reused "
+            "FROM attempts WHERE final AND status = 'ok' AND NOT reused AND request_hash IN "
+            "(SELECT request_hash FROM attempts WHERE reused) "
             "ORDER BY request_hash, finished_at, row_id) a "
             "ON l.reused AND a.request_hash = l.request_hash"
         )
