@@ -129,13 +129,19 @@ class RunDB:
             f"CASE WHEN l.reused THEN NULL ELSE l.{c} END AS {c}" for c in _TOKEN_COLUMNS
         )
         taken = ", ".join(REUSED_COLUMNS)
+        # The answers reused rows take, looked up once (a scan of one column when none is).
+        (any_reused,) = self.con.execute("SELECT bool_or(reused) FROM attempts").fetchone() or (
+            None,
+        )
+        self.con.execute(
+            "CREATE TEMP TABLE reused_answers AS SELECT DISTINCT ON (request_hash) "
+            f"request_hash, row_id, {taken} FROM attempts WHERE final AND status = 'ok' "
+            "AND NOT reused AND request_hash IN (SELECT request_hash FROM attempts WHERE reused) "
+            f"{'' if any_reused else 'AND false '}ORDER BY request_hash, finished_at, row_id"
+        )
         self.con.execute(
             f"CREATE VIEW results AS SELECT l.* REPLACE ({filled}, {unpaid}), "
-            "a.row_id AS reused_from FROM latest l "
-            f"LEFT JOIN (SELECT DISTINCT ON (request_hash) request_hash, row_id, {taken} "
-            "FROM attempts WHERE final AND status = 'ok' AND NOT reused AND request_hash IN "
-            "(SELECT request_hash FROM attempts WHERE reused) "
-            "ORDER BY request_hash, finished_at, row_id) a "
+            "a.row_id AS reused_from FROM latest l LEFT JOIN reused_answers a "
             "ON l.reused AND a.request_hash = l.request_hash"
         )
         self.input_path: Path | None = None
