@@ -60,6 +60,11 @@ class Spender(Protocol):
         `reservation` is the row's (its worst case stands for an answer of unknown usage)."""
 
 
+class StartRecorder(Protocol):
+    def started(self, entry: tuple[str, str, int]) -> None:
+        """Durably note (row_id, model, attempt) before the request is sent."""
+
+
 class ResultSink(Protocol):
     def append(self, records: Sequence[ResultRecord]) -> None:
         """Journal the records now (synchronously: also used under cancellation)."""
@@ -82,8 +87,10 @@ class Pool:
         answered: set[int] | None = None,
         spender: Spender | None = None,
         repeated: set[int] | None = None,
+        start_log: StartRecorder | None = None,
     ) -> None:
         self.client = client
+        self.start_log = start_log
         self.policy = policy
         self.limiters = limiters
         self.spender = spender
@@ -115,6 +122,11 @@ class Pool:
         # reused: tracking just those keeps memory flat on inputs of unique prompts.
         self._repeated = repeated
         self._in_flight: dict[str, anyio.Event] = {}
+
+    def unjournaled(self) -> set[tuple[str, str, int]]:
+        """(row_id, model, attempt) of every request sent whose record is not journaled yet:
+        those on the wire and those answered since the writer last ran."""
+        return self.sending | {(r.row_id, r.model, r.attempts) for r in self._done if r.attempts}
 
     def narrow_reuse(self, repeated: set[int]) -> None:
         """From now on track for reuse only the requests the input repeats (its check has
@@ -286,6 +298,8 @@ class Pool:
             current.attempt_started = time.perf_counter()
             progress.in_flight += 1
             sending = (item.row_id, item.model, current.attempts)
+            if self.start_log is not None:
+                self.start_log.started(sending)  # before the first byte: see state.StartLog
             self.sending.add(sending)
             self.sent += 1
             try:

@@ -682,4 +682,57 @@ def test_kill_9_fifty_times_never_duplicates_or_rebuys_more_than_in_flight(
     crashed = len(sessions) - 1  # a kill before a session is recorded leaves none behind
     assert kills // 2 <= crashed <= kills
     assert [s["outcome"] for s in sessions] == ["crashed"] * crashed + ["completed"]
-    assert all(0 <= s["unanswered_at_crash"] <= concurrency for s in sessions[:-1])
+    # Counted: what was on the wire or answered but not yet journaled at each kill.
+    assert all(0 <= s["unanswered_at_crash"] <= 2 * concurrency for s in sessions[:-1])
+    assert sim.stats.resent_after_ok <= sum(s["unanswered_at_crash"] for s in sessions[:-1])
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_counts_every_request_it_may_buy_again_and_the_real_wall_time(
+    tmp_path: Path, sim_factory: Any
+) -> None:
+    """Killed sessions at a high request rate: "in flight at a crash, never answered" is an
+    upper bound of what the server saw bought twice, and wall time is the sessions' own span
+    (not each killed session up to the moment of the report)."""
+    concurrency, count, kills = 64, 6_000, 6
+    sim = sim_factory(latency_ms=20)  # ~3,000 requests a second: many start between ticks
+    make_spec(
+        tmp_path,
+        [{"id": f"r{i}", "text": f"Row {i}: tell me about {i}."} for i in range(count)],
+        base_url=sim.base_url,
+        concurrency=concurrency,
+    )
+    rng = random.Random(7)
+    run_id: str | None = None
+    for _ in range(kills):
+        proc = start_runner(tmp_path, *(("resume", run_id) if run_id else ("submit", "job.toml")))
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert first.startswith("run "), first + proc.communicate(timeout=30)[1]
+        run_id = first.split()[1].rstrip(":")
+        before = sim.stats.ok
+        deadline = time.monotonic() + 30
+        while sim.stats.ok < before + 200:  # a test-side wait on another process
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert run_id is not None
+    time.sleep(2)  # the report is read well after the last kill
+    run = RunDir(tmp_path / "runs" / run_id)
+    interrupted = sections(run)["overview"]
+    final = start_runner(tmp_path, "resume", run_id)
+    _, err = final.communicate(timeout=90)
+    assert final.returncode == 0, err
+    assert len(select(run, "SELECT row_id FROM results")) == count
+    sessions = run.read_manifest()["sessions"]
+    assert [s["outcome"] for s in sessions] == ["crashed"] * kills + ["completed"]
+    unanswered = sum(s["unanswered_at_crash"] for s in sessions[:-1])
+    assert 0 < sim.stats.resent_after_ok <= unanswered <= 2 * concurrency * kills
+    span = sessions[-1]["ended_epoch"] - sessions[0]["started_epoch"]
+    wall = {r["metric"]: r["value"] for r in sections(run)["overview"]}["wall time s"]
+    assert wall <= span + 0.5
+    killed = sessions[-2]["ended_epoch"] - sessions[0]["started_epoch"]
+    before_resume = {r["metric"]: r["value"] for r in interrupted}["wall time s"]
+    assert before_resume <= killed + 0.5  # not counted up to the moment of the report
