@@ -334,14 +334,18 @@ class Pool:
                 raise QuotaExhausted(f"the provider refused for lack of quota: {exc}") from None
             if isinstance(exc, ConnectFailure):
                 raise AuthFailed(f"endpoint unreachable: {exc}") from None
-            if self._successes:
+            if self._row_refusal(exc):
                 return current.failure(exc, current.attempts, final=True)
-            return None  # not the row's fault: it stays pending and the run stops
+            return None  # the key's, not the row's: it stays pending (the run may stop)
         except AttemptError as exc:
             return current.failure(exc, current.attempts, final=True)
         self._successes += 1
         self._blocking_failures = 0
         return current.success(answer)
+
+    def _row_refusal(self, exc: AttemptError) -> bool:
+        """A 403 after the key was accepted: the row's own answer."""
+        return isinstance(exc, AuthFailure) and exc.status == 403 and self._successes > 0
 
     def _stop_at_budget(self) -> None:
         if self.stop_reason is None and self.spender is not None:
@@ -353,10 +357,14 @@ class Pool:
             self.progress.cost_usd = None if cost is None else self.progress.cost_usd + cost
 
     def _note_failure(self, exc: AttemptError) -> None:
-        """Stop the run when auth/connect failures come before any success or in a row."""
+        """Stop the run when auth/connect failures come before any success or in a row.
+
+        A 403 once the key has been accepted (an answer seen) is that row's answer (content
+        refused for it), not the key's: it never counts. A 401 is always the key's.
+        """
         if isinstance(exc, QuotaFailure):
             raise QuotaExhausted(f"the provider refused for lack of quota: {exc}")
-        if not isinstance(exc, AuthFailure | ConnectFailure):
+        if not isinstance(exc, AuthFailure | ConnectFailure) or self._row_refusal(exc):
             return
         self._blocking_failures += 1
         if self._blocking_failures >= self.startup_failures_to_stop:

@@ -381,6 +381,39 @@ async def test_retry_finish_reasons_reports_the_tokens_of_every_paid_answer(
 
 
 @pytest.mark.anyio
+async def test_403_after_the_key_was_accepted_fails_only_its_row(
+    tmp_path: Path, sim_factory: Any
+) -> None:
+    """30 % of rows answered 403 (content refused for that row) once the key has been
+    accepted: each such row fails with its 403 and the run goes on to the end."""
+    sim = sim_factory()
+    rng = random.Random(3)
+    refused = {i for i in range(32, 1000) if rng.random() < 0.3}
+    outcome = await run_job(
+        tmp_path, rows(1000, dict.fromkeys(refused, "[[sim:403]]")), sim.base_url
+    )
+    assert outcome.state == "completed" and outcome.exit_code == 1
+    got = results(outcome.run)
+    assert len(got) == 1000
+    assert {k for k, r in got.items() if r["status"] == "failed"} == {f"r{i}" for i in refused}
+    assert {r["http_status"] for k, r in got.items() if r["status"] == "failed"} == {403}
+
+
+@pytest.mark.anyio
+async def test_401_after_the_key_was_accepted_still_stops_the_run(
+    tmp_path: Path, sim_factory: Any
+) -> None:
+    """A key refused (401) after answers were seen is the key's problem: the run stops
+    (exit 3) and the refused rows stay pending for a resume."""
+    sim = sim_factory()
+    data = rows(200, {i: "[[sim:401]]" for i in range(100, 200)})
+    outcome = await run_job(tmp_path, data, sim.base_url, concurrency=4)
+    assert outcome.state == "stopped" and outcome.exit_code == 3
+    assert outcome.stop_reason is not None and "credentials refused" in outcome.stop_reason
+    assert all(r["status"] == "ok" for r in results(outcome.run).values())
+
+
+@pytest.mark.anyio
 async def test_context_length_exceeded_fails_only_that_row(
     tmp_path: Path, sim_factory: Any
 ) -> None:
