@@ -229,7 +229,8 @@ class Pool:
         async def on_retry(exc: AttemptError, attempt: int, wait: float) -> None:
             self._note_failure(exc)
             if isinstance(exc, RateLimited) and current.item is not None:
-                self.limiters.for_model(current.item.model).pause_for(wait)
+                # Pool-wide only when it is a rate limit; an isolated 429 waits for its row.
+                self.limiters.for_model(current.item.model).pause_after_429(wait, exc.headers)
             if not current.retrying:
                 current.retrying = True
                 self.progress.retrying += 1

@@ -564,12 +564,58 @@ async def test_refund_wakes_waiting_head() -> None:
     assert clock() == 0.0
 
 
+EXHAUSTED = {"x-ratelimit-remaining-requests": "0", "retry-after": "1"}
+
+
+@pytest.mark.anyio
+async def test_isolated_429s_without_headers_neither_cut_nor_pause_the_pool() -> None:
+    """3 % of answers 429 without rate-limit headers, spread out: the concurrency limit stays
+    and no pool-wide pause is taken (each row waits its own Retry-After)."""
+    clock = FakeClock()
+    limiter = Limiter(concurrency=16, clock=clock, sleep=clock.sleep)
+    for n in range(1, 1001):
+        ticket = await limiter.acquire()
+        clock.now += 0.01
+        if n % 33 == 0:
+            limiter.release(ticket, outcome="rate_limited", headers={"retry-after": "1"})
+            assert not limiter.pause_after_429(1.0, {"retry-after": "1"})
+        else:
+            limiter.release(ticket, outcome="ok")
+    assert limiter.rate_limited == 30
+    assert (limiter.concurrency_limit, limiter.pauses, limiter.paused_for) == (16, 0, 0.0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("with_headers", [True, False])
+async def test_a_real_rate_limit_still_cuts_and_pauses(with_headers: bool) -> None:
+    """A 429 that says it is a rate limit (x-ratelimit-* headers) cuts and pauses at once;
+    without headers, 429s that come dense (here 1 in 3) do too."""
+    clock = FakeClock()
+    limiter = Limiter(concurrency=16, clock=clock, sleep=clock.sleep)
+    headers = EXHAUSTED if with_headers else {"retry-after": "1"}
+    paused = False
+    for n in range(1, 31):
+        ticket = await limiter.acquire()
+        clock.now += 0.5  # past the AIMD cooldown between cuts
+        if n % 3 == 0:
+            limiter.release(ticket, outcome="rate_limited", headers=headers)
+            paused = limiter.pause_after_429(1.0, headers)
+            if with_headers:
+                assert paused
+            clock.now += limiter.paused_for
+        else:
+            limiter.release(ticket, outcome="ok")
+    assert paused
+    assert limiter.concurrency_limit is not None and limiter.concurrency_limit < 16
+    assert limiter.pauses >= 1
+
+
 @pytest.mark.anyio
 async def test_lowered_limit_is_respected_for_new_acquisitions() -> None:
     """After a 429 halves the limit, new acquirers wait until in-flight drains below it."""
     limiter = Limiter(concurrency=4)
     tickets = [await limiter.acquire() for _ in range(4)]
-    limiter.release(tickets.pop(), outcome="rate_limited")
+    limiter.release(tickets.pop(), outcome="rate_limited", headers=EXHAUSTED)
     assert limiter.concurrency_limit == 2
     assert limiter.rate_limited == 1
     got: list[Ticket] = []
@@ -581,7 +627,7 @@ async def test_lowered_limit_is_respected_for_new_acquisitions() -> None:
         tg.start_soon(waiter)
         await anyio.wait_all_tasks_blocked()
         assert got == []  # 3 in flight, limit 2
-        limiter.release(tickets.pop(), outcome="rate_limited")  # same burst: no second cut
+        limiter.release(tickets.pop(), outcome="rate_limited", headers=EXHAUSTED)  # same burst
         await anyio.wait_all_tasks_blocked()
         assert got == []  # 2 in flight, limit 2
         limiter.release(tickets.pop(), outcome="ok")
@@ -716,8 +762,8 @@ async def test_release_validates_and_is_idempotent() -> None:
     ticket = await limiter.acquire()
     with pytest.raises(ValueError, match="outcome"):
         limiter.release(ticket, outcome="maybe")  # type: ignore[arg-type]
-    limiter.release(ticket, outcome="rate_limited")
-    limiter.release(ticket, outcome="rate_limited")
+    limiter.release(ticket, outcome="rate_limited", headers=EXHAUSTED)
+    limiter.release(ticket, outcome="rate_limited", headers=EXHAUSTED)
     assert (limiter.in_flight, limiter.rate_limited, limiter.concurrency_limit) == (0, 1, 1)
 
 
