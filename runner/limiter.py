@@ -52,7 +52,7 @@ class TokenBucket:
     bucket, then its excess delays everything after it.
     """
 
-    __slots__ = ("_level", "_updated", "capacity", "granted", "rate")
+    __slots__ = ("_held_until", "_level", "_updated", "capacity", "granted", "rate")
 
     def __init__(self, per_minute: float, *, now: float = 0.0) -> None:
         if not per_minute > 0 or not math.isfinite(per_minute):
@@ -61,6 +61,7 @@ class TokenBucket:
         self.rate = self.capacity / 60.0  # per second
         self._level = self.capacity  # starts full
         self._updated = now
+        self._held_until = -math.inf  # no refill before this instant (see hold)
         self.granted = 0.0  # running total of grants: tells observe() what a server missed
 
     def level(self, now: float) -> float:
@@ -84,7 +85,7 @@ class TokenBucket:
         deficit = target - self._level
         if deficit <= 1e-9 * max(1.0, target):  # float slack: a computed deadline must suffice
             return 0.0
-        return deficit / self.rate
+        return max(self._held_until - now, 0.0) + deficit / self.rate
 
     def try_acquire(self, amount: float, now: float) -> float:
         """Debit `amount` and return 0, or return the seconds to wait and debit nothing."""
@@ -104,9 +105,13 @@ class TokenBucket:
         self.adjust(-amount, now)
 
     def observe(self, remaining: float, now: float, *, since: float = 0.0) -> None:
-        """Clamp to the server's view: the level drops to what the server says is left, less
-        `since` (what was granted after the server counted; it had not seen those yet).
+        """Follow the server's view: the level becomes what the server says is left, less
+        `since` (what was granted after the server counted; it had not seen those yet), up
+        or down, never above the capacity.
 
+        Up as well as down: after a sliding window's wait its slots free as fast as the
+        oldest requests leave, and only the server's count says so; following the bucket's
+        own refill alone took 2,400 requests through 1,200/min in ~114 s instead of ~61 s.
         The refill rate stays this bucket's own (the limit per minute): the server's reset
         time is not used. An earlier version also slowed the refill to
         `(limit - remaining) / reset_s`; against a sliding window that throttled a run to a
@@ -114,14 +119,21 @@ class TokenBucket:
         83 % of the limit over 150 s, 120 % without it).
         """
         self._refill(now)
-        self._level = min(self._level, remaining - since)
+        self._level = min(remaining - since, self.capacity)
+
+    def hold(self, until: float, now: float) -> None:
+        """Empty the bucket and refill nothing before `until` (a rate limit's Retry-After):
+        what comes after the wait is paced by the server's counts, not a bucket that filled
+        up unseen while everyone waited."""
+        self._refill(now)
+        self._level = min(self._level, 0.0)
+        self._held_until = max(self._held_until, until)
 
     def _refill(self, now: float) -> None:
-        start = self._updated
-        if now <= start:
-            return
-        self._level = min(self._level + (now - start) * self.rate, self.capacity)
-        self._updated = now
+        start = max(self._updated, self._held_until)
+        if now > start:
+            self._level = min(self._level + (now - start) * self.rate, self.capacity)
+        self._updated = max(self._updated, now)
 
 
 # --- adaptive concurrency ------------------------------------------------------------------
@@ -309,6 +321,10 @@ class Limiter:
         if not self.limited(headers):
             return False
         self.pause_for(seconds)
+        now = self._clock()
+        for bucket in (self._requests, self._tokens):
+            if bucket is not None:
+                bucket.hold(now + max(seconds, 0.0), now)
         return True
 
     def limited(self, headers: Mapping[str, str] | None = None) -> bool:
