@@ -309,6 +309,7 @@ async def _execute(
     stop_reason: str | None = None
     error: str | None = None
     pool: Pool | None = None
+    budget: Budget | None = None
     checker: _Checker | None = None
     try:
         with simulator as base_url:
@@ -332,9 +333,17 @@ async def _execute(
             budget = Budget(
                 prices,
                 limit_usd=job.run.budget_usd,
-                spent_usd=spent_before(
-                    prices,
-                    {m: (int(u[0]), int(u[1]), int(u[2]), u[3]) for m, u in settled.usage.items()},
+                # Answers of unknown usage count at their worst case, which token sums
+                # cannot tell: the budget's own figure from earlier sessions is kept too.
+                spent_usd=max(
+                    spent_before(
+                        prices,
+                        {
+                            m: (int(u[0]), int(u[1]), int(u[2]), u[3])
+                            for m, u in settled.usage.items()
+                        },
+                    ),
+                    float(manifest.get("budget_spent_usd") or 0.0),
                 ),
             )
             progress.cost_usd = 0.0 if _all_priced(prepared) else None
@@ -388,6 +397,8 @@ async def _execute(
         raise
     finally:
         start_log.close()
+        if budget is not None:
+            manifest["budget_spent_usd"] = float(budget.spent)
         with anyio.CancelScope(shield=True):
             stop_reason = await _finish(
                 run, manifest, session, sink, progress, settled, stop_reason, pool, error
