@@ -54,6 +54,10 @@ class Spender(Protocol):
     def reached(self) -> str:
         """The one-line message for a stop at the budget."""
 
+    def room_to_reask(self, reservation: object, record: ResultRecord) -> bool:
+        """Whether paying for `record` (a re-asked answer) leaves the row's reservation within
+        the budget for its next attempt."""
+
     def paid(self, reservation: object, record: ResultRecord) -> float | None:
         """Count a paid answer that did not settle its row (re-asked); returns its cost.
 
@@ -231,15 +235,18 @@ class Pool:
             if isinstance(exc, RateLimited) and current.item is not None:
                 # Pool-wide only when it is a rate limit; an isolated 429 waits for its row.
                 self.limiters.for_model(current.item.model).pause_after_429(wait, exc.headers)
-            if not current.retrying:
-                current.retrying = True
-                self.progress.retrying += 1
             record = current.failure(exc, attempt, final=False)
             if isinstance(exc, UnwantedAnswer) and isinstance(exc.answer, Completion):
                 # A re-asked answer was still paid for: keep its usage with the attempt.
                 record = current.paid_attempt(record, exc.answer)
                 if self.spender is not None:
+                    if not self.spender.room_to_reask(current.reservation, record):
+                        self._stop_at_budget()
+                        raise exc  # no room for another answer: this one is the row's
                     self._add_cost(self.spender.paid(current.reservation, record))
+            if not current.retrying:
+                current.retrying = True
+                self.progress.retrying += 1
             self._deliver(record)
 
         retrying = Retrier(self.policy, on_retry)

@@ -203,6 +203,21 @@ async def test_budget_over_sessions_counts_earlier_unknown_usage_at_its_worst_ca
     assert sum(worst_case_usd(texts[r["row_id"]]) for r in answered) <= 0.1
 
 
+@pytest.mark.anyio
+async def test_budget_holds_when_answers_are_re_asked(tmp_path: Path, sim: SimulatorThread) -> None:
+    """Re-asked answers (retry_finish_reasons) are paid too: a row asks again only while its
+    next answer still fits, so the answers the server sold stay within budget_usd."""
+    data = long_rows(200, dict.fromkeys(range(200), "[[sim:length]]"))
+    extra = 'budget_usd = 0.05\nmax_attempts = 3\nretry_finish_reasons = ["length"]'
+    text = spec_text(base_url=sim.base_url, run_extra=extra) + CHEAP
+    outcome = await submit_job(tmp_path, text, data)
+    assert outcome.state == "stopped"
+    s = sim.stats
+    assert s.ok > 0
+    assert (s.prompt_tokens * 10.0 + s.completion_tokens * 20.0) / 1e6 <= 0.05
+    assert all(r["status"] == "ok" for r in select(outcome.run, "SELECT status FROM results"))
+
+
 def test_budget_refuses_an_unpriced_model_before_sending(tmp_path: Path) -> None:
     """A budget with a model that has no price is refused at validation, naming the field."""
     write_rows(tmp_path / "data.jsonl", long_rows(3))
