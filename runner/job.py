@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from runner.spec import SIMULATOR, RunSpec, check_environment, parse_spec
 from runner.state import (
     RunDir,
     Settled,
+    StartLog,
     check_writable,
     input_fingerprint,
     manifest_says_nothing_sent,
@@ -172,6 +174,7 @@ async def resume(
     run.lock()
     try:
         manifest = run.read_manifest()
+        alive = run.last_alive()  # before recovery rewrites files: when a crash left off
         spec = parse_spec(
             run.spec_path.read_text(),
             path=Path(manifest["spec_path"]),
@@ -214,10 +217,17 @@ async def resume(
             manifest["input"] = {**now, "rows": prepared.check.rows if prepared.check else None}
         next_segment = run.recover()
         if manifest.get("state") == "running" and manifest.get("sessions"):
-            # The last session crashed: count what it had on the wire and never heard back.
-            manifest["sessions"][-1]["unanswered_at_crash"] = run.unanswered_at_crash()
-            manifest["sessions"][-1]["outcome"] = "crashed"
-        run.clear_sending()
+            # The last session crashed: count what it had on the wire and never heard back,
+            # and end it at its last trace on disk (not now: wall time is the real span).
+            crashed = manifest["sessions"][-1]
+            crashed["unanswered_at_crash"] = run.unanswered_at_crash()
+            crashed["outcome"] = "crashed"
+            if not isinstance(crashed.get("ended_epoch"), int | float):
+                ended = max(alive or 0.0, crashed.get("started_epoch") or 0.0)
+                crashed["ended_epoch"] = ended
+                crashed["ended_at"] = datetime.fromtimestamp(ended, UTC).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ"
+                )
         repeated = prepared.check.repeated if prepared.check else run.read_repeated()
         if prepared.check is not None:
             run.write_repeated(prepared.check.repeated)
@@ -300,6 +310,7 @@ async def _execute(
     manifest.setdefault("sessions", []).append(session)
     manifest["state"] = "running"
     run.write_manifest(manifest)
+    run.clear_sending()  # a crash's count is in the manifest now (resume): start afresh
 
     key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
     if endpoint.base_url == SIMULATOR:
@@ -310,10 +321,12 @@ async def _execute(
         simulator = nullcontext(endpoint.base_url)
 
     sink = RunSink(run.journal_dir, run.parts_dir, next_number=next_segment, part_rows=PART_ROWS)
+    start_log = run.start_log()
     started = time.monotonic()
     stop_reason: str | None = None
     error: str | None = None
     pool: Pool | None = None
+    budget: Budget | None = None
     checker: _Checker | None = None
     try:
         with simulator as base_url:
@@ -337,9 +350,17 @@ async def _execute(
             budget = Budget(
                 prices,
                 limit_usd=job.run.budget_usd,
-                spent_usd=spent_before(
-                    prices,
-                    {m: (int(u[0]), int(u[1]), int(u[2]), u[3]) for m, u in settled.usage.items()},
+                # Answers of unknown usage count at their worst case, which token sums
+                # cannot tell: the budget's own figure from earlier sessions is kept too.
+                spent_usd=max(
+                    spent_before(
+                        prices,
+                        {
+                            m: (int(u[0]), int(u[1]), int(u[2]), u[3])
+                            for m, u in settled.usage.items()
+                        },
+                    ),
+                    float(manifest.get("budget_spent_usd") or 0.0),
                 ),
             )
             progress.cost_usd = 0.0 if _all_priced(prepared) else None
@@ -360,12 +381,13 @@ async def _execute(
                     if prepared.check is not None and settled.keys is None
                     else settled.reusable
                 ),
+                start_log=start_log,
             )
             if prepared.check_alongside:
                 checker = _Checker(prepared, pool, progress, run, manifest)
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(_tick, sink, progress, on_progress, limiters, run, pool)
+                    tg.start_soon(_tick, sink, progress, on_progress, limiters, start_log, pool)
                     tg.start_soon(sink.compactor)
                     if handle_signals:
                         tg.start_soon(_watch_signals, pool, job.run.grace_s)
@@ -393,6 +415,9 @@ async def _execute(
         stop_reason = stop_reason or "cancelled"  # never "completed" on the way out
         raise
     finally:
+        start_log.close()
+        if budget is not None:
+            manifest["budget_spent_usd"] = float(budget.spent)
         with anyio.CancelScope(shield=True):
             stop_reason = await _finish(
                 run, manifest, session, sink, progress, settled, stop_reason, pool, error
@@ -542,15 +567,15 @@ async def _tick(
     progress: Progress,
     on_progress: ProgressHook | None,
     limiters: Limiters,
-    run: RunDir,
+    start_log: StartLog,
     pool: Pool,
 ) -> None:
-    """Commit the journal, snapshot what is on the wire and report progress, at a fixed
-    rate (never per row)."""
+    """Commit the journal, shrink the start log to what is not journaled yet and report
+    progress, at a fixed rate (never per row)."""
     while True:
         await anyio.sleep(TICK_S)
         sink.commit()
-        run.write_sending(pool.sending)
+        start_log.rotate(pool.unjournaled())
         progress.concurrency = limiters.default.concurrency_limit
         if on_progress:
             on_progress(progress)

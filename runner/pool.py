@@ -54,10 +54,19 @@ class Spender(Protocol):
     def reached(self) -> str:
         """The one-line message for a stop at the budget."""
 
+    def room_to_reask(self, reservation: object, record: ResultRecord) -> bool:
+        """Whether paying for `record` (a re-asked answer) leaves the row's reservation within
+        the budget for its next attempt."""
+
     def paid(self, reservation: object, record: ResultRecord) -> float | None:
         """Count a paid answer that did not settle its row (re-asked); returns its cost.
 
         `reservation` is the row's (its worst case stands for an answer of unknown usage)."""
+
+
+class StartRecorder(Protocol):
+    def started(self, entry: tuple[str, str, int]) -> None:
+        """Durably note (row_id, model, attempt) before the request is sent."""
 
 
 class ResultSink(Protocol):
@@ -82,8 +91,10 @@ class Pool:
         answered: set[int] | None = None,
         spender: Spender | None = None,
         repeated: set[int] | None = None,
+        start_log: StartRecorder | None = None,
     ) -> None:
         self.client = client
+        self.start_log = start_log
         self.policy = policy
         self.limiters = limiters
         self.spender = spender
@@ -115,6 +126,11 @@ class Pool:
         # reused: tracking just those keeps memory flat on inputs of unique prompts.
         self._repeated = repeated
         self._in_flight: dict[str, anyio.Event] = {}
+
+    def unjournaled(self) -> set[tuple[str, str, int]]:
+        """(row_id, model, attempt) of every request sent whose record is not journaled yet:
+        those on the wire and those answered since the writer last ran."""
+        return self.sending | {(r.row_id, r.model, r.attempts) for r in self._done if r.attempts}
 
     def narrow_reuse(self, repeated: set[int]) -> None:
         """From now on track for reuse only the requests the input repeats (its check has
@@ -217,16 +233,20 @@ class Pool:
         async def on_retry(exc: AttemptError, attempt: int, wait: float) -> None:
             self._note_failure(exc)
             if isinstance(exc, RateLimited) and current.item is not None:
-                self.limiters.for_model(current.item.model).pause_for(wait)
-            if not current.retrying:
-                current.retrying = True
-                self.progress.retrying += 1
+                # Pool-wide only when it is a rate limit; an isolated 429 waits for its row.
+                self.limiters.for_model(current.item.model).pause_after_429(wait, exc.headers)
             record = current.failure(exc, attempt, final=False)
             if isinstance(exc, UnwantedAnswer) and isinstance(exc.answer, Completion):
                 # A re-asked answer was still paid for: keep its usage with the attempt.
                 record = current.paid_attempt(record, exc.answer)
                 if self.spender is not None:
+                    if not self.spender.room_to_reask(current.reservation, record):
+                        self._stop_at_budget()
+                        raise exc  # no room for another answer: this one is the row's
                     self._add_cost(self.spender.paid(current.reservation, record))
+            if not current.retrying:
+                current.retrying = True
+                self.progress.retrying += 1
             self._deliver(record)
 
         retrying = Retrier(self.policy, on_retry)
@@ -286,6 +306,8 @@ class Pool:
             current.attempt_started = time.perf_counter()
             progress.in_flight += 1
             sending = (item.row_id, item.model, current.attempts)
+            if self.start_log is not None:
+                self.start_log.started(sending)  # before the first byte: see state.StartLog
             self.sending.add(sending)
             self.sent += 1
             try:
@@ -320,14 +342,18 @@ class Pool:
                 raise QuotaExhausted(f"the provider refused for lack of quota: {exc}") from None
             if isinstance(exc, ConnectFailure):
                 raise AuthFailed(f"endpoint unreachable: {exc}") from None
-            if self._successes:
+            if self._row_refusal(exc):
                 return current.failure(exc, current.attempts, final=True)
-            return None  # not the row's fault: it stays pending and the run stops
+            return None  # the key's, not the row's: it stays pending (the run may stop)
         except AttemptError as exc:
             return current.failure(exc, current.attempts, final=True)
         self._successes += 1
         self._blocking_failures = 0
         return current.success(answer)
+
+    def _row_refusal(self, exc: AttemptError) -> bool:
+        """A 403 after the key was accepted: the row's own answer."""
+        return isinstance(exc, AuthFailure) and exc.status == 403 and self._successes > 0
 
     def _stop_at_budget(self) -> None:
         if self.stop_reason is None and self.spender is not None:
@@ -339,10 +365,14 @@ class Pool:
             self.progress.cost_usd = None if cost is None else self.progress.cost_usd + cost
 
     def _note_failure(self, exc: AttemptError) -> None:
-        """Stop the run when auth/connect failures come before any success or in a row."""
+        """Stop the run when auth/connect failures come before any success or in a row.
+
+        A 403 once the key has been accepted (an answer seen) is that row's answer (content
+        refused for it), not the key's: it never counts. A 401 is always the key's.
+        """
         if isinstance(exc, QuotaFailure):
             raise QuotaExhausted(f"the provider refused for lack of quota: {exc}")
-        if not isinstance(exc, AuthFailure | ConnectFailure):
+        if not isinstance(exc, AuthFailure | ConnectFailure) or self._row_refusal(exc):
             return
         self._blocking_failures += 1
         if self._blocking_failures >= self.startup_failures_to_stop:

@@ -471,6 +471,16 @@ class Budget:
             cached_tokens=record.cached_tokens,
         )
 
+    def room_to_reask(self, reservation: object, record: ResultRecord) -> bool:
+        """Whether paying for a re-asked answer (its cost, or the worst case when unknown)
+        still leaves the row's reservation within the budget for its next attempt."""
+        assert isinstance(reservation, Decimal)
+        if self.limit is None:
+            return True
+        actual = self._actual(dataclasses.replace(record, status="ok"), ZERO)
+        cost_now = reservation if actual is None else actual
+        return self.spent + self.reserved + cost_now <= self.limit
+
     def paid(self, reservation: object, record: ResultRecord) -> float | None:
         """Count an answer that was paid for but did not settle its row (it was re-asked);
         unknown usage counts at the row's worst case (`reservation`)."""

@@ -20,7 +20,6 @@ import json
 import re
 import tomllib
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -358,7 +357,7 @@ def _overview(db: RunDB) -> list[Section]:
     )[1][0]
     rows_total = (manifest.get("counts") or {}).get("total")
     settled = ok + failed + skipped
-    wall = _wall_seconds(manifest)
+    wall = db.run.wall_seconds(manifest)
     lat = lat or [None, None, None]
     overview: list[tuple[Any, ...]] = [
         ("run", db.run.run_id),
@@ -422,32 +421,6 @@ def _round(value: float | None) -> float | None:
 
 def _state(run: RunDir, manifest: dict[str, Any]) -> str:
     return run.state(manifest)
-
-
-def _wall_seconds(manifest: dict[str, Any]) -> float:
-    """Time spent running, summed over sessions (a session still open counts until now)."""
-    total = 0.0
-    now = datetime.now(UTC)
-    for session in manifest.get("sessions", []):
-        if isinstance(session.get("started_epoch"), float):
-            ended = session.get("ended_epoch")
-            end = ended if isinstance(ended, float) else now.timestamp()
-            total += max(end - session["started_epoch"], 0.0)
-            continue
-        started = _parse_time(session.get("started_at"))
-        ended = _parse_time(session.get("ended_at")) or now
-        if started is not None:
-            total += max((ended - started).total_seconds(), 0.0)
-    return total
-
-
-def _parse_time(text: Any) -> datetime | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 def query(

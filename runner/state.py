@@ -29,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -267,26 +268,67 @@ class RunDir:
         keys.frombytes(data)
         return set(keys)
 
-    def write_sending(self, sending: set[tuple[str, str, int]]) -> None:
-        """Snapshot the requests on the wire (a few times a second; replaced atomically)."""
-        try:
-            _write_atomic(self.sending_path, json.dumps(sorted(sending)).encode(), sync=False)
-        except OSError as exc:
-            raise storage_error("write", self.sending_path, exc) from None
+    def start_log(self) -> StartLog:
+        """The write-ahead log of this session's requests (see StartLog)."""
+        return StartLog(self.journal_dir)
 
     def clear_sending(self) -> None:
-        self.sending_path.unlink(missing_ok=True)
+        """Forget what earlier sessions had on the wire (counted, or settled cleanly)."""
+        self.sending_path.unlink(missing_ok=True)  # the snapshot older versions wrote
+        for path in self.journal_dir.glob(_START_GLOB):
+            path.unlink(missing_ok=True)
+
+    def last_alive(self) -> float | None:
+        """When a session of this run last left a trace on disk (epoch seconds): the newest of
+        the start log (rotated every tick), the journal, the parts and the manifest."""
+        newest: float | None = None
+        for folder, pattern in (
+            (self.journal_dir, "*"),
+            (self.parts_dir, "*"),
+            (self.path, "manifest.json"),
+        ):
+            for path in folder.glob(pattern):
+                with contextlib.suppress(OSError):
+                    mtime = path.stat().st_mtime
+                    newest = mtime if newest is None else max(newest, mtime)
+        return newest
+
+    def wall_seconds(self, manifest: dict[str, Any]) -> float:
+        """Time the sessions ran, summed over each one's own start and end.
+
+        A session with no recorded end is still running (counted until now) while the lock is
+        held; otherwise it was killed and ends at its last trace on disk (last_alive), never
+        at the moment a report is read.
+        """
+        total = 0.0
+        sessions = [s for s in manifest.get("sessions", []) if isinstance(s, dict)]
+        open_end: float | None = None
+        for number, session in enumerate(sessions):
+            start = session.get("started_epoch")
+            if not isinstance(start, int | float):
+                continue
+            end = session.get("ended_epoch")
+            if not isinstance(end, int | float):
+                if open_end is None:
+                    running = number == len(sessions) - 1 and self.holder_pid() is not None
+                    open_end = time.time() if running else (self.last_alive() or start)
+                end = open_end
+            total += max(end - start, 0.0)
+        return total
 
     def unanswered_at_crash(self) -> int:
-        """Requests on the wire at the last snapshot before a crash that never got a record.
+        """Requests the crashed session put on the wire that never got a record.
 
-        They may have been billed without an answer (and were re-sent on resume).
+        An upper bound of what a resume may buy again: the start log holds every request
+        before it was sent (see StartLog), so a request answered by the server but not yet
+        journaled at the kill is counted too. They may have been billed without an answer.
         """
-        try:
-            entries = json.loads(self.sending_path.read_text())
-        except (OSError, ValueError):
-            return 0
-        wanted = {(str(r), str(m), int(a)) for r, m, a in entries}
+        wanted: set[tuple[str, str, int]] = set()
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            entries = json.loads(self.sending_path.read_text())  # an older version's snapshot
+            wanted |= {(str(r), str(m), int(a)) for r, m, a in entries}
+        for path in self.journal_dir.glob(_START_GLOB):
+            wanted |= StartLog.read(path)
         if not wanted:
             return 0
         ids = pa.array(sorted({r for r, _, _ in wanted}))
@@ -461,6 +503,84 @@ def _settle(
         key = hash_key(digest)
         if result.reusable is None or key in result.reusable:
             result.ok_hashes.add(key)
+
+
+_START_GLOB = "starts-*.jsonl"
+
+
+class StartLog:
+    """A write-ahead log of the requests a session puts on the wire, for crash accounting.
+
+    Each attempt is appended (one `os.write` on an O_APPEND fd: it survives kill -9 without
+    an fsync) before its bytes are sent, so after a crash the log lists every request that
+    may have reached the server; those without a journaled record may have been billed and
+    are bought again on resume. The snapshot this replaced was written every tick, after the
+    fact, and missed every request started since (41 counted vs 277 re-bought over 22 kills).
+
+    To keep it small, `rotate` (every tick) starts a new file holding the requests still in
+    flight, then deletes the old one: at every instant the files on disk cover every request
+    that is in flight or whose record may not be journaled yet.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._fd: int | None = None
+        self._path: Path | None = None
+        numbers = [int(p.stem.split("-")[1]) for p in folder.glob(_START_GLOB)]
+        self._number = max(numbers, default=0)
+
+    def _open_next(self, first: bytes) -> None:
+        self._number += 1
+        path = self.folder / f"starts-{self._number:06d}.jsonl"
+        try:
+            fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_EXCL, 0o600
+            )
+            if first:
+                os.write(fd, first)
+        except OSError as exc:
+            raise storage_error("write", path, exc) from None
+        old_fd, old_path = self._fd, self._path
+        self._fd, self._path = fd, path
+        if old_fd is not None:
+            os.close(old_fd)
+        if old_path is not None:
+            old_path.unlink(missing_ok=True)
+
+    def started(self, entry: tuple[str, str, int]) -> None:
+        """Log a request about to be sent; synchronous, before the request's first byte."""
+        if self._fd is None:
+            self._open_next(b"")
+        assert self._fd is not None
+        try:
+            os.write(self._fd, orjson.dumps(entry) + b"\n")
+        except OSError as exc:
+            raise storage_error("write", self._path or self.folder, exc) from None
+
+    def rotate(self, in_flight: set[tuple[str, str, int]]) -> None:
+        """Start a new file with what is in flight now and drop the old one."""
+        if self._fd is None and not in_flight:
+            return
+        self._open_next(b"".join(orjson.dumps(e) + b"\n" for e in in_flight))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def read(path: Path) -> set[tuple[str, str, int]]:
+        """The entries of one file; a torn last line (a kill mid-write) is skipped."""
+        found: set[tuple[str, str, int]] = set()
+        try:
+            lines = path.read_bytes().splitlines()
+        except OSError:
+            return found
+        for line in lines:
+            with contextlib.suppress(ValueError, TypeError):
+                row_id, model, attempt = orjson.loads(line)
+                found.add((str(row_id), str(model), int(attempt)))
+        return found
 
 
 def _write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:

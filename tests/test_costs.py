@@ -182,6 +182,42 @@ async def test_budget_holds_when_usage_is_missing_or_untrustworthy(
     assert cost["cost_usd"] is None or cost["cost_usd"] >= 0
 
 
+@pytest.mark.anyio
+async def test_budget_over_sessions_counts_earlier_unknown_usage_at_its_worst_case(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """A resume with a larger budget counts what earlier sessions spent on answers without
+    usage at their worst case: the total stays within the new budget."""
+    data = long_rows(200, dict.fromkeys(range(200), "[[sim:no_usage]]"))
+    text = spec_text(base_url=sim.base_url, run_extra="budget_usd = 0.05") + CHEAP
+    outcome = await submit_job(tmp_path, text, data)
+    assert outcome.state == "stopped"
+    first = sim.stats.ok
+    resumed = await job.resume(
+        outcome.run.run_id, tmp_path / "runs", handle_signals=False, budget_usd=0.1
+    )
+    assert resumed.state == "stopped"
+    answered = select(outcome.run, "SELECT row_id FROM results")
+    assert first < sim.stats.ok == len(answered) < 200
+    texts = {row["id"]: row["text"] for row in data}
+    assert sum(worst_case_usd(texts[r["row_id"]]) for r in answered) <= 0.1
+
+
+@pytest.mark.anyio
+async def test_budget_holds_when_answers_are_re_asked(tmp_path: Path, sim: SimulatorThread) -> None:
+    """Re-asked answers (retry_finish_reasons) are paid too: a row asks again only while its
+    next answer still fits, so the answers the server sold stay within budget_usd."""
+    data = long_rows(200, dict.fromkeys(range(200), "[[sim:length]]"))
+    extra = 'budget_usd = 0.05\nmax_attempts = 3\nretry_finish_reasons = ["length"]'
+    text = spec_text(base_url=sim.base_url, run_extra=extra) + CHEAP
+    outcome = await submit_job(tmp_path, text, data)
+    assert outcome.state == "stopped"
+    s = sim.stats
+    assert s.ok > 0
+    assert (s.prompt_tokens * 10.0 + s.completion_tokens * 20.0) / 1e6 <= 0.05
+    assert all(r["status"] == "ok" for r in select(outcome.run, "SELECT status FROM results"))
+
+
 def test_budget_refuses_an_unpriced_model_before_sending(tmp_path: Path) -> None:
     """A budget with a model that has no price is refused at validation, naming the field."""
     write_rows(tmp_path / "data.jsonl", long_rows(3))

@@ -237,3 +237,25 @@ def test_bad_input_before_the_first_request_leaves_no_run_for_the_job_name(
     assert exported.returncode == 0, exported.stderr
     answers = [json.loads(line)["content"] for line in out.read_text().splitlines()]
     assert len(answers) == 5 and all(answers)
+
+
+def test_start_log_covers_every_request_not_journaled(tmp_path: Path) -> None:
+    """The start log lists each attempt before it is sent; a rotation keeps only what is
+    still unjournaled; a torn last line (a kill mid-write) is skipped; clear removes it all."""
+    run = RunDir.create(tmp_path / "runs", "t", "")
+    log = run.start_log()
+    for n in range(5):
+        log.started((f"r{n}", "m", 1))
+    log.rotate({("r3", "m", 1), ("r4", "m", 1)})
+    log.started(("r5", "m", 1))
+    [path] = run.journal_dir.glob("starts-*.jsonl")
+    with path.open("ab") as handle:
+        handle.write(b'["r6", "m"')  # torn
+    assert run.unanswered_at_crash() == 3
+    log.close()
+    later = run.start_log()  # a new session numbers its files after the old ones
+    later.started(("r7", "m", 1))
+    assert run.unanswered_at_crash() == 4
+    later.close()
+    run.clear_sending()
+    assert run.unanswered_at_crash() == 0
