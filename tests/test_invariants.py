@@ -14,7 +14,9 @@ simulator's own counters:
     simulator's answer names the request it answers (`[req <tag>]`, see sim_answers), so an
     answer put on another row is caught;
   - no answered request was bought again beyond those in flight when a session was cut
-    (`resent_after_ok` <= the concurrency summed over the cuts);
+    (`resent_after_ok` <= the concurrency for each cancellation, twice it for each kill: on
+    the wire plus answers not yet journaled), nor beyond what the run itself counted as left
+    unanswered by its crashes;
   - with a budget, what the simulator served stays within it.
 
 `bench/invariants.py` runs the same scenarios, more of them and larger.
@@ -22,6 +24,7 @@ simulator's own counters:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import signal
@@ -38,6 +41,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner import job
+from runner.journal import SEGMENT_GLOB
 from runner.report import export
 from runner.sim_answers import request_tag
 from runner.simulator import SimulatorConfig, SimulatorThread
@@ -285,6 +289,7 @@ def check_export(
 @dataclass
 class Tally:
     cuts: int = 0  # sessions cut short (cancelled or killed)
+    kills: int = 0
     in_flight_bound: int = 0  # requests possibly on the wire at those cuts
     log: list[str] = field(default_factory=list)
 
@@ -292,8 +297,9 @@ class Tally:
 def journaled(run_dir: Path) -> int:
     count = 0
     if (run_dir / "journal").is_dir():
-        for seg in (run_dir / "journal").glob("*.jsonl"):
-            count += seg.read_bytes().count(b"\n")
+        for seg in (run_dir / "journal").glob(SEGMENT_GLOB):  # not the start log
+            with contextlib.suppress(FileNotFoundError):  # compacted meanwhile
+                count += seg.read_bytes().count(b"\n")
     for part in (run_dir / "parts").glob("*.parquet"):
         try:
             count += pq.ParquetFile(part).metadata.num_rows
@@ -329,7 +335,9 @@ def run_killed(folder: Path, args: list[str], target: int, tally: Tally, bound: 
             proc.communicate()
     if killed:
         tally.cuts += 1
-        tally.in_flight_bound += bound
+        tally.kills += 1
+        # On the wire, plus answers received but not yet journaled (one a worker at most).
+        tally.in_flight_bound += 2 * bound
         tally.log.append(f"killed at {target}")
     else:
         assert proc.returncode in (0, 1, 3), f"runner exited {proc.returncode}: {err}"
@@ -417,6 +425,9 @@ async def run_scenario(scenario: Scenario, folder: Path, sim: SimulatorThread) -
         f"at most {tally.in_flight_bound} were in flight at {tally.cuts} cuts"
     )
     manifest = run.read_manifest()
+    if tally.kills == tally.cuts:  # the run's own count of what its crashes left unanswered
+        unanswered = sum(s.get("unanswered_at_crash") or 0 for s in manifest["sessions"])
+        assert stats.resent_after_ok <= unanswered, f"{where}: {unanswered} counted unanswered"
     assert manifest["counts"]["total"] == len(data.rows) * len(scenario.models), where
     return tally
 

@@ -6,6 +6,7 @@ simulator's counters see every request any of them sends, across kills and resum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner import job
-from runner.journal import segment_name
+from runner.journal import SEGMENT_GLOB, segment_name
 from runner.report import RunDB, export
 from runner.sim_answers import request_tag
 from runner.simulator import SimulatorConfig, SimulatorThread
@@ -60,8 +61,9 @@ def wait_for_results(run_dir: Path, at_least: int, timeout: float = 30) -> None:
     while time.monotonic() < deadline:  # a test-side wait on another process's files
         done = 0
         if (run_dir / "journal").is_dir():
-            for seg in (run_dir / "journal").glob("*.jsonl"):
-                done += seg.read_bytes().count(b"\n")
+            for seg in (run_dir / "journal").glob(SEGMENT_GLOB):  # not the start log
+                with contextlib.suppress(FileNotFoundError):  # compacted meanwhile
+                    done += seg.read_bytes().count(b"\n")
             for part in (run_dir / "parts").glob("*.parquet"):
                 done += pq.ParquetFile(part).metadata.num_rows
         if done >= at_least:
@@ -104,13 +106,17 @@ def test_kill_9_three_times_then_resume_holds_every_row_once(
     assert len(got) == rows
     assert len({r["row_id"] for r in got}) == rows
     assert all(r["status"] == "ok" for r in got)
-    assert sim.stats.resent_after_ok <= concurrency * kills
+    assert sim.stats.resent_after_ok <= 2 * concurrency * kills
     # Each crashed session records what it had on the wire and never heard back about.
     # (A kill that lands before a session has started leaves no session behind.)
     sessions = the_run(tmp_path).read_manifest()["sessions"]
     assert 1 <= len(sessions) - 1 <= kills
     assert [s["outcome"] for s in sessions] == ["crashed"] * (len(sessions) - 1) + ["completed"]
-    assert all(0 <= s["unanswered_at_crash"] <= concurrency for s in sessions[:-1])
+    # What each crash left unanswered: at most the requests on the wire plus the answers not
+    # yet journaled (one a worker); together an upper bound of what the resumes bought again.
+    unanswered = [s["unanswered_at_crash"] for s in sessions[:-1]]
+    assert all(0 <= n <= 2 * concurrency for n in unanswered), unanswered
+    assert sum(unanswered) >= sim.stats.resent_after_ok
 
 
 def test_sigint_drains_stops_with_exit_3_and_resume_resends_nothing(
