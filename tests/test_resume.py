@@ -7,6 +7,7 @@ simulator's counters see every request any of them sends, across kills and resum
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import random
@@ -453,6 +454,16 @@ async def test_without_an_id_column_a_moved_row_reuses_its_answer_and_an_edited_
             assert r["prompt_tokens"] is None
     exported = export_rows(run, tmp_path)
     assert [e["reused"] for e in exported] == [i not in (0, 7) for i in range(21)]
+    # Every export format says so: a boolean `reused` and the row that bought the answer.
+    export(run, tmp_path / "out.parquet")
+    export(run, tmp_path / "out.csv")
+    from_parquet = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    with (tmp_path / "out.csv").open(newline="") as handle:
+        from_csv = list(csv.DictReader(handle))
+    assert [r["reused"] for r in from_parquet] == [e["reused"] for e in exported]
+    assert [r["reused_from"] for r in from_parquet] == [e["reused_from"] for e in exported]
+    assert [r["reused"] for r in from_csv] == [str(e["reused"]).lower() for e in exported]
+    assert from_csv[5]["reused_from"] == "4" and from_csv[0]["reused_from"] == ""
 
 
 @pytest.mark.anyio
