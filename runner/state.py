@@ -465,7 +465,7 @@ def _settle(
             result.ok_hashes.add(key)
 
 
-_START_GLOB = "starts-*.jsonl"
+_START_GLOB = "starts-*.log"  # not *.jsonl: that is what journal readers glob
 
 
 class StartLog:
@@ -491,7 +491,7 @@ class StartLog:
 
     def _open_next(self, first: bytes) -> None:
         self._number += 1
-        path = self.folder / f"starts-{self._number:06d}.jsonl"
+        path = self.folder / f"starts-{self._number:06d}.log"
         try:
             fd = os.open(
                 path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_EXCL, 0o600

@@ -100,7 +100,9 @@ def test_kill_9_three_times_then_resume_holds_every_row_once(
     sessions = the_run(tmp_path).read_manifest()["sessions"]
     assert 1 <= len(sessions) - 1 <= kills
     assert [s["outcome"] for s in sessions] == ["crashed"] * (len(sessions) - 1) + ["completed"]
-    assert all(0 <= s["unanswered_at_crash"] <= concurrency for s in sessions[:-1])
+    # On the wire, or answered but not yet journaled (a worker may start its next request in
+    # the same turn of the event loop): at most twice the concurrency.
+    assert all(0 <= s["unanswered_at_crash"] <= 2 * concurrency for s in sessions[:-1])
 
 
 def test_sigint_drains_stops_with_exit_3_and_resume_resends_nothing(
