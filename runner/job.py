@@ -42,10 +42,10 @@ from runner.retry import RetryPolicy
 from runner.sink import RunSink
 from runner.source import RequestBuilder, Skip, check_input
 from runner.spec import SIMULATOR, RunSpec, check_environment, parse_spec
+from runner.starts import StartLog
 from runner.state import (
     RunDir,
     Settled,
-    StartLog,
     check_writable,
     input_fingerprint,
     manifest_says_nothing_sent,

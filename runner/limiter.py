@@ -30,8 +30,9 @@ Outcome = Literal["ok", "rate_limited", "error"]
 _OUTCOMES = frozenset(("ok", "rate_limited", "error"))
 
 # 429s without rate-limit headers count as a rate limit (halve the concurrency, pause the
-# pool) only when dense: at least this share of the last _RECENT answers, and at least this
-# many. 3 % random 429s at concurrency 16 halved it to 3-6 and cut throughput to a third.
+# pool) only when dense: _DENSE_429_MIN in a row, or at least _DENSE_429_SHARE of the last
+# _RECENT answers (and that many). 3 % random 429s at concurrency 16 halved it to 3-6 and cut
+# throughput to a third; three in a row happen by chance about once in 40,000 answers.
 _RECENT = 50
 _DENSE_429_SHARE = 0.2
 _DENSE_429_MIN = 3
@@ -296,6 +297,7 @@ class Limiter:
         # The last outcomes (True: a 429), to tell a rate limit from isolated 429s.
         self._recent: deque[bool] = deque(maxlen=_RECENT)
         self._recent_429 = 0
+        self._429_in_a_row = 0
         # Counters for reports and the progress bar.
         self.pauses = 0
         self.rate_limited = 0
@@ -331,6 +333,8 @@ class Limiter:
         """Whether a 429 with these headers means the pool is over a rate limit."""
         if headers and parse_rate_headers(headers, self._wall_clock()) is not None:
             return True
+        if self._429_in_a_row >= _DENSE_429_MIN:
+            return True
         seen = len(self._recent)
         return self._recent_429 >= max(_DENSE_429_MIN, _DENSE_429_SHARE * seen)
 
@@ -340,6 +344,7 @@ class Limiter:
             self._recent_429 -= recent[0]
         recent.append(rate_limited)
         self._recent_429 += rate_limited
+        self._429_in_a_row = self._429_in_a_row + 1 if rate_limited else 0
 
     @property
     def paused_for(self) -> float:

@@ -51,6 +51,9 @@ class Spender(Protocol):
     def settle(self, reservation: object, record: ResultRecord) -> float | None:
         """Replace the reservation with the row's actual cost; returns that cost if known."""
 
+    def release(self, reservation: object) -> None:
+        """Drop a reservation whose row stays pending (its request was not billed)."""
+
     def reached(self) -> str:
         """The one-line message for a stop at the budget."""
 
@@ -280,6 +283,8 @@ class Pool:
                     self._answered.add(key)
                 if self.spender is not None and record is not None:
                     self._add_cost(self.spender.settle(reservation, record))
+                elif self.spender is not None:
+                    self.spender.release(reservation)  # refused key: nothing was billed
             finally:
                 if own is not None:
                     self._in_flight.pop(item.request_hash, None)

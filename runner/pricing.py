@@ -471,6 +471,11 @@ class Budget:
             cached_tokens=record.cached_tokens,
         )
 
+    def release(self, reservation: object) -> None:
+        """Drop a reservation whose row stays pending (a refused key: nothing billed)."""
+        assert isinstance(reservation, Decimal)
+        self.reserved -= reservation
+
     def room_to_reask(self, reservation: object, record: ResultRecord) -> bool:
         """Whether paying for a re-asked answer (its cost, or the worst case when unknown)
         still leaves the row's reservation within the budget for its next attempt."""

@@ -21,6 +21,7 @@ ORDER = [
     "limiter",
     "pool",
     "journal",
+    "starts",
     "sink",
     "state",
     "pricing",

@@ -609,3 +609,13 @@ def test_untrusted_usage_keeps_anything_but_non_negative_integers_raw(
     assert (raw is None) == trusted
     if raw is not None:
         assert len(raw) <= 2003
+
+
+def test_budget_release_gives_back_a_pending_rows_reservation() -> None:
+    """A row left pending (its key refused, nothing billed) gives its reservation back."""
+    budget = Budget(
+        PriceSource({"m": PriceOverride(input=Decimal(1), output=Decimal(2))}), limit_usd=1.0
+    )
+    reservation = budget.reserve(_item())
+    budget.release(reservation)
+    assert (budget.spent, budget.reserved) == (0, 0)

@@ -248,7 +248,7 @@ def test_start_log_covers_every_request_not_journaled(tmp_path: Path) -> None:
         log.started((f"r{n}", "m", 1))
     log.rotate({("r3", "m", 1), ("r4", "m", 1)})
     log.started(("r5", "m", 1))
-    [path] = run.journal_dir.glob("starts-*.jsonl")
+    [path] = run.journal_dir.glob("starts-*.log")
     with path.open("ab") as handle:
         handle.write(b'["r6", "m"')  # torn
     assert run.unanswered_at_crash() == 3
