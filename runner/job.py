@@ -234,8 +234,9 @@ async def resume(
         if by_key:
             settled = run.settled(retry_failed=retry_failed, by_request=True)
             # Answers are content-addressed: an unchanged request whose row moved (or whose
-            # twin's row was edited) takes the answer already bought for it.
-            settled.reusable = None if repeated is None else repeated | settled.ok_hashes
+            # twin's row was edited) takes the answer already bought for it. Every request is
+            # tracked for reuse (no set of the repeated ones: it would copy ok_hashes).
+            settled.reusable = None
         else:
             settled = run.settled(retry_failed=retry_failed, reusable=repeated)
         if on_start:
