@@ -227,7 +227,9 @@ def status(run: str, runs_dir: Path, as_json: bool) -> None:
     pct = f" ({100 * done / total:.1f} %)" if total else ""
     unit = "answers" if len(models) > 1 else "rows"
     lines = [
-        f"{info['run_id']}  {info['state']}" + (f" (pid {info['pid']})" if info["pid"] else "")
+        f"{info['run_id']}  {info['state']}"
+        + (f" (pid {info['pid']})" if info["pid"] else "")
+        + (f": {info['error']}" if info.get("error") else "")
     ]
     lines.append(screens.input_line(manifest.get("input", {}).get("rows"), models))
     lines += [

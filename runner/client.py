@@ -47,8 +47,8 @@ from runner.errors import (
     AuthFailure,
     ConnectFailure,
     MalformedResponse,
-    OversizedResponse,
     ModelNotFound,
+    OversizedResponse,
     ProtocolFailure,
     QuotaFailure,
     RateLimited,
@@ -58,7 +58,7 @@ from runner.errors import (
     UndecodableResponse,
     UsageError,
 )
-from runner.records import Completion
+from runner.records import Completion, token_count, untrusted_usage, usage_cost
 from runner.spec import is_loopback_url
 
 # Response headers kept for the retry policy and the limiter.
@@ -514,6 +514,7 @@ class ChatClient:
             reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
             provider_cost=_float(usage.get("cost")),
             headers=headers or None,
+            usage_raw=untrusted_usage(data.get("usage")),
         )
 
 
@@ -687,10 +688,8 @@ def _text(value: Any) -> str | None:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return token_count(value)  # negative, > int64, float, string, bool: unknown
 
 
 def _float(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
+    return usage_cost(value)  # negative, NaN, infinite: unknown

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,15 @@ from runner.retry import RetryPolicy
 from runner.sink import RunSink
 from runner.source import RequestBuilder, Skip, check_input
 from runner.spec import SIMULATOR, RunSpec, check_environment
+from runner.starts import StartLog
 from runner.state import (
     RunDir,
     Settled,
     check_writable,
     input_fingerprint,
+    manifest_says_nothing_sent,
     resolve_run,
+    row_keys_stamp,
     utc_now,
     versions,
 )
@@ -161,6 +165,13 @@ async def submit(
             handle_signals,
             on_signal,
         )
+    except UsageError:
+        # Bad input or spec found before the first request: nothing was paid, so no run is
+        # left for the job name to mean (a later fix of the input is a new submit).
+        if manifest_says_nothing_sent(run):
+            run.unlock()
+            run.discard()
+        raise
     finally:
         run.unlock()
 
@@ -189,6 +200,7 @@ async def resume(
     run.lock()
     try:
         manifest = run.read_manifest()
+        alive = run.last_alive()  # before recovery rewrites files: when a crash left off
         spec = resumed_spec(run, manifest, spec_path)
         check_environment(spec)
         if budget_usd is not None:
@@ -205,26 +217,50 @@ async def resume(
                 f"{run.run_id} started; rerun with --allow-changed-input to send only rows "
                 "whose request changed"
             )
-        # An unchanged input was checked whole when the run was submitted (unless that
-        # session ended before its check did).
-        unchecked = manifest.get("input_check") == "pending"
-        prepared = prepare_loaded(spec, None if changed or unchecked else False)
+        # Once the input has changed, a row is known by its key, never by its position:
+        # row_keys.parquet lists the current rows' keys, made from the input as it is now.
+        by_key = changed or run.row_keys_path.exists()
+        if by_key and (changed or not run.row_keys_fresh(now)):
+            prepared = prepare_loaded(spec, False)
+            prepared.check = check_input(
+                prepared.source,
+                prepared.builder,
+                keys_to=run.row_keys_path,
+                keys_metadata=row_keys_stamp(now),
+            )
+        else:
+            # An unchanged input was checked whole when the run was submitted (unless that
+            # session ended before its check did).
+            unchecked = manifest.get("input_check") == "pending"
+            prepared = prepare_loaded(spec, None if unchecked else False)
         if prepared.check is not None:
             manifest.pop("input_check", None)
         if changed:
-            manifest["input"] = input_fingerprint(
-                prepared.source.path, prepared.check.rows if prepared.check else None
-            )
+            manifest["input"] = {**now, "rows": prepared.check.rows if prepared.check else None}
         next_segment = run.recover()
         if manifest.get("state") == "running" and manifest.get("sessions"):
-            # The last session crashed: count what it had on the wire and never heard back.
-            manifest["sessions"][-1]["unanswered_at_crash"] = run.unanswered_at_crash()
-            manifest["sessions"][-1]["outcome"] = "crashed"
-        run.clear_sending()
+            # The last session crashed: count what it had on the wire and never heard back,
+            # and end it at its last trace on disk (not now: wall time is the real span).
+            crashed = manifest["sessions"][-1]
+            crashed["unanswered_at_crash"] = run.unanswered_at_crash()
+            crashed["outcome"] = "crashed"
+            if not isinstance(crashed.get("ended_epoch"), int | float):
+                ended = max(alive or 0.0, crashed.get("started_epoch") or 0.0)
+                crashed["ended_epoch"] = ended
+                crashed["ended_at"] = datetime.fromtimestamp(ended, UTC).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ"
+                )
         repeated = prepared.check.repeated if prepared.check else run.read_repeated()
-        if (changed or unchecked) and prepared.check is not None:
+        if prepared.check is not None:
             run.write_repeated(prepared.check.repeated)
-        settled = run.settled(retry_failed=retry_failed, by_request=changed, reusable=repeated)
+        if by_key:
+            settled = run.settled(retry_failed=retry_failed, by_request=True)
+            # Answers are content-addressed: an unchanged request whose row moved (or whose
+            # twin's row was edited) takes the answer already bought for it. Every request is
+            # tracked for reuse (no set of the repeated ones: it would copy ok_hashes).
+            settled.reusable = None
+        else:
+            settled = run.settled(retry_failed=retry_failed, reusable=repeated)
         if on_start:
             on_start(run)
         return await _execute(
@@ -300,6 +336,7 @@ async def _execute(
     manifest.setdefault("sessions", []).append(session)
     manifest["state"] = "running"
     run.write_manifest(manifest)
+    run.clear_sending()  # a crash's count is in the manifest now (resume): start afresh
 
     key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
     if endpoint.base_url == SIMULATOR:
@@ -310,11 +347,14 @@ async def _execute(
         simulator = nullcontext(endpoint.base_url)
 
     sink = RunSink(run.journal_dir, run.parts_dir, next_number=next_segment, part_rows=PART_ROWS)
+    start_log = run.start_log()
     started = time.monotonic()
     stop_reason: str | None = None
     by_endpoint = False
     refused: str | None = None
+    error: str | None = None
     pool: Pool | None = None
+    budget: Budget | None = None
     checker: _Checker | None = None
     try:
         with simulator as base_url:
@@ -340,9 +380,17 @@ async def _execute(
             budget = Budget(
                 prices,
                 limit_usd=job.run.budget_usd,
-                spent_usd=spent_before(
-                    prices,
-                    {m: (int(u[0]), int(u[1]), int(u[2]), u[3]) for m, u in settled.usage.items()},
+                # Answers of unknown usage count at their worst case, which token sums
+                # cannot tell: the budget's own figure from earlier sessions is kept too.
+                spent_usd=max(
+                    spent_before(
+                        prices,
+                        {
+                            m: (int(u[0]), int(u[1]), int(u[2]), u[3])
+                            for m, u in settled.usage.items()
+                        },
+                    ),
+                    float(manifest.get("budget_spent_usd") or 0.0),
                 ),
             )
             progress.cost_usd = 0.0 if _all_priced(prepared) else None
@@ -359,14 +407,17 @@ async def _execute(
                 startup_failures_to_stop=job.run.auth_failures_to_stop,
                 answered=settled.ok_hashes,
                 repeated=(
-                    prepared.check.repeated if prepared.check is not None else settled.reusable
+                    prepared.check.repeated
+                    if prepared.check is not None and settled.keys is None
+                    else settled.reusable
                 ),
+                start_log=start_log,
             )
             if prepared.check_alongside:
                 checker = _Checker(prepared, pool, progress, run, manifest)
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(_tick, sink, progress, on_progress, limiters, run, pool)
+                    tg.start_soon(_tick, sink, progress, on_progress, limiters, start_log, pool)
                     tg.start_soon(sink.compactor)
                     if handle_signals:
                         tg.start_soon(_watch_signals, pool, job.run.grace_s, on_signal)
@@ -386,10 +437,22 @@ async def _execute(
         stop_reason = str(exc)
         by_endpoint = isinstance(exc, AuthFailed)
         refused = exc.model if isinstance(exc, ModelRefused) else None
+    except UsageError as exc:
+        stop_reason = str(exc)  # bad input found on the way (exit 2): a stop
+        raise
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]  # exit 4: the run failed
+        raise
+    except BaseException:
+        stop_reason = stop_reason or "cancelled"  # never "completed" on the way out
+        raise
     finally:
+        start_log.close()
+        if budget is not None:
+            manifest["budget_spent_usd"] = float(budget.spent)
         with anyio.CancelScope(shield=True):
             stop_reason = await _finish(
-                run, manifest, session, sink, progress, settled, stop_reason, pool
+                run, manifest, session, sink, progress, settled, stop_reason, pool, error
             )
         if on_progress:
             on_progress(progress)
@@ -478,11 +541,15 @@ async def _finish(
     settled: Settled,
     stop_reason: str | None,
     pool: Pool | None,
+    error: str | None = None,
 ) -> str | None:
     """Make every answer durable and record how the session ended; bounded in time.
 
-    Returns the stop reason, which a storage failure here may set: whatever was journaled
-    stays in the journal and the next resume compacts it.
+    The state written is `failed` (an internal error: `error`, its one line, is kept),
+    `completed`, or `stopped`; `running` stays only when the process dies before this runs
+    (readers then show `interrupted`, see state.run_state). Returns the stop reason, which a
+    storage failure here may set: whatever was journaled stays in the journal and the next
+    resume compacts it.
     """
     try:
         with anyio.move_on_after(60):
@@ -494,8 +561,23 @@ async def _finish(
     if progress.rows_total is not None:
         pending = progress.rows_total - progress.rows_done_before - progress.done - progress.skipped
     interrupted = pool is not None and pool.stopping
-    complete = stop_reason is None and not interrupted and (pending is None or pending <= 0)
-    manifest["state"] = "completed" if complete else "stopped"
+    complete = (
+        error is None
+        and stop_reason is None
+        and not interrupted
+        and (pending is None or pending <= 0)
+    )
+    manifest["state"] = "failed" if error else "completed" if complete else "stopped"
+    if error:
+        manifest["error"] = error
+    else:
+        manifest.pop("error", None)
+    sent = pool.sent if pool is not None else 0
+    if sent == 0 and not complete and len(manifest.get("sessions", [])) == 1:
+        # Nothing was sent, so nothing was paid: a job name no longer means this run.
+        manifest["nothing_sent"] = True
+    else:
+        manifest.pop("nothing_sent", None)
     if complete and progress.rows_total is None:
         # An unchecked input's size is known once every row went through.
         progress.rows_total = progress.rows_done_before + progress.done + progress.skipped
@@ -517,6 +599,7 @@ async def _finish(
         ended_epoch=time.time(),
         outcome=manifest["state"],
         stop_reason=stop_reason or ("interrupted" if interrupted else None),
+        requests_started=sent,
         ok=progress.ok,
         failed=progress.failed,
         requests=progress.requests,
@@ -533,15 +616,15 @@ async def _tick(
     progress: Progress,
     on_progress: ProgressHook | None,
     limiters: Limiters,
-    run: RunDir,
+    start_log: StartLog,
     pool: Pool,
 ) -> None:
-    """Commit the journal, snapshot what is on the wire and report progress, at a fixed
-    rate (never per row)."""
+    """Commit the journal, shrink the start log to what is not journaled yet and report
+    progress, at a fixed rate (never per row)."""
     while True:
         await anyio.sleep(TICK_S)
         sink.commit()
-        run.write_sending(pool.sending)
+        start_log.rotate(pool.unjournaled())
         progress.concurrency = limiters.default.concurrency_limit
         if on_progress:
             on_progress(progress)

@@ -53,11 +53,25 @@ class Spender(Protocol):
     def settle(self, reservation: object, record: ResultRecord) -> float | None:
         """Replace the reservation with the row's actual cost; returns that cost if known."""
 
+    def release(self, reservation: object) -> None:
+        """Drop a reservation whose row stays pending (its request was not billed)."""
+
     def reached(self) -> str:
         """The one-line message for a stop at the budget."""
 
-    def paid(self, record: ResultRecord) -> float | None:
-        """Count a paid answer that did not settle its row (re-asked); returns its cost."""
+    def room_to_reask(self, reservation: object, record: ResultRecord) -> bool:
+        """Whether paying for `record` (a re-asked answer) leaves the row's reservation within
+        the budget for its next attempt."""
+
+    def paid(self, reservation: object, record: ResultRecord) -> float | None:
+        """Count a paid answer that did not settle its row (re-asked); returns its cost.
+
+        `reservation` is the row's (its worst case stands for an answer of unknown usage)."""
+
+
+class StartRecorder(Protocol):
+    def started(self, entry: tuple[str, str, int]) -> None:
+        """Durably note (row_id, model, attempt) before the request is sent."""
 
 
 class ResultSink(Protocol):
@@ -82,12 +96,15 @@ class Pool:
         answered: set[int] | None = None,
         spender: Spender | None = None,
         repeated: set[int] | None = None,
+        start_log: StartRecorder | None = None,
     ) -> None:
         self.client = client
+        self.start_log = start_log
         self.policy = policy
         self.limiters = limiters
         self.spender = spender
         self.stop_reason: str | None = None
+        self.sent = 0  # attempts that went (or may have gone) on the wire
         # (row_id, model, attempt) of the requests on the wire now: snapshotted to disk so a
         # crash can tell what may have been billed without an answer.
         self.sending: set[tuple[str, str, int]] = set()
@@ -116,6 +133,11 @@ class Pool:
         # reused: tracking just those keeps memory flat on inputs of unique prompts.
         self._repeated = repeated
         self._in_flight: dict[str, anyio.Event] = {}
+
+    def unjournaled(self) -> set[tuple[str, str, int]]:
+        """(row_id, model, attempt) of every request sent whose record is not journaled yet:
+        those on the wire and those answered since the writer last ran."""
+        return self.sending | {(r.row_id, r.model, r.attempts) for r in self._done if r.attempts}
 
     def narrow_reuse(self, repeated: set[int]) -> None:
         """From now on track for reuse only the requests the input repeats (its check has
@@ -218,16 +240,20 @@ class Pool:
         async def on_retry(exc: AttemptError, attempt: int, wait: float) -> None:
             self._note_failure(exc)
             if isinstance(exc, RateLimited) and current.item is not None:
-                self.limiters.for_model(current.item.model).pause_for(wait)
-            if not current.retrying:
-                current.retrying = True
-                self.progress.retrying += 1
+                # Pool-wide only when it is a rate limit; an isolated 429 waits for its row.
+                self.limiters.for_model(current.item.model).pause_after_429(wait, exc.headers)
             record = current.failure(exc, attempt, final=False)
             if isinstance(exc, UnwantedAnswer) and isinstance(exc.answer, Completion):
                 # A re-asked answer was still paid for: keep its usage with the attempt.
                 record = current.paid_attempt(record, exc.answer)
                 if self.spender is not None:
-                    self._add_cost(self.spender.paid(record))
+                    if not self.spender.room_to_reask(current.reservation, record):
+                        self._stop_at_budget()
+                        raise exc  # no room for another answer: this one is the row's
+                    self._add_cost(self.spender.paid(current.reservation, record))
+            if not current.retrying:
+                current.retrying = True
+                self.progress.retrying += 1
             self._deliver(record)
 
         retrying = Retrier(self.policy, on_retry)
@@ -235,8 +261,13 @@ class Pool:
             key = hash_key(item.request_hash)
             tracked = self._repeated is None or key in self._repeated
             if tracked:
-                twin = self._in_flight.get(item.request_hash)
-                if twin is not None and key not in self._answered:
+                # Wait while an identical request is on the wire. When it failed, the first
+                # waiter to wake finds no twin and sends (the check and the claim below run
+                # without an await between them); the others then wait on that one.
+                while key not in self._answered:
+                    twin = self._in_flight.get(item.request_hash)
+                    if twin is None:
+                        break
                     await twin.wait()
                 if key in self._answered:
                     self._deliver(_reuse_record(item))
@@ -246,6 +277,7 @@ class Pool:
                 self._stop_at_budget()
                 continue
             current.start(item)
+            current.reservation = reservation
             own = None
             if tracked:
                 own = self._in_flight[item.request_hash] = anyio.Event()
@@ -255,9 +287,11 @@ class Pool:
                     self._answered.add(key)
                 if self.spender is not None and record is not None:
                     self._add_cost(self.spender.settle(reservation, record))
+                elif self.spender is not None:
+                    self.spender.release(reservation)  # refused key: nothing was billed
             finally:
                 if own is not None:
-                    del self._in_flight[item.request_hash]
+                    self._in_flight.pop(item.request_hash, None)
                     own.set()
                 if current.retrying:
                     self.progress.retrying -= 1
@@ -281,10 +315,14 @@ class Pool:
             current.attempt_started = time.perf_counter()
             progress.in_flight += 1
             sending = (item.row_id, item.model, current.attempts)
+            if self.start_log is not None:
+                self.start_log.started(sending)  # before the first byte: see state.StartLog
             self.sending.add(sending)
+            self.sent += 1
             try:
                 answer = await self.client.complete(item.body)
-                outcome, used, headers = "ok", answer.total_tokens, answer.headers
+                outcome, headers = "ok", answer.headers
+                used = answer.total_tokens if answer.usage_raw is None else None
             except RateLimited as exc:
                 outcome, used, headers = "rate_limited", 0, exc.headers  # refused: none used
                 raise
@@ -313,9 +351,9 @@ class Pool:
                 raise QuotaExhausted(f"the provider refused for lack of quota: {exc}") from None
             if isinstance(exc, ConnectFailure):
                 raise AuthFailed(f"endpoint unreachable: {exc}") from None
-            if self._successes:
+            if self._row_refusal(exc):
                 return current.failure(exc, current.attempts, final=True)
-            return None  # not the row's fault: it stays pending and the run stops
+            return None  # the key's, not the row's: it stays pending (the run may stop)
         except ModelNotFound as exc:
             if item.model not in self._answered_models:  # a wrong model, not a wrong row
                 raise ModelRefused(item.model, exc.message) from None
@@ -327,6 +365,10 @@ class Pool:
         self._blocking_failures = 0
         return current.success(answer)
 
+    def _row_refusal(self, exc: AttemptError) -> bool:
+        """A 403 after the key was accepted: the row's own answer."""
+        return isinstance(exc, AuthFailure) and exc.status == 403 and self._successes > 0
+
     def _stop_at_budget(self) -> None:
         if self.stop_reason is None and self.spender is not None:
             self.stop_reason = self.spender.reached()
@@ -337,10 +379,14 @@ class Pool:
             self.progress.cost_usd = None if cost is None else self.progress.cost_usd + cost
 
     def _note_failure(self, exc: AttemptError) -> None:
-        """Stop the run when auth/connect failures come before any success or in a row."""
+        """Stop the run when auth/connect failures come before any success or in a row.
+
+        A 403 once the key has been accepted (an answer seen) is that row's answer (content
+        refused for it), not the key's: it never counts. A 401 is always the key's.
+        """
         if isinstance(exc, QuotaFailure):
             raise QuotaExhausted(f"the provider refused for lack of quota: {exc}")
-        if not isinstance(exc, AuthFailure | ConnectFailure):
+        if not isinstance(exc, AuthFailure | ConnectFailure) or self._row_refusal(exc):
             return
         self._blocking_failures += 1
         if self._blocking_failures >= self.startup_failures_to_stop:
@@ -351,10 +397,11 @@ class Pool:
 class _Current:
     """What one worker is doing now; builds the records for it."""
 
-    __slots__ = ("attempt_started", "attempts", "item", "retrying", "started")
+    __slots__ = ("attempt_started", "attempts", "item", "reservation", "retrying", "started")
 
     def __init__(self) -> None:
         self.item: WorkItem | None = None
+        self.reservation: object | None = None  # the Spender's, for the row being sent
         self.attempts = 0
         self.started = 0.0
         self.attempt_started = 0.0
@@ -408,7 +455,37 @@ class _Current:
 
 
 def _answer_fields(answer: Completion) -> dict[str, Any]:
-    """The result columns an answer fills in."""
+    """The result columns an answer fills in.
+
+    Usage that was not trustworthy as a whole (usage_raw is set) is kept only raw: no count
+    from it is stored, so the row is priced as unknown and counts at its worst case.
+    """
+    if answer.usage_raw is not None:
+        return {**_content_fields(answer), **_NO_USAGE, "usage_raw": answer.usage_raw}
+    return {
+        **_content_fields(answer),
+        "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
+        "total_tokens": answer.total_tokens,
+        "cached_tokens": answer.cached_tokens,
+        "reasoning_tokens": answer.reasoning_tokens,
+        "provider_cost": answer.provider_cost,
+    }
+
+
+_NO_USAGE: dict[str, Any] = dict.fromkeys(
+    (
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_tokens",
+        "reasoning_tokens",
+        "provider_cost",
+    )
+)
+
+
+def _content_fields(answer: Completion) -> dict[str, Any]:
     return {
         "http_status": answer.http_status,
         "content": answer.content,
@@ -418,12 +495,6 @@ def _answer_fields(answer: Completion) -> dict[str, Any]:
         "response_model": answer.response_model,
         "response_id": answer.response_id,
         "system_fingerprint": answer.system_fingerprint,
-        "prompt_tokens": answer.prompt_tokens,
-        "completion_tokens": answer.completion_tokens,
-        "total_tokens": answer.total_tokens,
-        "cached_tokens": answer.cached_tokens,
-        "reasoning_tokens": answer.reasoning_tokens,
-        "provider_cost": answer.provider_cost,
     }
 
 
@@ -448,19 +519,10 @@ def _unsent_record(
 
 
 def _reuse_record(item: WorkItem) -> ResultRecord:
-    """An ok row answered by an identical request's answer: nothing sent, nothing spent."""
+    """An ok row answered by an identical request's answer: nothing sent, nothing spent (its
+    tokens stay NULL: they were paid once, on the row that bought the answer)."""
     return _unsent_record(
-        item.row_id,
-        item.row_index,
-        item.model,
-        item.request_hash,
-        "ok",
-        prompt_tokens=0,
-        completion_tokens=0,
-        total_tokens=0,
-        cached_tokens=0,
-        reasoning_tokens=0,
-        reused=True,
+        item.row_id, item.row_index, item.model, item.request_hash, "ok", reused=True
     )
 
 

@@ -438,11 +438,17 @@ class Budget:
         return worst
 
     def settle(self, reservation: object, record: ResultRecord) -> float | None:
+        """Replace the reservation with the row's cost; an unknown cost spends the reservation.
+
+        Unknown usage (missing, or not non-negative integers) may have been billed at up to
+        the worst case, so that is what the budget counts; the returned cost is None.
+        """
         assert isinstance(reservation, Decimal)
         self.reserved -= reservation
         actual = self._actual(record, reservation)
         if actual is None:
             self.unknown += 1
+            self.spent += reservation
             return None
         self.spent += actual
         return float(actual)
@@ -450,7 +456,7 @@ class Budget:
     def _actual(self, record: ResultRecord, reservation: Decimal) -> Decimal | None:
         if record.reused or record.status == "skipped":
             return ZERO
-        if record.provider_cost is not None:
+        if record.provider_cost is not None and record.provider_cost >= 0:
             return Decimal(str(record.provider_cost))
         price = self.prices.price(record.model)
         if price is None:
@@ -465,11 +471,29 @@ class Budget:
             cached_tokens=record.cached_tokens,
         )
 
-    def paid(self, record: ResultRecord) -> float | None:
-        """Count an answer that was paid for but did not settle its row (it was re-asked)."""
+    def release(self, reservation: object) -> None:
+        """Drop a reservation whose row stays pending (a refused key: nothing billed)."""
+        assert isinstance(reservation, Decimal)
+        self.reserved -= reservation
+
+    def room_to_reask(self, reservation: object, record: ResultRecord) -> bool:
+        """Whether paying for a re-asked answer (its cost, or the worst case when unknown)
+        still leaves the row's reservation within the budget for its next attempt."""
+        assert isinstance(reservation, Decimal)
+        if self.limit is None:
+            return True
+        actual = self._actual(dataclasses.replace(record, status="ok"), ZERO)
+        cost_now = reservation if actual is None else actual
+        return self.spent + self.reserved + cost_now <= self.limit
+
+    def paid(self, reservation: object, record: ResultRecord) -> float | None:
+        """Count an answer that was paid for but did not settle its row (it was re-asked);
+        unknown usage counts at the row's worst case (`reservation`)."""
+        assert isinstance(reservation, Decimal)
         actual = self._actual(dataclasses.replace(record, status="ok"), ZERO)
         if actual is None:
             self.unknown += 1
+            self.spent += reservation
             return None
         self.spent += actual
         return float(actual)

@@ -6,9 +6,20 @@ serialises a result straight into a journal line. Imports only `errors`.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+# Token counts are stored as int64: a count past it is as untrustworthy as a negative one.
+MAX_TOKENS = 2**63 - 1
+_RAW_USAGE_CHARS = 2000  # what is kept of untrustworthy usage (a hostile server may send MBs)
+_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+_DETAILS = (
+    ("prompt_tokens_details", "cached_tokens"),
+    ("completion_tokens_details", "reasoning_tokens"),
+)
 
 
 def work_key(row_id: str, model: str, request_hash: str) -> int:
@@ -19,6 +30,50 @@ def work_key(row_id: str, model: str, request_hash: str) -> int:
 def hash_key(request_hash: str) -> int:
     """A 64-bit key for a request hash (its first 16 hex digits)."""
     return int(request_hash[:16], 16) if request_hash else 0
+
+
+def token_count(value: object) -> int | None:
+    """A usage count the runner trusts: a non-negative int that fits int64 (bool is not one)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
+        return value
+    return None
+
+
+def usage_cost(value: object) -> float | None:
+    """A provider-reported cost the runner trusts: a finite non-negative number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    cost = float(value) if not isinstance(value, int) or abs(value) <= MAX_TOKENS else math.inf
+    return cost if math.isfinite(cost) and cost >= 0 else None
+
+
+def untrusted_usage(usage: object) -> str | None:
+    """The raw `usage` as JSON text when any part of it is not trustworthy, else None.
+
+    Trustworthy: a mapping whose prompt and completion counts (and total, cached and
+    reasoning counts and `cost`, when present) pass `token_count` / `usage_cost`. A missing
+    `usage` returns None (there is nothing to keep); the row's tokens are NULL either way.
+    """
+    if usage is None:
+        return None
+    clean = isinstance(usage, dict)
+    if isinstance(usage, dict):
+        for name in _COUNTS:
+            if (name in usage or name != "total_tokens") and token_count(usage.get(name)) is None:
+                clean = False
+        for outer, name in _DETAILS:
+            details = usage.get(outer)
+            if details is not None and (
+                not isinstance(details, dict)
+                or (name in details and token_count(details[name]) is None)
+            ):
+                clean = False
+        if "cost" in usage and usage["cost"] is not None and usage_cost(usage["cost"]) is None:
+            clean = False
+    if clean:
+        return None
+    text = json.dumps(usage, default=repr, ensure_ascii=False)
+    return text if len(text) <= _RAW_USAGE_CHARS else text[:_RAW_USAGE_CHARS] + "..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +109,9 @@ class Completion:
     http_status: int = 200
     # x-ratelimit-* headers of the answer (for the limiter), when the server sent any.
     headers: Mapping[str, str] | None = None
+    # The answer's `usage` as JSON text when it was not trustworthy (untrusted_usage): its
+    # counts above are then None where they failed, and the row is priced as unknown.
+    usage_raw: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +147,9 @@ class ResultRecord:
     cached_tokens: int | None = None
     reasoning_tokens: int | None = None
     provider_cost: float | None = None
+    # The server's `usage` as JSON text when it was not non-negative integers (see
+    # untrusted_usage); the row then counts at its worst case against the budget.
+    usage_raw: str | None = None
     error_type: str | None = None
     error_message: str | None = None
     possibly_billed: bool = False

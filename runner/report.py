@@ -5,7 +5,9 @@ file held by a writer could not be read by anyone else), never takes the run's l
 never prints: it returns rows and dicts for `cli` to render.
 
 Views:  attempts  every journaled attempt (retries included)
-        results   one row per (row_id, model): the latest final record
+        results   one row per current input row and model (its key: row id, model,
+                  request hash), the latest final record; `reused` rows were answered by
+                  an identical request, bought once on row `reused_from`, tokens NULL
         costed    results plus cost_usd and cost_provenance (provider, override,
                   price-table, free, unpriced, unknown-usage, none)
         prices    the price table in force (model, rates per million tokens, provenance)
@@ -22,7 +24,6 @@ import tempfile
 import tomllib
 import weakref
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,15 @@ from runner.pricing import (
 from runner.sink import ANSWER_COLUMNS, COLUMNS, REUSED_COLUMNS, SCHEMA, parts, to_table
 from runner.source import InputFile, detect_format
 from runner.spec import InputSpec, input_spec_of
-from runner.state import RunDir
+from runner.state import RunDir, input_fingerprint
+
+_TOKEN_COLUMNS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+)
 
 
 def _sql_str(value: str) -> str:
@@ -111,18 +120,48 @@ class RunDB:
         else:
             source = ""
         self.con.execute(f"CREATE VIEW attempts AS {source}SELECT * FROM journal_records")
-        self.con.execute(
-            "CREATE VIEW latest AS SELECT * EXCLUDE (final) FROM attempts WHERE final "
-            "QUALIFY row_number() OVER (PARTITION BY row_index, model "
-            "ORDER BY finished_at DESC, attempts DESC) = 1"
-        )
-        # A reused row shows the answer of the ok result it reused (same request hash).
+        # A row is known by its key: (row id, model, request hash), the row id being the id
+        # column's value or the row number. While the input never changed, every record is
+        # of a current row; once it has, row_keys.parquet lists the current rows (with their
+        # current row_index), and rows that left the input stay in `attempts` only.
+        keys = run.row_keys_path
+        if keys.exists():
+            self.con.execute(
+                "CREATE VIEW latest AS SELECT a.* EXCLUDE (final) REPLACE (k.row_index AS "
+                "row_index) FROM (SELECT * FROM attempts WHERE final QUALIFY row_number() OVER "
+                "(PARTITION BY row_id, model, request_hash ORDER BY finished_at DESC, "
+                f"attempts DESC) = 1) a JOIN read_parquet({_sql_str(str(keys))}) k "
+                "ON k.row_id = a.row_id AND k.model = a.model "
+                "AND k.request_hash = a.request_hash"
+            )
+        else:
+            self.con.execute(
+                # (row id and row number go together while the input never changed)
+                "CREATE VIEW latest AS SELECT * EXCLUDE (final) FROM attempts WHERE final "
+                "QUALIFY row_number() OVER (PARTITION BY row_index, model "
+                "ORDER BY finished_at DESC, attempts DESC) = 1"
+            )
+        # A reused row shows the answer bought for its request (same request hash, whichever
+        # row bought it, current or not), names that row in reused_from, and has no tokens
+        # of its own: they were paid once, on that row.
         filled = ", ".join(f"coalesce(l.{c}, a.{c}) AS {c}" for c in REUSED_COLUMNS)
+        unpaid = ", ".join(
+            f"CASE WHEN l.reused THEN NULL ELSE l.{c} END AS {c}" for c in _TOKEN_COLUMNS
+        )
         taken = ", ".join(REUSED_COLUMNS)
+        # The answers reused rows take, looked up once (a scan of one column when none is).
+        (any_reused,) = self.con.execute("SELECT bool_or(reused) FROM attempts").fetchone() or (
+            None,
+        )
         self.con.execute(
-            f"CREATE VIEW results AS SELECT l.* REPLACE ({filled}) FROM latest l "
-            f"LEFT JOIN (SELECT DISTINCT ON (request_hash) request_hash, {taken} FROM latest "
-            "WHERE status = 'ok' AND NOT reused) a "
+            "CREATE TEMP TABLE reused_answers AS SELECT DISTINCT ON (request_hash) "
+            f"request_hash, row_id, {taken} FROM attempts WHERE final AND status = 'ok' "
+            "AND NOT reused AND request_hash IN (SELECT request_hash FROM attempts WHERE reused) "
+            f"{'' if any_reused else 'AND false '}ORDER BY request_hash, finished_at, row_id"
+        )
+        self.con.execute(
+            f"CREATE VIEW results AS SELECT l.* REPLACE ({filled}, {unpaid}), "
+            "a.row_id AS reused_from FROM latest l LEFT JOIN reused_answers a "
             "ON l.reused AND a.request_hash = l.request_hash"
         )
         self.input_path: Path | None = None
@@ -404,7 +443,7 @@ def _overview(db: RunDB) -> list[Section]:
     )[1][0]
     rows_total = (manifest.get("counts") or {}).get("total")
     settled = ok + failed + skipped
-    wall = _wall_seconds(manifest)
+    wall = db.run.wall_seconds(manifest)
     lat = lat or [None, None, None]
     overview: list[tuple[Any, ...]] = [
         ("run", db.run.run_id),
@@ -468,33 +507,7 @@ def _round(value: float | None) -> float | None:
 
 
 def _state(run: RunDir, manifest: dict[str, Any]) -> str:
-    return "running" if run.holder_pid() else str(manifest.get("state"))
-
-
-def _wall_seconds(manifest: dict[str, Any]) -> float:
-    """Time spent running, summed over sessions (a session still open counts until now)."""
-    total = 0.0
-    now = datetime.now(UTC)
-    for session in manifest.get("sessions", []):
-        if isinstance(session.get("started_epoch"), float):
-            ended = session.get("ended_epoch")
-            end = ended if isinstance(ended, float) else now.timestamp()
-            total += max(end - session["started_epoch"], 0.0)
-            continue
-        started = _parse_time(session.get("started_at"))
-        ended = _parse_time(session.get("ended_at")) or now
-        if started is not None:
-            total += max((ended - started).total_seconds(), 0.0)
-    return total
-
-
-def _parse_time(text: Any) -> datetime | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return None
+    return run.state(manifest)
 
 
 def query(
@@ -572,6 +585,7 @@ def export(run: RunDir, out: Path, *, overwrite: bool = False) -> int:
             raise UsageError(
                 f"the input file of run {run.run_id} is gone ({db.manifest['input']['path']})"
             )
+        _check_same_input(run, db.manifest, db.input_path)
         input_columns = [c for c in db.query("SELECT * FROM input LIMIT 0")[0] if c != "row_index"]
         answer = [c for c in ANSWER_COLUMNS if c not in ("row_id",)]
         picked = ", ".join(
@@ -579,8 +593,10 @@ def export(run: RunDir, out: Path, *, overwrite: bool = False) -> int:
         )
         inputs = ", ".join(f'i."{c}"' for c in input_columns)
         select = (
-            f"SELECT {inputs}{', ' if inputs else ''}r.row_id, {picked} FROM input i "
-            "LEFT JOIN results r ON r.row_index = i.row_index ORDER BY i.row_index, r.model"
+            f"SELECT {inputs}{', ' if inputs else ''}r.row_id, {picked}, "
+            "coalesce(r.reused, false) AS reused, r.reused_from "
+            f"FROM input i LEFT JOIN results r ON {_export_join(db, run)} "
+            "ORDER BY i.row_index, r.model"
         )
         options = {"parquet": "FORMAT parquet", "json": "FORMAT json", "csv": "FORMAT csv, HEADER"}
         tmp = out.with_name(out.name + ".tmp")
@@ -595,6 +611,43 @@ def export(run: RunDir, out: Path, *, overwrite: bool = False) -> int:
         return int(count[0][0])
 
 
+def _check_same_input(run: RunDir, manifest: dict[str, Any], path: Path) -> None:
+    """Refuse to pair answers with an input file the run has not seen (edited since)."""
+    seen = manifest.get("input", {})
+    now = input_fingerprint(path, None)
+    if any(now[k] != seen.get(k) for k in ("size", "hash")):
+        raise UsageError(
+            f"{path}: the input changed since run {run.run_id} last ran; run "
+            f"`runner resume {run.run_id} --allow-changed-input` (it sends only new and "
+            "edited rows), or restore the file, then export"
+        )
+
+
+_ID_TYPES = ("VARCHAR", "BIGINT", "INTEGER", "SMALLINT", "TINYINT", "UBIGINT", "UINTEGER")
+
+
+def _export_join(db: RunDB, run: RunDir) -> str:
+    """How input rows meet their results: by the row's key, never by its position alone.
+
+    With an id column of text or integers, by id (what the runner keys results by); else
+    by the row number, which for a run whose input changed is the row's current number, read
+    through its key in row_keys.parquet (results.row_index).
+    """
+    try:
+        frozen = tomllib.loads(run.spec_path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        frozen = {}
+    spec_input = frozen.get("input", {})
+    column = spec_input.get("id_column")
+    if spec_input.get("format") == "openai-batch":
+        column = "custom_id"
+    if isinstance(column, str):
+        kinds = dict(db.query("SELECT column_name, column_type FROM (DESCRIBE input)")[1])
+        if kinds.get(column) in _ID_TYPES:
+            return f'r.row_id = CAST(i."{column}" AS VARCHAR)'
+    return "r.row_index = i.row_index"
+
+
 def status(run: RunDir) -> dict[str, Any]:
     """A run's progress for `runner status`: manifest plus live counts."""
     manifest = run.read_manifest()
@@ -603,7 +656,8 @@ def status(run: RunDir) -> dict[str, Any]:
     return {
         "run_id": run.run_id,
         "job_name": manifest.get("job_name"),
-        "state": "running" if holder else manifest.get("state"),
+        "state": run.state(manifest),
+        "error": manifest.get("error"),
         "pid": holder,
         "total": live.get("total"),
         "ok": live["ok"],

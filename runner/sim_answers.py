@@ -6,6 +6,7 @@ how runner/simulator.py counts answers paid for twice).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import deque
 from typing import Any
@@ -128,6 +129,16 @@ def completion_cap(body: dict[str, Any]) -> int | None:
     return None
 
 
+def request_tag(model: str, messages: object) -> str:
+    """A short digest of what a request asks (its model and messages), carried in the answer.
+
+    Every simulated answer (but sim-echo's) names the request it answers, so a test can tell
+    an answer put on the wrong row: `[req <tag>]` follows the echoed prompt words.
+    """
+    data = orjson.dumps({"messages": messages, "model": model}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
 def count_tokens(text: str) -> int:
     return max(1, len(text.encode()) // 4)
 
@@ -151,7 +162,9 @@ def answer_for(
     else:
         count = 4 + digest[1] % 40  # so answer lengths, and usage, vary from row to row
         filler = " ".join(_FILLER[(digest[2 + i % 30] + i) % len(_FILLER)] for i in range(count))
-        content = f"Simulated answer to: {' '.join(words[:12]) or '(no user message)'}. {filler}."
+        asked = " ".join(words[:12]) or "(no user message)"
+        tag = request_tag(model, body["messages"])
+        content = f"Simulated answer to: {asked}. [req {tag}] {filler}."
     completion, finish = count_tokens(content), "stop"
     if cap is not None and completion > cap:
         content, completion = content.encode()[: cap * 4].decode(errors="ignore"), cap
@@ -203,6 +216,28 @@ def answer_for(
     }
     success: Success = (digest, 0, 0, 0, 0, 0.0)
     if "no_usage" not in directives:
-        answer["usage"] = usage
+        answer["usage"] = _garble(usage, directives)
         success = (digest, prompt, completion, cached, reasoning, cost)
     return orjson.dumps(answer), success, prompt + completion
+
+
+# Usage a hostile or buggy server might report; the stats still count what was really served.
+_BAD_USAGE: dict[str, Any] = {
+    "usage_negative": lambda n: -n,
+    "usage_string": str,
+    "usage_float": lambda n: n + 0.5,
+    "usage_bool": lambda n: True,
+    "usage_huge": lambda n: 2**63 + n,  # past int64, still a JSON integer orjson writes
+}
+
+
+def _garble(usage: dict[str, Any], directives: dict[str, str | None]) -> dict[str, Any]:
+    """`[[sim:usage_negative]]` and its kin: the counts replaced; `[[sim:cost_negative]]`: a
+    negative `usage.cost`."""
+    for name, change in _BAD_USAGE.items():
+        if name in directives:
+            for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                usage[key] = change(usage[key])
+    if "cost_negative" in directives:
+        usage["cost"] = -abs(usage.get("cost") or 0.001)
+    return usage

@@ -13,7 +13,9 @@ Speed matters (the benchmark measures the client, not this).
 Per-row directives, read from the last user message: `[[sim:NNN]]` (any status 400-599),
 `[[sim:context_length_exceeded]]`, `[[sim:refusal]]`, `[[sim:content_filter]]`,
 `[[sim:length]]`, `[[sim:no_usage]]`, `[[sim:tool_calls]]`, `[[sim:fail_first=N]]`,
-`[[sim:cost]]`, `[[sim:slow_drip]]`. They act after auth and rate limits, before random faults.
+`[[sim:cost]]`, `[[sim:slow_drip]]`, and usage that cannot be trusted: `[[sim:usage_negative]]`,
+`usage_string`, `usage_float`, `usage_bool`, `usage_huge` (> 2^63), `cost_negative`. They act
+after auth and rate limits, before random faults.
 """
 
 from __future__ import annotations
@@ -116,6 +118,9 @@ class SimulatorStats:
     cost: float = 0.0
     rate_limited: int = 0
     connections: int = 0
+    # Tokens of every complete answer produced (prompt + completion), whatever usage it
+    # reports (`no_usage` and garbled usage included): what a server would bill.
+    served_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -370,6 +375,7 @@ class Simulator:
             else:
                 mode = DRIP if "slow_drip" in directives else FULL
                 reply = Reply(200, payload, headers, mode=mode, success=success)
+                self.stats.served_tokens += spent
         if self._tpm_entry is not None:  # admission counted max_tokens; keep what was really used
             self._tokens.total += spent - self._tpm_entry.amount
             self._tpm_entry.amount = spent

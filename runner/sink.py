@@ -49,6 +49,7 @@ _TYPES: dict[str, pa.DataType] = {
     "cached_tokens": pa.int64(),
     "reasoning_tokens": pa.int64(),
     "provider_cost": pa.float64(),
+    "usage_raw": pa.string(),
     "error_type": pa.string(),
     "error_message": pa.string(),
     "possibly_billed": pa.bool_(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import os
 import string
 from array import array
 from collections.abc import Callable, Iterator
@@ -515,11 +516,80 @@ class CheckResult:
     repeated: set[int] = field(default_factory=set)
 
 
-def check_input(source: InputFile, builder: RequestBuilder) -> CheckResult:
+ROW_KEYS_SCHEMA = pa.schema(
+    [
+        pa.field("row_index", pa.int64()),
+        pa.field("row_id", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("request_hash", pa.string()),
+    ]
+)
+
+
+class _KeyWriter:
+    """Streams (row_index, row_id, model, request_hash) of every work item to a Parquet file."""
+
+    def __init__(self, path: Path, metadata: dict[bytes, bytes]) -> None:
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.path = path
+        self.writer = pq.ParquetWriter(self.tmp, ROW_KEYS_SCHEMA.with_metadata(metadata))
+        self.columns: tuple[list[int], list[str], list[str], list[str]] = ([], [], [], [])
+
+    def add(self, row_index: int, row_id: str, model: str, request_hash: str) -> None:
+        index, ids, models, hashes = self.columns
+        index.append(row_index)
+        ids.append(row_id)
+        models.append(model)
+        hashes.append(request_hash)
+        if len(index) >= BATCH_ROWS * 8:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.columns[0]:
+            self.writer.write_table(
+                pa.Table.from_arrays(list(self.columns), schema=self.writer.schema)
+            )
+            self.columns = ([], [], [], [])
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        with self.tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        self.tmp.replace(self.path)
+
+    def abandon(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def check_input(
+    source: InputFile,
+    builder: RequestBuilder,
+    *,
+    keys_to: Path | None = None,
+    keys_metadata: dict[bytes, bytes] | None = None,
+) -> CheckResult:
     """Read the whole input once, building every request, so bad rows fail before spending.
 
     Also refuses duplicate row ids, naming the first two lines (or rows) that share one.
+    With `keys_to`, also writes each work item's key (row_index, row_id, model, request
+    hash; "" for a row not sent) to that Parquet file, replaced atomically once whole: the
+    rows of the input as it is now, which a run whose input changed matches its results to.
     """
+    keys = _KeyWriter(keys_to, keys_metadata or {}) if keys_to is not None else None
+    try:
+        result = _check(source, builder, keys)
+    except BaseException:
+        if keys is not None:
+            keys.abandon()
+        raise
+    if keys is not None:
+        keys.close()
+    return result
+
+
+def _check(source: InputFile, builder: RequestBuilder, keys: _KeyWriter | None) -> CheckResult:
     source.check_columns()
     # 8 bytes a row: a set of Python ints would cost ~60 and grow the run's memory with input.
     hashes = array("q")
@@ -530,6 +600,9 @@ def check_input(source: InputFile, builder: RequestBuilder) -> CheckResult:
     for row in source.rows():
         rows += 1
         for item in builder.build(row):
+            if keys is not None:
+                digest = item.request_hash if isinstance(item, WorkItem) else ""
+                keys.add(item.row_index, item.row_id, item.model, digest)
             if isinstance(item, Skip):
                 skipped += 1
             else:

@@ -37,9 +37,14 @@ from runner.errors import RunLocked, RunNotFound, StorageFailed, UsageError
 from runner.journal import read_segment, segments, storage_error
 from runner.records import hash_key, work_key
 from runner.sink import SCHEMA, compact_leftovers, fsync_dir, parts
+from runner.starts import START_GLOB, StartLog
 
 DIR_MODE = 0o700
-STATES = ("running", "stopped", "completed", "failed")
+# What readers show. `running` and `interrupted` are never trusted from the manifest: they
+# come from the lock (held: running; not held and the run not ended: interrupted, a crash or
+# a kill). The manifest's own word is kept for the states a session writes as it ends.
+STATES = ("running", "interrupted", "stopped", "completed", "failed")
+ENDED_STATES = ("stopped", "completed", "failed")
 _FINGERPRINT_BYTES = 1 << 20
 
 
@@ -84,9 +89,11 @@ _CODES = {"ok": 1, "failed": 2, "skipped": 3}
 class Settled:
     """What earlier sessions of a run settled, compact enough for millions of rows.
 
-    By default rows are matched by position: one status byte per row and model (the input is
-    unchanged, so row N is still row N). After an input change, rows are matched by
-    (row id, model, request hash) instead, so only rows whose request changed are sent.
+    While the input never changed, rows are matched by position: one status byte per row and
+    model (row N is still row N). Once it has changed, a row's identity is its key, never its
+    position: (row id, model, request hash), where the row id is the id column's value, or
+    the row number when there is none. Only the rows of the input as it is now
+    (runs/<id>/row_keys.parquet) count as settled; an edited or inserted row is sent.
     """
 
     ok: int = 0
@@ -95,7 +102,7 @@ class Settled:
     retry_failed: bool = False
     # model -> status byte per row_index (0 = nothing yet, else _CODES)
     by_row: dict[str, bytearray] = field(default_factory=dict)
-    keys: set[int] | None = None  # work_key() of settled work, when matching by request
+    keys: set[int] | None = None  # work_key() of the current rows' settled work, by key
     ok_hashes: set[int] = field(default_factory=set)  # hash_key() of answers to reuse
     # model -> [prompt, cached, completion, provider_cost] summed over paid ok answers; rows
     # with a provider-reported cost count only in the last.
@@ -120,6 +127,15 @@ class Settled:
             return False
         code = codes[row_index]
         return code != 0 and (code != 2 or not self.retry_failed)
+
+
+ROW_KEYS = "row_keys.parquet"
+
+
+def row_keys_stamp(fingerprint: dict[str, Any]) -> dict[bytes, bytes]:
+    """The input a row_keys.parquet was made from, kept in the file's own metadata."""
+    seen = {k: fingerprint.get(k) for k in ("size", "mtime", "hash")}
+    return {b"input": json.dumps(seen, sort_keys=True).encode()}
 
 
 class RunDir:
@@ -215,6 +231,22 @@ class RunDir:
             self.unlock()
         shutil.rmtree(doomed, ignore_errors=True)
 
+    def discard(self) -> None:
+        """Remove the run folder (only for a run that sent nothing: nothing paid is lost)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def state(self, manifest: dict[str, Any] | None = None) -> str:
+        """The run's state for readers; see STATES (derived from the lock, not a stored word)."""
+        if self.holder_pid() is not None:
+            return "running"
+        if manifest is None:
+            try:
+                manifest = self.read_manifest()
+            except UsageError:
+                return "interrupted"
+        stored = manifest.get("state")
+        return stored if stored in ENDED_STATES else "interrupted"
+
     # -- manifest ----------------------------------------------------------------------------
 
     def read_manifest(self) -> dict[str, Any]:
@@ -253,26 +285,67 @@ class RunDir:
         keys.frombytes(data)
         return set(keys)
 
-    def write_sending(self, sending: set[tuple[str, str, int]]) -> None:
-        """Snapshot the requests on the wire (a few times a second; replaced atomically)."""
-        try:
-            _write_atomic(self.sending_path, json.dumps(sorted(sending)).encode(), sync=False)
-        except OSError as exc:
-            raise storage_error("write", self.sending_path, exc) from None
+    def start_log(self) -> StartLog:
+        """The write-ahead log of this session's requests (see StartLog)."""
+        return StartLog(self.journal_dir)
 
     def clear_sending(self) -> None:
-        self.sending_path.unlink(missing_ok=True)
+        """Forget what earlier sessions had on the wire (counted, or settled cleanly)."""
+        self.sending_path.unlink(missing_ok=True)  # the snapshot older versions wrote
+        for path in self.journal_dir.glob(START_GLOB):
+            path.unlink(missing_ok=True)
+
+    def last_alive(self) -> float | None:
+        """When a session of this run last left a trace on disk (epoch seconds): the newest of
+        the start log (rotated every tick), the journal, the parts and the manifest."""
+        newest: float | None = None
+        for folder, pattern in (
+            (self.journal_dir, "*"),
+            (self.parts_dir, "*"),
+            (self.path, "manifest.json"),
+        ):
+            for path in folder.glob(pattern):
+                with contextlib.suppress(OSError):
+                    mtime = path.stat().st_mtime
+                    newest = mtime if newest is None else max(newest, mtime)
+        return newest
+
+    def wall_seconds(self, manifest: dict[str, Any]) -> float:
+        """Time the sessions ran, summed over each one's own start and end.
+
+        A session with no recorded end is still running (counted until now) while the lock is
+        held; otherwise it was killed and ends at its last trace on disk (last_alive), never
+        at the moment a report is read.
+        """
+        total = 0.0
+        sessions = [s for s in manifest.get("sessions", []) if isinstance(s, dict)]
+        open_end: float | None = None
+        for number, session in enumerate(sessions):
+            start = session.get("started_epoch")
+            if not isinstance(start, int | float):
+                continue
+            end = session.get("ended_epoch")
+            if not isinstance(end, int | float):
+                if open_end is None:
+                    running = number == len(sessions) - 1 and self.holder_pid() is not None
+                    open_end = time.time() if running else (self.last_alive() or start)
+                end = open_end
+            total += max(end - start, 0.0)
+        return total
 
     def unanswered_at_crash(self) -> int:
-        """Requests on the wire at the last snapshot before a crash that never got a record.
+        """Requests the crashed session put on the wire that never got a record.
 
-        They may have been billed without an answer (and were re-sent on resume).
+        An upper bound of what a resume may buy again: the start log holds every request
+        before it was sent (see StartLog), so a request answered by the server but not yet
+        journaled at the kill is counted too. They may have been billed without an answer.
         """
-        try:
-            entries = json.loads(self.sending_path.read_text())
-        except (OSError, ValueError):
-            return 0
-        wanted = {(str(r), str(m), int(a)) for r, m, a in entries}
+        wanted: set[tuple[str, str, int]] = set()
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            entries = json.loads(self.sending_path.read_text())  # an older version's snapshot
+            wanted |= {(str(r), str(m), int(a)) for r, m, a in entries}
+        for path in self.journal_dir.glob(START_GLOB):
+            wanted |= StartLog.read(path)
         if not wanted:
             return 0
         ids = pa.array(sorted({r for r, _, _ in wanted}))
@@ -293,6 +366,19 @@ class RunDir:
         except OSError as exc:
             raise storage_error("recover journal in", self.journal_dir, exc) from None
 
+    @property
+    def row_keys_path(self) -> Path:
+        """The keys of the current input's rows, written once the input has changed."""
+        return self.path / ROW_KEYS
+
+    def row_keys_fresh(self, fingerprint: dict[str, Any]) -> bool:
+        """Whether row_keys.parquet was made from the input with this fingerprint."""
+        try:
+            metadata = pq.read_schema(self.row_keys_path).metadata or {}
+        except (OSError, pa.ArrowInvalid):
+            return False
+        return metadata.get(b"input") == row_keys_stamp(fingerprint)[b"input"]
+
     def settled(
         self,
         *,
@@ -304,9 +390,11 @@ class RunDir:
 
         Parts and segments are read in the order they were written, so a later record (a
         failed row answered on a --retry-failed resume) overwrites an earlier one.
+        `by_request`: match by key against the rows of row_keys.parquet (the input as it is
+        now); only those rows are counted, however many rows earlier inputs had.
         """
         result = Settled(retry_failed=retry_failed, reusable=reusable)
-        latest: dict[tuple[str, str], tuple[int, str]] | None = {} if by_request else None
+        latest: dict[int, int] | None = {} if by_request else None
         columns = ["row_index", "row_id", "model", "request_hash", "status", "reused"]
         for path in parts(self.parts_dir):
             table = pq.read_table(path, columns=[*columns, "final"])
@@ -342,11 +430,7 @@ class RunDir:
             result.failed += codes.count(2)
             result.skipped += codes.count(3)
         if latest is not None:
-            result.keys = {
-                work_key(row_id, model, digest)
-                for (row_id, model), (code, digest) in latest.items()
-                if code != 2 or not retry_failed
-            }
+            _settle_current(result, latest, self.row_keys_path)
         return result
 
 
@@ -395,9 +479,26 @@ def _add_usage(result: Settled, table: pa.Table) -> None:
                 acc[2] += row["completion_tokens_sum"] or 0
 
 
+def _settle_current(result: Settled, latest: dict[int, int], path: Path) -> None:
+    """Count and key the settled work of the current input's rows only."""
+    keys: set[int] = set()
+    counts = [0, 0, 0, 0]  # by code: nothing, ok, failed, skipped
+    table = pq.ParquetFile(path)
+    for batch in table.iter_batches(columns=["row_id", "model", "request_hash"]):
+        ids, models, digests = (column.to_pylist() for column in batch.columns)
+        for row_id, model, digest in zip(ids, models, digests, strict=True):
+            key = work_key(row_id, model, digest)
+            code = latest.get(key, 0)
+            counts[code] += 1
+            if code and (code != 2 or not result.retry_failed):
+                keys.add(key)
+    result.ok, result.failed, result.skipped = counts[1], counts[2], counts[3]
+    result.keys = keys
+
+
 def _settle(
     result: Settled,
-    latest: dict[tuple[str, str], tuple[int, str]] | None,
+    latest: dict[int, int] | None,
     row_index: int,
     row_id: str,
     model: str,
@@ -406,14 +507,15 @@ def _settle(
     reused: bool,
 ) -> None:
     code = _CODES.get(status, 0)
-    codes = result.by_row.get(model)
-    if codes is None:
-        codes = result.by_row[model] = bytearray()
-    if row_index >= len(codes):
-        codes.extend(bytes(max(row_index + 1 - len(codes), len(codes))))
-    codes[row_index] = code
     if latest is not None:
-        latest[(row_id, model)] = (code, digest)
+        latest[work_key(row_id, model, digest)] = code
+    else:
+        codes = result.by_row.get(model)
+        if codes is None:
+            codes = result.by_row[model] = bytearray()
+        if row_index >= len(codes):
+            codes.extend(bytes(max(row_index + 1 - len(codes), len(codes))))
+        codes[row_index] = code
     if code == 1 and not reused:
         key = hash_key(digest)
         if result.reusable is None or key in result.reusable:
@@ -443,14 +545,27 @@ def resolve_run(ref: str, runs_dir: Path) -> RunDir:
         return RunDir(candidate.resolve())
     if (runs_dir / ref / "manifest.json").exists():
         return RunDir((runs_dir / ref).resolve())
-    latest = [m for m in list_runs(runs_dir) if m.get("job_name") == ref]
+    latest = [
+        m for m in list_runs(runs_dir) if m.get("job_name") == ref and not m.get("nothing_sent")
+    ]
     if latest:
         return RunDir((runs_dir / latest[-1]["run_id"]).resolve())
     raise RunNotFound(f"no run or job named {ref!r} in {runs_dir}")
 
 
+def manifest_says_nothing_sent(run: RunDir) -> bool:
+    """Whether the run's only session ended having sent nothing (or never wrote a manifest)."""
+    try:
+        return bool(run.read_manifest().get("nothing_sent"))
+    except RunNotFound:
+        return True
+    except UsageError:
+        return False
+
+
 def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    """Manifests of every run under runs_dir, oldest first."""
+    """Manifests of every run under runs_dir, oldest first; `state` as readers show it
+    (RunDir.state: running and interrupted come from the lock)."""
     found: list[dict[str, Any]] = []
     if not runs_dir.is_dir():
         return found
@@ -460,6 +575,7 @@ def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
             with contextlib.suppress(OSError, ValueError):
                 data = json.loads(path.read_text())
                 if isinstance(data, dict) and "run_id" in data:
+                    data["state"] = RunDir(child).state(data)
                     found.append(data)
     found.sort(key=lambda m: (m.get("created_at", ""), m.get("run_id", "")))
     return found

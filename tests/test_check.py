@@ -118,3 +118,37 @@ def test_completed_run_knows_its_size_and_which_requests_repeat(
     assert "input_check" not in manifest
     assert run.read_repeated() is not None and len(run.read_repeated() or ()) == 1000
     assert sim.stats.requests == 1000
+
+
+def test_changed_input_with_a_bad_line_sends_nothing_and_leaves_no_row_keys(
+    tmp_path: Path, sim_factory: Any
+) -> None:
+    """A changed input is checked whole before any request: a bad line exits 2 naming it,
+    sends nothing and leaves no row_keys.parquet (whole or partial); once fixed, the resume
+    sends only the new row, and `runner query` reads the current rows through the keys."""
+    sim = sim_factory()
+    (tmp_path / "data.jsonl").write_text("\n".join(lines(50)) + "\n")
+    write_spec(tmp_path, spec_text(base_url=sim.base_url))
+    assert run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path).returncode == 0
+    _, run = only_run(tmp_path)
+    requests = sim.stats.requests
+    changed = [json.dumps({"id": "new", "text": "a new question"}), *lines(50)]
+    (tmp_path / "data.jsonl").write_text("\n".join([*changed[:40], "{not json", *changed[40:]]))
+    done = run_cli("resume", "t", "--allow-changed-input", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 2 and "data.jsonl:41" in done.stderr, done.stderr
+    assert sim.stats.requests == requests
+    assert not list(run.path.glob("row_keys*"))
+    (tmp_path / "data.jsonl").write_text("\n".join(changed) + "\n")
+    done = run_cli("resume", "t", "--allow-changed-input", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sim.stats.requests == requests + 1
+    assert run.row_keys_path.is_file()
+    query = run_cli(
+        "query", "t", "SELECT row_id, row_index FROM results ORDER BY row_index LIMIT 2",
+        "--format", "json", "--runs-dir", "runs", cwd=tmp_path,
+    )  # fmt: skip
+    assert query.returncode == 0, query.stderr
+    assert json.loads(query.stdout) == [
+        {"row_id": "new", "row_index": 0},
+        {"row_id": "r0", "row_index": 1},
+    ]

@@ -349,6 +349,7 @@ async def test_200_with_content_parts_and_partial_usage() -> None:
         cached_tokens=None,
         reasoning_tokens=None,
         provider_cost=2.0,
+        usage_raw='{"prompt_tokens": 3, "completion_tokens": true, "cost": 2}',
     )
 
 

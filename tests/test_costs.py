@@ -14,7 +14,15 @@ from runner.errors import SpecError, UsageError
 from runner.report import price_rows, query
 from runner.simulator import SimulatorConfig, SimulatorThread
 
-from .conftest import run_cli, sections, spec_text, submit_job, write_rows, write_spec
+from .conftest import (
+    run_cli,
+    sections,
+    select,
+    spec_text,
+    submit_job,
+    write_rows,
+    write_spec,
+)
 
 OVERRIDE = '[prices."gpt-4o-mini"]\ninput = 1000.0\ncached_input = 250.0\noutput = 2000.0\n'
 
@@ -123,6 +131,91 @@ async def test_budget_is_never_exceeded_and_resume_with_more_finishes(
     assert sim.stats.ok == 400 and sim.stats.resent_after_ok == 0
     # The manifest's running cost adds up both sessions (what `runner runs` shows).
     assert outcome.run.read_manifest()["cost_usd"] == pytest.approx(spent(), rel=1e-6)
+
+
+CHEAP = '[prices."gpt-4o-mini"]\ninput = 10.0\noutput = 20.0\n'
+
+
+def worst_case_usd(text: str, max_tokens: int = 64) -> float:
+    """A row's worst case at CHEAP rates: the prompt as the simulator counts it (UTF-8 bytes
+    / 4 + 4, the runner's own estimate too) plus a full-length answer."""
+    return ((len(text.encode()) // 4 + 4) * 10.0 + max_tokens * 20.0) / 1e6
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "directive",
+    [
+        "no_usage",
+        "usage_negative",
+        "usage_string",
+        "usage_float",
+        "usage_bool",
+        "usage_huge",
+        "cost_negative",
+    ],
+)
+async def test_budget_holds_when_usage_is_missing_or_untrustworthy(
+    tmp_path: Path, sim: SimulatorThread, directive: str
+) -> None:
+    """Answers whose usage is missing or not non-negative integers count at their worst case:
+    the answers the server sold, each at its worst case, stay within budget_usd; untrusted
+    usage is kept raw, priced as unknown, never as a negative cost."""
+    data = long_rows(200, dict.fromkeys(range(200), f"[[sim:{directive}]] [[sim:cost]]"))
+    text = spec_text(base_url=sim.base_url, run_extra="budget_usd = 0.1") + CHEAP
+    outcome = await submit_job(tmp_path, text, data)
+    assert outcome.state == "stopped" and outcome.exit_code == 3
+    assert outcome.stop_reason is not None and outcome.stop_reason.startswith("budget reached")
+    answered = select(outcome.run, "SELECT row_id, usage_raw, prompt_tokens FROM results")
+    assert 0 < sim.stats.ok == len(answered) < 200
+    texts = {row["id"]: row["text"] for row in data}
+    assert sum(worst_case_usd(texts[r["row_id"]]) for r in answered) <= 0.1
+    assert sim.stats.ok * min(worst_case_usd(t) for t in texts.values()) <= 0.1
+    assert all(r["prompt_tokens"] is None for r in answered)
+    if directive != "no_usage":
+        assert all(r["usage_raw"] and r["usage_raw"].startswith("{") for r in answered)
+    costed = query(
+        outcome.run, "SELECT DISTINCT cost_provenance FROM costed", prices=price_rows(outcome.run)
+    )[1]
+    assert costed == [("unknown-usage",)]
+    [cost] = sections(outcome.run)["cost"]
+    assert cost["cost_usd"] is None or cost["cost_usd"] >= 0
+
+
+@pytest.mark.anyio
+async def test_budget_over_sessions_counts_earlier_unknown_usage_at_its_worst_case(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """A resume with a larger budget counts what earlier sessions spent on answers without
+    usage at their worst case: the total stays within the new budget."""
+    data = long_rows(200, dict.fromkeys(range(200), "[[sim:no_usage]]"))
+    text = spec_text(base_url=sim.base_url, run_extra="budget_usd = 0.05") + CHEAP
+    outcome = await submit_job(tmp_path, text, data)
+    assert outcome.state == "stopped"
+    first = sim.stats.ok
+    resumed = await job.resume(
+        outcome.run.run_id, tmp_path / "runs", handle_signals=False, budget_usd=0.1
+    )
+    assert resumed.state == "stopped"
+    answered = select(outcome.run, "SELECT row_id FROM results")
+    assert first < sim.stats.ok == len(answered) < 200
+    texts = {row["id"]: row["text"] for row in data}
+    assert sum(worst_case_usd(texts[r["row_id"]]) for r in answered) <= 0.1
+
+
+@pytest.mark.anyio
+async def test_budget_holds_when_answers_are_re_asked(tmp_path: Path, sim: SimulatorThread) -> None:
+    """Re-asked answers (retry_finish_reasons) are paid too: a row asks again only while its
+    next answer still fits, so the answers the server sold stay within budget_usd."""
+    data = long_rows(200, dict.fromkeys(range(200), "[[sim:length]]"))
+    extra = 'budget_usd = 0.05\nmax_attempts = 3\nretry_finish_reasons = ["length"]'
+    text = spec_text(base_url=sim.base_url, run_extra=extra) + CHEAP
+    outcome = await submit_job(tmp_path, text, data)
+    assert outcome.state == "stopped"
+    s = sim.stats
+    assert s.ok > 0
+    assert (s.prompt_tokens * 10.0 + s.completion_tokens * 20.0) / 1e6 <= 0.05
+    assert all(r["status"] == "ok" for r in select(outcome.run, "SELECT status FROM results"))
 
 
 def test_budget_refuses_an_unpriced_model_before_sending(tmp_path: Path) -> None:

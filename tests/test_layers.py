@@ -20,6 +20,7 @@ ORDER = [
     "limiter",
     "pool",
     "journal",
+    "starts",
     "sink",
     "state",
     "pricing",

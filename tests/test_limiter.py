@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 
 import anyio
@@ -299,10 +300,23 @@ def test_bucket_rejects_bad_rates(rate: float) -> None:
     ("remaining", "since", "level"), [(10, 0, 10), (10, 4, 6), (3, 5, -2), (500, 0, 60)]
 )
 def test_observe_clamps_to_server_remaining(remaining: int, since: int, level: int) -> None:
-    """The level drops to what the server has left, less what it had not yet seen; never rises."""
+    """The level becomes what the server has left, less what it had not yet seen, up or down,
+    never above the capacity."""
     bucket = TokenBucket(60, now=0.0)
     bucket.observe(remaining, 0.0, since=since)
     assert bucket.level(0.0) == level
+    bucket.observe(0, 0.0)
+    bucket.observe(remaining, 0.0, since=since)
+    assert bucket.level(0.0) == level
+
+
+def test_hold_empties_and_refills_nothing_until_its_end() -> None:
+    """A held bucket is empty until the hold ends, then refills at its own rate from there."""
+    bucket = TokenBucket(60, now=0.0)  # 1 per second
+    bucket.hold(30.0, 0.0)
+    assert bucket.level(29.0) == 0
+    assert bucket.wait_time(2, 10.0) == pytest.approx(22.0)
+    assert bucket.level(32.0) == pytest.approx(2.0)
 
 
 def test_observe_clamps_the_level_but_keeps_the_bucket_rate() -> None:
@@ -564,12 +578,58 @@ async def test_refund_wakes_waiting_head() -> None:
     assert clock() == 0.0
 
 
+EXHAUSTED = {"x-ratelimit-remaining-requests": "0", "retry-after": "1"}
+
+
+@pytest.mark.anyio
+async def test_isolated_429s_without_headers_neither_cut_nor_pause_the_pool() -> None:
+    """3 % of answers 429 without rate-limit headers, spread out: the concurrency limit stays
+    and no pool-wide pause is taken (each row waits its own Retry-After)."""
+    clock = FakeClock()
+    limiter = Limiter(concurrency=16, clock=clock, sleep=clock.sleep)
+    for n in range(1, 1001):
+        ticket = await limiter.acquire()
+        clock.now += 0.01
+        if n % 33 == 0:
+            limiter.release(ticket, outcome="rate_limited", headers={"retry-after": "1"})
+            assert not limiter.pause_after_429(1.0, {"retry-after": "1"})
+        else:
+            limiter.release(ticket, outcome="ok")
+    assert limiter.rate_limited == 30
+    assert (limiter.concurrency_limit, limiter.pauses, limiter.paused_for) == (16, 0, 0.0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("with_headers", [True, False])
+async def test_a_real_rate_limit_still_cuts_and_pauses(with_headers: bool) -> None:
+    """A 429 that says it is a rate limit (x-ratelimit-* headers) cuts and pauses at once;
+    without headers, 429s that come dense (here 1 in 3) do too."""
+    clock = FakeClock()
+    limiter = Limiter(concurrency=16, clock=clock, sleep=clock.sleep)
+    headers = EXHAUSTED if with_headers else {"retry-after": "1"}
+    paused = False
+    for n in range(1, 31):
+        ticket = await limiter.acquire()
+        clock.now += 0.5  # past the AIMD cooldown between cuts
+        if n % 3 == 0:
+            limiter.release(ticket, outcome="rate_limited", headers=headers)
+            paused = limiter.pause_after_429(1.0, headers)
+            if with_headers:
+                assert paused
+            clock.now += limiter.paused_for
+        else:
+            limiter.release(ticket, outcome="ok")
+    assert paused
+    assert limiter.concurrency_limit is not None and limiter.concurrency_limit < 16
+    assert limiter.pauses >= 1
+
+
 @pytest.mark.anyio
 async def test_lowered_limit_is_respected_for_new_acquisitions() -> None:
     """After a 429 halves the limit, new acquirers wait until in-flight drains below it."""
     limiter = Limiter(concurrency=4)
     tickets = [await limiter.acquire() for _ in range(4)]
-    limiter.release(tickets.pop(), outcome="rate_limited")
+    limiter.release(tickets.pop(), outcome="rate_limited", headers=EXHAUSTED)
     assert limiter.concurrency_limit == 2
     assert limiter.rate_limited == 1
     got: list[Ticket] = []
@@ -581,7 +641,7 @@ async def test_lowered_limit_is_respected_for_new_acquisitions() -> None:
         tg.start_soon(waiter)
         await anyio.wait_all_tasks_blocked()
         assert got == []  # 3 in flight, limit 2
-        limiter.release(tickets.pop(), outcome="rate_limited")  # same burst: no second cut
+        limiter.release(tickets.pop(), outcome="rate_limited", headers=EXHAUSTED)  # same burst
         await anyio.wait_all_tasks_blocked()
         assert got == []  # 2 in flight, limit 2
         limiter.release(tickets.pop(), outcome="ok")
@@ -716,8 +776,8 @@ async def test_release_validates_and_is_idempotent() -> None:
     ticket = await limiter.acquire()
     with pytest.raises(ValueError, match="outcome"):
         limiter.release(ticket, outcome="maybe")  # type: ignore[arg-type]
-    limiter.release(ticket, outcome="rate_limited")
-    limiter.release(ticket, outcome="rate_limited")
+    limiter.release(ticket, outcome="rate_limited", headers=EXHAUSTED)
+    limiter.release(ticket, outcome="rate_limited", headers=EXHAUSTED)
     assert (limiter.in_flight, limiter.rate_limited, limiter.concurrency_limit) == (0, 1, 1)
 
 
@@ -736,3 +796,54 @@ def test_limiters_pick_per_model_or_default() -> None:
 def test_estimate_tokens(prompt: int, max_tokens: int | None, expected: int) -> None:
     """The reservation is the prompt estimate plus max_tokens, or a default guess."""
     assert estimate_tokens(prompt, max_tokens) == expected
+
+
+class SlidingWindowServer:
+    """A 1,200 requests/minute sliding window that answers with routeway-style headers
+    (reset: when the oldest request leaves the window), as runner/sim_answers.py does."""
+
+    def __init__(self, limit: int = 1200, window_s: float = 60.0) -> None:
+        self.limit, self.window_s = limit, window_s
+        self.admitted: deque[float] = deque()
+        self.refused = 0
+
+    def answer(self, now: float) -> tuple[bool, dict[str, str]]:
+        while self.admitted and self.admitted[0] <= now - self.window_s:
+            self.admitted.popleft()
+        ok = len(self.admitted) < self.limit
+        if ok:
+            self.admitted.append(now)
+        reset = self.admitted[0] + self.window_s - now if self.admitted else 0.0
+        headers = {
+            "x-ratelimit-limit-minute": str(self.limit),
+            "x-ratelimit-remaining-minute": str(self.limit - len(self.admitted)),
+            "x-ratelimit-reset-minute": str(math.ceil(round(reset, 3))),
+        }
+        if not ok:
+            self.refused += 1
+            headers["retry-after-ms"] = str(math.ceil(reset * 1000))
+        return ok, headers
+
+
+@pytest.mark.anyio
+async def test_two_windows_of_a_sliding_limit_take_one_window_and_a_wait() -> None:
+    """2,400 requests (1 ms apart when free to go) against 1,200/min in a sliding window:
+    the first window's worth at once, a wait for the oldest to leave, then the second as fast
+    as the window frees: within 10 % of the ideal ~61 s, under 3 % 429s. Following only the
+    bucket's own refill after the wait took ~120 s."""
+    clock = FakeClock()
+    limiter = Limiter(concurrency=128, clock=clock, sleep=clock.sleep, wall_clock=lambda: 0.0)
+    server = SlidingWindowServer()
+    done = 0
+    with anyio.fail_after(30):
+        while done < 2400:
+            ticket = await limiter.acquire()
+            clock.now += 0.001  # the request's own time on the wire
+            ok, headers = server.answer(clock.now)
+            limiter.release(ticket, outcome="ok" if ok else "rate_limited", headers=headers)
+            if ok:
+                done += 1
+            else:
+                limiter.pause_after_429(int(headers["retry-after-ms"]) / 1000, headers)
+    assert clock.now <= 61.2 * 1.1, clock.now
+    assert server.refused < 0.03 * 2400, server.refused

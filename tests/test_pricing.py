@@ -20,6 +20,7 @@ from runner.errors import SpecError
 from runner.pricing import (
     COST_SQL,
     PRICE_COLUMNS,
+    Budget,
     ModelPrice,
     PriceOverride,
     PriceSource,
@@ -30,6 +31,7 @@ from runner.pricing import (
     parse_price_table,
     price_sql_table,
 )
+from runner.records import ResultRecord, WorkItem, untrusted_usage
 
 ROOT = Path(__file__).resolve().parent.parent
 FILE = "jobs/x.toml"
@@ -518,3 +520,102 @@ def test_import_is_lazy_and_offline() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def _item() -> WorkItem:
+    return WorkItem(
+        row_index=0,
+        row_id="r0",
+        model="m",
+        body=b"{}",
+        request_hash="0" * 64,
+        est_prompt_tokens=100,
+        max_tokens=50,
+    )
+
+
+def _answered(**usage: Any) -> ResultRecord:
+    return ResultRecord(
+        row_id="r0",
+        row_index=0,
+        model="m",
+        request_hash="0" * 64,
+        status="ok",
+        final=True,
+        attempts=1,
+        started_at=0.0,
+        finished_at=0.0,
+        latency_ms=0.0,
+        **usage,
+    )
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {},
+        {"prompt_tokens": 10},
+        {"usage_raw": '{"prompt_tokens": -5}'},
+        {"provider_cost": -1.0},
+    ],
+)
+def test_budget_counts_an_answer_of_unknown_usage_at_its_worst_case(usage: dict[str, Any]) -> None:
+    """Missing or untrustworthy usage (or a negative provider cost) spends the reservation."""
+    budget = Budget(
+        PriceSource({"m": PriceOverride(input=Decimal(1), output=Decimal(2))}), limit_usd=1.0
+    )
+    reservation = budget.reserve(_item())
+    assert reservation == Decimal(100 + 2 * 50) / 1_000_000
+    assert budget.settle(reservation, _answered(**usage)) is None
+    assert (budget.spent, budget.reserved) == (reservation, 0)
+    assert budget.paid(reservation, _answered(**usage)) is None
+    assert budget.spent == 2 * reservation
+
+
+@pytest.mark.parametrize(
+    ("usage", "trusted"),
+    [
+        ({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}, True),
+        ({"prompt_tokens": 1, "completion_tokens": 2, "cost": 0.5}, True),
+        ({"prompt_tokens": 1, "completion_tokens": 2, "prompt_tokens_details": None}, True),
+        ({"prompt_tokens": -1, "completion_tokens": 2}, False),
+        ({"prompt_tokens": "1", "completion_tokens": 2}, False),
+        ({"prompt_tokens": 1.0, "completion_tokens": 2}, False),
+        ({"prompt_tokens": True, "completion_tokens": 2}, False),
+        ({"prompt_tokens": 2**63, "completion_tokens": 2}, False),
+        ({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": "3"}, False),
+        ({"prompt_tokens": 1, "completion_tokens": 2, "cost": -0.5}, False),
+        ({"prompt_tokens": 1, "completion_tokens": 2, "cost": float("nan")}, False),
+        ({"prompt_tokens": 1, "completion_tokens": 2, "cost": 10**400}, False),
+        (
+            {
+                "prompt_tokens": 1,
+                "completion_tokens": 2,
+                "prompt_tokens_details": {"cached_tokens": -1},
+            },
+            False,
+        ),
+        ({"completion_tokens": 2}, False),
+        ([1, 2], False),
+        ("lots", False),
+    ],
+)
+def test_untrusted_usage_keeps_anything_but_non_negative_integers_raw(
+    usage: Any, trusted: bool
+) -> None:
+    """Usage is trusted only when every count is a non-negative int64 and any cost a finite
+    non-negative number; otherwise its JSON text is kept."""
+    raw = untrusted_usage(usage)
+    assert (raw is None) == trusted
+    if raw is not None:
+        assert len(raw) <= 2003
+
+
+def test_budget_release_gives_back_a_pending_rows_reservation() -> None:
+    """A row left pending (its key refused, nothing billed) gives its reservation back."""
+    budget = Budget(
+        PriceSource({"m": PriceOverride(input=Decimal(1), output=Decimal(2))}), limit_usd=1.0
+    )
+    reservation = budget.reserve(_item())
+    budget.release(reservation)
+    assert (budget.spent, budget.reserved) == (0, 0)

@@ -6,6 +6,8 @@ simulator's counters see every request any of them sends, across kills and resum
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import os
 import random
@@ -20,12 +22,22 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner import job
-from runner.journal import segment_name
-from runner.report import RunDB
+from runner.journal import SEGMENT_GLOB, segment_name
+from runner.report import RunDB, export
+from runner.sim_answers import request_tag
 from runner.simulator import SimulatorConfig, SimulatorThread
 from runner.state import RunDir, list_runs
 
-from .conftest import run_cli, select, spec_text, start_runner, write_rows, write_spec
+from .conftest import (
+    run_cli,
+    sections,
+    select,
+    spec_text,
+    start_runner,
+    submit_job,
+    write_rows,
+    write_spec,
+)
 
 
 @pytest.fixture
@@ -50,8 +62,9 @@ def wait_for_results(run_dir: Path, at_least: int, timeout: float = 30) -> None:
     while time.monotonic() < deadline:  # a test-side wait on another process's files
         done = 0
         if (run_dir / "journal").is_dir():
-            for seg in (run_dir / "journal").glob("*.jsonl"):
-                done += seg.read_bytes().count(b"\n")
+            for seg in (run_dir / "journal").glob(SEGMENT_GLOB):  # not the start log
+                with contextlib.suppress(FileNotFoundError):  # compacted meanwhile
+                    done += seg.read_bytes().count(b"\n")
             for part in (run_dir / "parts").glob("*.parquet"):
                 done += pq.ParquetFile(part).metadata.num_rows
         if done >= at_least:
@@ -94,13 +107,17 @@ def test_kill_9_three_times_then_resume_holds_every_row_once(
     assert len(got) == rows
     assert len({r["row_id"] for r in got}) == rows
     assert all(r["status"] == "ok" for r in got)
-    assert sim.stats.resent_after_ok <= concurrency * kills
+    assert sim.stats.resent_after_ok <= 2 * concurrency * kills
     # Each crashed session records what it had on the wire and never heard back about.
     # (A kill that lands before a session has started leaves no session behind.)
     sessions = the_run(tmp_path).read_manifest()["sessions"]
     assert 1 <= len(sessions) - 1 <= kills
     assert [s["outcome"] for s in sessions] == ["crashed"] * (len(sessions) - 1) + ["completed"]
-    assert all(0 <= s["unanswered_at_crash"] <= concurrency for s in sessions[:-1])
+    # What each crash left unanswered: at most the requests on the wire plus the answers not
+    # yet journaled (one a worker); together an upper bound of what the resumes bought again.
+    unanswered = [s["unanswered_at_crash"] for s in sessions[:-1]]
+    assert all(0 <= n <= 2 * concurrency for n in unanswered), unanswered
+    assert sum(unanswered) >= sim.stats.resent_after_ok
 
 
 def test_sigint_drains_stops_with_exit_3_and_resume_resends_nothing(
@@ -238,7 +255,9 @@ async def test_duplicate_prompts_are_sent_once(tmp_path: Path) -> None:
         assert sim.stats.resent_after_ok == 0
     assert outcome.progress.reused == 300
     with RunDB(outcome.run, with_input=False) as db:
-        got = db.arrow("SELECT row_id, content, reused, prompt_tokens FROM results").to_pylist()
+        got = db.arrow(
+            "SELECT row_id, content, reused, reused_from, prompt_tokens FROM results"
+        ).to_pylist()
     by_text = {}
     text_of = {str(r["id"]): r["text"] for r in data}
     for r in got:
@@ -247,7 +266,17 @@ async def test_duplicate_prompts_are_sent_once(tmp_path: Path) -> None:
     assert len(got) == 1000
     assert all(len(contents) == 1 for contents in by_text.values())  # twins share the answer
     assert sum(r["reused"] for r in got) == 300
-    assert sum(r["prompt_tokens"] for r in got) == sim.stats.prompt_tokens  # paid once
+    assert sum(r["prompt_tokens"] or 0 for r in got) == sim.stats.prompt_tokens  # paid once
+    # A reused row has no tokens of its own (NULL, not 0) and names the row that paid.
+    paid_by = {r["row_id"]: r for r in got if not r["reused"]}
+    for r in got:
+        if r["reused"]:
+            assert r["prompt_tokens"] is None
+            twin = paid_by[r["reused_from"]]
+            assert text_of[twin["row_id"]] == text_of[r["row_id"]]
+            assert twin["content"] == r["content"]
+        else:
+            assert r["prompt_tokens"] and r["reused_from"] is None
 
 
 def test_resume_refuses_a_changed_input_unless_allowed(
@@ -290,3 +319,205 @@ def test_cancelled_session_can_be_resumed_in_process(tmp_path: Path, sim: Simula
 
     anyio.run(main)
     assert len(committed(the_run(tmp_path))) == 400
+
+
+# -- row identity: a row is its key, never its position ---------------------------------------
+
+
+def tag(text: str, model: str = "gpt-4o-mini") -> str:
+    """The digest the simulator puts in its answer to this prompt (see sim_answers)."""
+    return f"[req {request_tag(model, [{'role': 'user', 'content': text}])}]"
+
+
+def rows_of(texts: list[str], ids: list[str] | None = None) -> list[dict[str, Any]]:
+    if ids is None:
+        return [{"text": t} for t in texts]
+    return [{"id": i, "text": t} for i, t in zip(ids, texts, strict=True)]
+
+
+def export_rows(run: RunDir, tmp_path: Path) -> list[dict[str, Any]]:
+    out = tmp_path / "out.jsonl"
+    export(run, out)
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def assert_own_answers(run: RunDir, tmp_path: Path, data: list[dict[str, Any]]) -> None:
+    """Every current input row exactly once, in results and in the export, with the answer
+    to its own prompt; nothing else in results."""
+    got = select(run, "SELECT row_id, row_index, status, content FROM results")
+    assert len(got) == len(data), (len(got), len(data))
+    for r in got:
+        row = data[r["row_index"]]
+        assert r["row_id"] == str(row.get("id", r["row_index"]))
+        assert r["status"] == "ok" and tag(row["text"]) in r["content"], (r, row)
+    exported = export_rows(run, tmp_path)
+    assert [e["text"] for e in exported] == [d["text"] for d in data]
+    for e in exported:
+        assert e["status"] == "ok" and tag(e["text"]) in e["content"], e
+
+
+async def submit_rows(
+    tmp_path: Path, sim: SimulatorThread, data: list[dict[str, Any]], **kw: Any
+) -> RunDir:
+    spec = spec_text(base_url=sim.base_url, **kw)
+    outcome = await submit_job(tmp_path, spec, data)
+    assert outcome.exit_code == 0
+    return outcome.run
+
+
+async def resume_changed(tmp_path: Path, data: list[dict[str, Any]], **kw: Any) -> job.Outcome:
+    write_rows(tmp_path / "data.jsonl", data)
+    return await job.resume(
+        "t", tmp_path / "runs", allow_changed_input=True, handle_signals=False, **kw
+    )
+
+
+@pytest.mark.anyio
+async def test_row_inserted_on_top_with_an_id_column_is_sent_alone_and_rows_keep_answers(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """Insert a row at the top (id_column): one request, 6 rows for 6, each its own answer."""
+    texts = [f"Question number {i} about rivers." for i in range(5)]
+    run = await submit_rows(tmp_path, sim, rows_of(texts, [f"r{i}" for i in range(5)]))
+    requests = sim.stats.requests
+    data = rows_of(
+        ["A new first question about lakes.", *texts], ["new", *(f"r{i}" for i in range(5))]
+    )
+    outcome = await resume_changed(tmp_path, data)
+    assert outcome.exit_code == 0 and outcome.state == "completed"
+    assert sim.stats.requests - requests == 1
+    assert outcome.progress.rows_total == 6 and outcome.settled_before == 5
+    assert_own_answers(run, tmp_path, data)
+    assert not any(r["reused"] for r in select(run, "SELECT reused FROM results"))
+
+
+@pytest.mark.anyio
+async def test_interrupted_changed_resume_resumed_plainly_ends_with_each_row_once(
+    tmp_path: Path,
+) -> None:
+    """Insert 30 rows on top and delete 5; interrupt that resume; a plain resume sends the
+    rest, buys nothing twice, and each current row ends once with its own answer."""
+    with SimulatorThread(SimulatorConfig(latency_ms=60)) as sim:
+        texts = [f"Old question {i} on trees." for i in range(40)]
+        ids = [f"o{i}" for i in range(40)]
+        run = await submit_rows(tmp_path, sim, rows_of(texts, ids), concurrency=2)
+        requests = sim.stats.requests
+        new = [f"New question {i} on birds." for i in range(30)]
+        data = rows_of([*new, *texts[5:]], [*(f"n{i}" for i in range(30)), *ids[5:]])
+        with anyio.move_on_after(0.4):
+            await resume_changed(tmp_path, data)
+        assert run.read_manifest()["state"] == "stopped"
+        sent_first = sim.stats.requests - requests
+        assert 0 < sent_first < 30
+        outcome = await job.resume("t", tmp_path / "runs", handle_signals=False)
+        assert outcome.state == "completed"
+        # Each new row bought once; the 2 cut off at the interruption may have been sent twice.
+        assert 30 <= sim.stats.requests - requests <= 30 + 2
+        assert sim.stats.resent_after_ok == 0
+        assert sim.stats.distinct_ok_bodies == 70
+        assert outcome.progress.rows_total == 65
+    assert_own_answers(run, tmp_path, data)
+    # The deleted rows stay in attempts, not in results.
+    gone = select(run, "SELECT row_id FROM attempts WHERE row_id IN ('o0', 'o4')")
+    assert len(gone) == 2
+    manifest = run.read_manifest()
+    assert manifest["counts"]["total"] == 65 and manifest["counts"]["ok"] == 65
+
+
+@pytest.mark.anyio
+async def test_without_an_id_column_a_moved_row_reuses_its_answer_and_an_edited_one_is_sent(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """No id column: a row inserted on top and one edited are sent (2 requests); every moved
+    row reuses the answer bought for its unchanged request at its old row number."""
+    texts = [f"Question {i} about mountains." for i in range(20)]
+    extra = 'prompt_column = "text"'
+    run = await submit_rows(tmp_path, sim, rows_of(texts), input_extra=extra)
+    requests = sim.stats.requests
+    edited = ["Inserted question about seas.", *texts]
+    edited[7] = "An edited question about valleys."
+    data = rows_of(edited)
+    outcome = await resume_changed(tmp_path, data)
+    assert outcome.exit_code == 0
+    assert sim.stats.requests - requests == 2
+    assert sim.stats.resent_after_ok == 0
+    assert_own_answers(run, tmp_path, data)
+    got = {
+        r["row_index"]: r
+        for r in select(run, "SELECT row_index, reused, reused_from, prompt_tokens FROM results")
+    }
+    for index, r in got.items():
+        if index in (0, 7):
+            assert not r["reused"] and r["prompt_tokens"]
+        else:  # its request was answered at row index - 1 before the insert
+            assert r["reused"] and r["reused_from"] == str(index - 1)
+            assert r["prompt_tokens"] is None
+    exported = export_rows(run, tmp_path)
+    assert [e["reused"] for e in exported] == [i not in (0, 7) for i in range(21)]
+    # Every export format says so: a boolean `reused` and the row that bought the answer.
+    export(run, tmp_path / "out.parquet")
+    export(run, tmp_path / "out.csv")
+    from_parquet = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    with (tmp_path / "out.csv").open(newline="") as handle:
+        from_csv = list(csv.DictReader(handle))
+    assert [r["reused"] for r in from_parquet] == [e["reused"] for e in exported]
+    assert [r["reused_from"] for r in from_parquet] == [e["reused_from"] for e in exported]
+    assert [r["reused"] for r in from_csv] == [str(e["reused"]).lower() for e in exported]
+    assert from_csv[5]["reused_from"] == "4" and from_csv[0]["reused_from"] == ""
+
+
+@pytest.mark.anyio
+async def test_truncated_input_counts_only_its_own_rows(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """20 rows, then the input cut to 5: progress is 5 of 5, not 20 of 5; results hold 5."""
+    texts = [f"Question {i} about deserts." for i in range(20)]
+    ids = [f"d{i}" for i in range(20)]
+    run = await submit_rows(tmp_path, sim, rows_of(texts, ids))
+    requests = sim.stats.requests
+    data = rows_of(texts[:5], ids[:5])
+    outcome = await resume_changed(tmp_path, data)
+    assert outcome.exit_code == 0 and sim.stats.requests == requests
+    assert outcome.progress.rows_total == 5 and outcome.settled_before == 5
+    assert run.read_manifest()["counts"] == {
+        "total": 5, "ok": 5, "failed": 0, "skipped": 0, "requests": 20
+    }  # fmt: skip
+    assert_own_answers(run, tmp_path, data)
+    overview = {r["metric"]: r["value"] for r in sections(run)["overview"]}
+    assert overview["rows total"] == 5 and overview["rows ok"] == 5
+
+
+@pytest.mark.anyio
+async def test_editing_the_row_a_twin_reused_leaves_the_twin_its_own_answer(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """Rows a and b ask the same; b reuses a's answer. Edit a: b keeps the answer to its own
+    request (not NULL), still marked reused from a; a gets a new answer."""
+    same = "The very same question about glaciers."
+    run = await submit_rows(tmp_path, sim, rows_of([same, same, "Other."], ["a", "b", "c"]))
+    assert sim.stats.requests == 2
+    data = rows_of(["An edited question about fjords.", same, "Other."], ["a", "b", "c"])
+    outcome = await resume_changed(tmp_path, data)
+    assert outcome.exit_code == 0 and sim.stats.requests == 3
+    assert_own_answers(run, tmp_path, data)
+    got = {r["row_id"]: r for r in select(run, "SELECT * FROM results")}
+    assert got["b"]["reused"] and got["b"]["reused_from"] == "a"
+    assert got["b"]["prompt_tokens"] is None
+    assert not got["a"]["reused"] and got["a"]["reused_from"] is None
+    costed = {r["row_id"]: r for r in select(run, "SELECT row_id, cost_usd FROM costed")}
+    assert costed["b"]["cost_usd"] == 0.0
+
+
+def test_export_refuses_an_input_the_run_has_not_seen(tmp_path: Path, sim: SimulatorThread) -> None:
+    """Export after an edit without a resume would pair rows with other prompts' answers."""
+    spec = make_job(tmp_path, sim, 10)
+    runs = str(tmp_path / "runs")
+    assert run_cli("submit", str(spec), "--runs-dir", runs, cwd=tmp_path).returncode == 0
+    data = [{"id": "new", "text": "Inserted."}] + [
+        {"id": f"r{i}", "text": f"Row {i}: tell me about the number {i}."} for i in range(10)
+    ]
+    write_rows(tmp_path / "data.jsonl", data)
+    done = run_cli("export", "t", "out.jsonl", "--runs-dir", runs, cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--allow-changed-input" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.jsonl").exists()

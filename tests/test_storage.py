@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -17,10 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner import job, journal
+from runner.client import ChatClient
 from runner.simulator import SimulatorConfig, SimulatorThread
 from runner.state import RunDir, list_runs
 
-from .conftest import run_cli, select, spec_text, write_rows, write_spec
+from .conftest import run_cli, select, spec_text, start_runner, write_rows, write_spec
 
 
 @pytest.fixture
@@ -146,3 +148,114 @@ def test_second_signal_stops_at_once_without_corrupting_the_run(
     assert resumed.returncode == 0, resumed.stderr
     ids = row_ids(run)
     assert len(ids) == len(set(ids)) == 2_000
+
+
+# -- run states ------------------------------------------------------------------------------
+
+
+def listed_states(tmp_path: Path) -> dict[str, str]:
+    """run id -> state, as `runner runs --format json` shows them."""
+    done = run_cli("runs", "--format", "json", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return {r["run_id"]: r["state"] for r in json.loads(done.stdout)}
+
+
+@pytest.mark.anyio
+async def test_internal_error_leaves_a_failed_run_with_its_one_line(
+    tmp_path: Path, sim: SimulatorThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An internal error mid-run (exit 4) marks the run `failed`, keeps the error's line in
+    the manifest, and `runner runs` / `runner status` say so; resume then completes it."""
+    spec = make_job(tmp_path, sim, 200)
+    calls = {"n": 0}
+    real = ChatClient.complete
+
+    async def broken(self: ChatClient, body: bytes) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 50:
+            raise RuntimeError("the 50th call broke")
+        return await real(self, body)
+
+    monkeypatch.setattr(ChatClient, "complete", broken)
+    with pytest.raises(RuntimeError):
+        await job.submit(job.prepare(spec), tmp_path / "runs", handle_signals=False)
+    [info] = list_runs(tmp_path / "runs")
+    assert info["state"] == "failed"
+    assert info["error"] == "RuntimeError: the 50th call broke"
+    assert listed_states(tmp_path) == {info["run_id"]: "failed"}
+    status = run_cli("status", "t", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert f"{info['run_id']}  failed" in status.stdout
+    assert "RuntimeError: the 50th call broke" in status.stdout
+    monkeypatch.setattr(ChatClient, "complete", real)
+    resumed = await job.resume("t", tmp_path / "runs", handle_signals=False)
+    assert resumed.state == "completed"
+    assert list_runs(tmp_path / "runs")[0]["state"] == "completed"
+    assert "error" not in list_runs(tmp_path / "runs")[0]
+
+
+def test_killed_run_is_running_while_locked_then_interrupted(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """A run shows `running` while its process holds the lock and `interrupted` once it was
+    killed (never `running` forever, never `completed`)."""
+    sim.set_config(latency_ms=200)
+    make_job(tmp_path, sim, 2_000)
+    proc = start_runner(tmp_path, "submit", "job.toml")
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    assert first.startswith("run "), first
+    run_id = first.split()[1].rstrip(":")
+    assert listed_states(tmp_path) == {run_id: "running"}
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert listed_states(tmp_path) == {run_id: "interrupted"}
+    status = run_cli("status", run_id, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert f"{run_id}  interrupted" in status.stdout
+
+
+def test_bad_input_before_the_first_request_leaves_no_run_for_the_job_name(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """A submit that stops on bad input before sending anything leaves no run: the job name
+    still means the earlier run, whose answers export as before."""
+    spec = make_job(tmp_path, sim, 5)
+    runs = str(tmp_path / "runs")
+    first = run_cli("submit", str(spec), "--runs-dir", runs, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    [good] = list_runs(tmp_path / "runs")
+    # The first row is an empty prompt (settled without a request), the second is broken.
+    (tmp_path / "data.jsonl").write_text('{"id": "r0", "text": ""}\n{not json\n')
+    sent = sim.stats.requests
+    bad = run_cli("submit", str(spec), "--no-check", "--runs-dir", runs, cwd=tmp_path)
+    assert bad.returncode == 2, bad.stderr
+    assert "data.jsonl:2" in bad.stderr
+    assert sim.stats.requests == sent
+    assert [r["run_id"] for r in list_runs(tmp_path / "runs")] == [good["run_id"]]
+    make_job(tmp_path, sim, 5)  # the input back as it was, for the export's join
+    out = tmp_path / "out.jsonl"
+    exported = run_cli("export", "t", str(out), "--runs-dir", runs, cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    answers = [json.loads(line)["content"] for line in out.read_text().splitlines()]
+    assert len(answers) == 5 and all(answers)
+
+
+def test_start_log_covers_every_request_not_journaled(tmp_path: Path) -> None:
+    """The start log lists each attempt before it is sent; a rotation keeps only what is
+    still unjournaled; a torn last line (a kill mid-write) is skipped; clear removes it all."""
+    run = RunDir.create(tmp_path / "runs", "t", "")
+    log = run.start_log()
+    for n in range(5):
+        log.started((f"r{n}", "m", 1))
+    log.rotate({("r3", "m", 1), ("r4", "m", 1)})
+    log.started(("r5", "m", 1))
+    [path] = run.journal_dir.glob("starts-*.log")
+    with path.open("ab") as handle:
+        handle.write(b'["r6", "m"')  # torn
+    assert run.unanswered_at_crash() == 3
+    log.close()
+    later = run.start_log()  # a new session numbers its files after the old ones
+    later.started(("r7", "m", 1))
+    assert run.unanswered_at_crash() == 4
+    later.close()
+    run.clear_sending()
+    assert run.unanswered_at_crash() == 0

@@ -1,0 +1,138 @@
+"""The pool's own logic, with a fake client: identical requests wait for their twin, and when
+the twin fails exactly one waiter takes over while the others wait on it."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from runner.errors import RequestRejected, ServerFailure
+from runner.limiter import Limiter, Limiters
+from runner.pool import Pool
+from runner.records import Completion, Progress, ResultRecord, WorkItem
+from runner.retry import RetryPolicy
+
+
+async def _no_sleep(_: float) -> None:
+    await anyio.lowlevel.checkpoint()
+
+
+def answer(content: str = "hi") -> Completion:
+    return Completion(
+        content=content,
+        refusal=None,
+        tool_calls=None,
+        finish_reason="stop",
+        response_model="m",
+        response_id="r",
+        system_fingerprint=None,
+        prompt_tokens=3,
+        completion_tokens=2,
+        total_tokens=5,
+        cached_tokens=None,
+        reasoning_tokens=None,
+        provider_cost=None,
+    )
+
+
+class FlakyClient:
+    """Answers after a random number of event-loop turns; fails a random share of requests
+    (retryable or not), and records how many identical bodies are on the wire at once."""
+
+    def __init__(self, rng: random.Random, fail_rate: float) -> None:
+        self.rng = rng
+        self.fail_rate = fail_rate
+        self.on_wire: Counter[bytes] = Counter()
+        self.most_at_once = 0
+        self.sent = 0
+
+    async def complete(self, body: bytes) -> Completion:
+        self.sent += 1
+        self.on_wire[body] += 1
+        self.most_at_once = max(self.most_at_once, self.on_wire[body])
+        try:
+            for _ in range(self.rng.randrange(4)):
+                await anyio.lowlevel.checkpoint()
+            draw = self.rng.random()
+            if draw < self.fail_rate / 2:
+                raise ServerFailure("boom", status=500)
+            if draw < self.fail_rate:
+                raise RequestRejected("no", status=400)
+            return answer(body.decode())
+        finally:
+            self.on_wire[body] -= 1
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.records: list[ResultRecord] = []
+
+    def append(self, records: Sequence[ResultRecord]) -> None:
+        self.records.extend(records)
+
+
+def items(count: int, distinct: int) -> list[WorkItem]:
+    return [
+        WorkItem(
+            row_index=i,
+            row_id=f"r{i}",
+            model="m",
+            body=f"prompt {i % distinct}".encode(),
+            request_hash=f"{i % distinct:064x}",
+            est_prompt_tokens=3,
+            max_tokens=8,
+        )
+        for i in range(count)
+    ]
+
+
+async def run_pool(client: FlakyClient, work: list[WorkItem], concurrency: int) -> ListSink:
+    sink = ListSink()
+    pool = Pool(
+        client=client,
+        policy=RetryPolicy(max_attempts=2, sleep=_no_sleep),
+        limiters=Limiters(Limiter()),
+        sink=sink,
+        progress=Progress(),
+        concurrency=concurrency,
+    )
+    with anyio.fail_after(30):
+        await pool.run(iter(work))
+    return sink
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("seed", range(40))
+async def test_twins_of_a_failing_request_hand_over_one_at_a_time(seed: int) -> None:
+    """Any number of waiters on failing twins: no crash, never two identical requests on the
+    wire at once, and every row settled exactly once."""
+    rng = random.Random(seed)
+    client = FlakyClient(rng, fail_rate=rng.choice([0.3, 0.7, 1.0]))
+    work = items(rng.randrange(20, 120), distinct=rng.randrange(1, 6))
+    sink = await run_pool(client, work, concurrency=rng.choice([2, 8, 32]))
+    assert client.most_at_once == 1
+    finals = Counter(r.row_id for r in sink.records if r.final)
+    assert finals == Counter(item.row_id for item in work)
+    # A row is reused only when an identical request got an ok answer.
+    answered = {r.request_hash for r in sink.records if r.final and r.status == "ok"}
+    for record in sink.records:
+        if record.reused:
+            assert record.request_hash in answered
+
+
+@pytest.mark.anyio
+async def test_all_failing_twins_each_send_in_turn() -> None:
+    """When every request fails, each row of a repeated prompt gets its own attempts, one
+    row at a time per prompt."""
+    client = FlakyClient(random.Random(1), fail_rate=1.0)
+    work = items(60, distinct=3)
+    sink = await run_pool(client, work, concurrency=32)
+    assert client.most_at_once == 1
+    finals = [r for r in sink.records if r.final]
+    assert len(finals) == 60
+    assert all(r.status == "failed" for r in finals)
