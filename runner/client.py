@@ -639,6 +639,11 @@ def _describe(exc: BaseException) -> str:
         return (
             f"{cause.host}:{cause.port}: {cause.os_error.strerror or type(cause.os_error).__name__}"
         )
+    if isinstance(cause, aiohttp.ClientPayloadError):
+        # Its text counts the bytes received, which differ from attempt to attempt: the
+        # report groups errors by message, so name the kind of cut only.
+        inner = next((a for a in cause.args if isinstance(a, BaseException)), cause.__cause__)
+        return f"the body was cut short ({type(inner or cause).__name__})"
     if isinstance(cause, OSError) and cause.strerror:
         return f"{type(cause).__name__}: {cause.strerror}"
     return type(cause).__name__ + (f": {cause}" if str(cause) else "")

@@ -126,6 +126,7 @@ class RunDB:
         # current row_index), and rows that left the input stay in `attempts` only.
         keys = run.row_keys_path
         if keys.exists():
+            self._files.append(str(keys))  # read by the views: the sandbox must allow it
             self.con.execute(
                 "CREATE VIEW latest AS SELECT a.* EXCLUDE (final) REPLACE (k.row_index AS "
                 "row_index) FROM (SELECT * FROM attempts WHERE final QUALIFY row_number() OVER "

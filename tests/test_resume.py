@@ -337,7 +337,7 @@ def rows_of(texts: list[str], ids: list[str] | None = None) -> list[dict[str, An
 
 def export_rows(run: RunDir, tmp_path: Path) -> list[dict[str, Any]]:
     out = tmp_path / "out.jsonl"
-    export(run, out)
+    export(run, out, overwrite=True)  # called again after each session
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
@@ -413,7 +413,9 @@ async def test_interrupted_changed_resume_resumed_plainly_ends_with_each_row_onc
         assert outcome.state == "completed"
         # Each new row bought once; the 2 cut off at the interruption may have been sent twice.
         assert 30 <= sim.stats.requests - requests <= 30 + 2
-        assert sim.stats.resent_after_ok == 0
+        # The interruption cancels what is on the wire: the server may have answered those
+        # (at most concurrency = 2) after the client stopped listening, so they are re-bought.
+        assert sim.stats.resent_after_ok <= 2
         assert sim.stats.distinct_ok_bodies == 70
         assert outcome.progress.rows_total == 65
     assert_own_answers(run, tmp_path, data)
