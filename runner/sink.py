@@ -194,7 +194,9 @@ class RunSink:
             self._seal()
 
     def commit(self) -> None:
-        self._journal.commit()
+        """Make what is journaled durable soon: an fsync in a worker thread, so the event
+        loop does not wait for the disk (raises an earlier fsync's failure)."""
+        self._journal.sync_soon()
 
     def _seal(self) -> None:
         """Close the open segment and queue it for compaction; open the next one."""
