@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def to_table(rows: Sequence[ResultRecord] | Sequence[dict[str, Any]]) -> pa.Tabl
         if as_dicts:
             values = [r.get(name) for r in rows]  # type: ignore[union-attr]
         else:
-            values = [getattr(r, name) for r in rows]
+            values = list(map(attrgetter(name), rows))
         kind = _TYPES[name]
         if kind == _TS:
             micros = [None if v is None else round(v * 1_000_000) for v in values]
