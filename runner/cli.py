@@ -86,7 +86,8 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
     Ctrl-C stops feeding rows and lets requests in flight finish; a second Ctrl-C stops at
     once. Either way, `runner resume` continues the run later.
     """
-    from runner import job
+    with _collector_paused():
+        from runner import job
 
     if dry_run:
         found = job.estimate(job.prepare(spec, check_whole_file=True, need_key=False))
@@ -149,7 +150,8 @@ def resume(
     Sends only what no earlier session settled: answered rows are never requested again.
     Without --spec, the settings are those the run last ran with (its frozen spec).
     """
-    from runner import job
+    with _collector_paused():
+        from runner import job
 
     _run_session(
         lambda hooks: job.resume(
@@ -515,6 +517,21 @@ def _tune_malloc() -> None:
         libc = ctypes.CDLL(None)
         libc.mallopt(-8, 2)  # M_ARENA_MAX; absent outside glibc
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No garbage collection while the run's modules are imported: they allocate tens of
+    thousands of objects that all stay alive, and the collections they set off cost ~25 ms of
+    a short run's CPU (median of 7, `import runner.cli, runner.job, genai_prices` on one core:
+    0.353 s with the collector, 0.328 s without)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _tune_gc() -> None:

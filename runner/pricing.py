@@ -429,9 +429,10 @@ class Budget:
             worst = ZERO  # only possible without a budget: prepare refuses unpriced models
         else:
             cap = item.max_tokens if item.max_tokens is not None else self.default_completion
-            worst = estimate_range(
-                price, prompt_tokens=item.est_prompt_tokens, max_completion_tokens=cap
-            )[1]
+            # The high end of estimate_range alone: one Decimal cost a row, not two.
+            tokens = item.est_prompt_tokens
+            high = cost(price, prompt_tokens=tokens, completion_tokens=cap, cached_tokens=None)
+            worst = high or ZERO  # known token counts always give a cost
         if self.limit is not None and self.spent + self.reserved + worst > self.limit:
             return None
         self.reserved += worst

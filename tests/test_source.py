@@ -572,10 +572,12 @@ def test_repeated_values_are_exactly_those_occurring_twice(
     if extremes:
         palette[0], palette[1] = lowest, lowest + 2**bits - 1 if typecode == "Q" else 2**63 - 1
     values = [palette[p] for p in picks]
-    old = source.SORT_SLICE
-    source.SORT_SLICE = slice_size
+    expected = {v for v, n in collections.Counter(values).items() if n > 1}
+    assert source._repeated_values(array(typecode, values)) == expected  # the small-input set
+    old = source.SORT_SLICE, source.SMALL_SET
+    source.SORT_SLICE, source.SMALL_SET = slice_size, 0  # the sliced sort of big inputs
     try:
         found = source._repeated_values(array(typecode, values))
     finally:
-        source.SORT_SLICE = old
-    assert found == {v for v, n in collections.Counter(values).items() if n > 1}
+        source.SORT_SLICE, source.SMALL_SET = old
+    assert found == expected
