@@ -285,3 +285,42 @@ def test_resume_refuses_a_boolean_turned_number_in_extra_body(tmp_path: Path) ->
     (line,) = found.stderr.strip().splitlines()
     assert "edited.toml: request.extra_body: " in line
     assert run.manifest_path.read_text() == before
+
+
+def test_resume_refuses_a_hand_edited_frozen_spec(tmp_path: Path) -> None:
+    """The run's own copy of its spec, edited by hand (max_tokens changed along with the
+    endpoint), would change what is sent unchecked: a plain resume exits 2 in one line saying
+    to use --spec, and sends nothing. A --spec is checked against the spec file the copy was
+    frozen from while that file is unchanged, and refused once it is not."""
+    run = stop_a_run(tmp_path)
+    frozen = run.path / "job.toml"
+    text = frozen.read_text()
+    dead = text.split('base_url = "')[1].split('"')[0]
+    frozen.write_text(text.replace("max_tokens = 64", "max_tokens = 32").replace(dead, "simulator"))
+    before = run.manifest_path.read_text()
+    found = run_cli("resume", run.run_id, "--runs-dir", "runs", cwd=tmp_path)
+    assert found.returncode == 2, found.stderr
+    (line,) = found.stderr.strip().splitlines()
+    assert "job.toml: edited since the run froze it" in line
+    assert f"runner resume {run.run_id} --spec FILE" in line
+    assert run.manifest_path.read_text() == before
+    assert select(run, "SELECT count(*) AS n FROM attempts WHERE status = 'ok'") == [{"n": 0}]
+    # --spec with max_tokens = 32 is refused: the spec as frozen (still job.toml here) says 64.
+    edited = write_spec(
+        tmp_path, spec_text(base_url="simulator").replace("= 64", "= 32"), name="edited.toml"
+    )
+    found = run_cli("resume", run.run_id, "--spec", str(edited), "--runs-dir", "runs", cwd=tmp_path)
+    assert found.returncode == 2, found.stderr
+    assert "edited.toml: request.max_tokens: " in found.stderr
+    # Once the spec it was frozen from is changed too, nothing can be checked: refused.
+    (tmp_path / "job.toml").write_text(text.replace(dead, "simulator"))
+    fixed = write_spec(tmp_path, spec_text(base_url="simulator"), name="fixed.toml")
+    found = run_cli("resume", run.run_id, "--spec", str(fixed), "--runs-dir", "runs", cwd=tmp_path)
+    assert found.returncode == 2, found.stderr
+    assert "(once " in found.stderr
+    assert run.manifest_path.read_text() == before
+    # With the copy restored, the fixed spec finishes the run.
+    frozen.write_text(text)
+    found = run_cli("resume", run.run_id, "--spec", str(fixed), "--runs-dir", "runs", cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    assert select(run, "SELECT count(*) AS n FROM results WHERE status = 'ok'") == [{"n": ROWS}]
