@@ -446,19 +446,31 @@ def _overview(db: RunDB) -> list[Section]:
     settled = ok + failed + skipped
     wall = db.run.wall_seconds(manifest)
     lat = lat or [None, None, None]
+    # With several models a row is asked once per model: those are answers, not rows.
+    models = db.models()
+    unit = "answers" if len(models) > 1 else "rows"
+    apart: list[tuple[Any, ...]] = []
+    if len(models) > 1:
+        apart = [("input rows", (manifest.get("input") or {}).get("rows")), ("models", len(models))]
     overview: list[tuple[Any, ...]] = [
         ("run", db.run.run_id),
         ("state", _state(db.run, manifest)),
-        ("rows total", rows_total),
-        ("rows ok", ok),
-        ("rows failed", failed),
-        ("rows skipped", skipped),
-        ("rows pending", None if rows_total is None else max(rows_total - settled, 0)),
-        ("rows answered by an identical request", reused),
+        *apart,
+        (f"{unit} total", rows_total),
+        (f"{unit} ok", ok),
+        (f"{unit} failed", failed),
+        (f"{unit} skipped", skipped),
+        (f"{unit} pending", None if rows_total is None else max(rows_total - settled, 0)),
+        (
+            "rows answered by an identical request"
+            if unit == "rows"
+            else "answers reused from an identical request",
+            reused,
+        ),
         ("requests sent (retries included)", requests),
         ("retried attempts", retries),
         ("wall time s", round(wall, 1)),
-        ("throughput rows/s", round(settled / wall, 1) if wall else None),
+        (f"throughput {unit}/s", round(settled / wall, 1) if wall else None),
         ("latency p50 ms", _round(lat[0])),
         ("latency p90 ms", _round(lat[1])),
         ("latency p99 ms", _round(lat[2])),
