@@ -119,6 +119,28 @@ class RunDB:
             source = f"SELECT * FROM read_parquet([{listed}]) UNION ALL BY NAME "
         else:
             source = ""
+        try:
+            self._result_views(run, source)
+        except duckdb.Error as exc:
+            self.con.close()
+            # A part file that is not Parquet (damaged, truncated, replaced): the user's to
+            # look at, not an internal error.
+            raise UsageError(
+                f"{run.parts_dir}: the run's results cannot be read ({str(exc).splitlines()[0]})"
+            ) from None
+        self.input_path: Path | None = None
+        if with_input:
+            self._input_view()
+        self.con.execute(
+            "CREATE TABLE prices (model VARCHAR, input_per_mtok DOUBLE, "
+            "cached_input_per_mtok DOUBLE, output_per_mtok DOUBLE, provenance VARCHAR)"
+        )
+        self.use_prices(prices)
+        if sandboxed:
+            self.sandbox()
+
+    def _result_views(self, run: RunDir, source: str) -> None:
+        """attempts, latest and results over the part files and the journal."""
         self.con.execute(f"CREATE VIEW attempts AS {source}SELECT * FROM journal_records")
         # A row is known by its key: (row id, model, request hash), the row id being the id
         # column's value or the row number. While the input never changed, every record is
@@ -165,16 +187,6 @@ class RunDB:
             "a.row_id AS reused_from FROM latest l LEFT JOIN reused_answers a "
             "ON l.reused AND a.request_hash = l.request_hash"
         )
-        self.input_path: Path | None = None
-        if with_input:
-            self._input_view()
-        self.con.execute(
-            "CREATE TABLE prices (model VARCHAR, input_per_mtok DOUBLE, "
-            "cached_input_per_mtok DOUBLE, output_per_mtok DOUBLE, provenance VARCHAR)"
-        )
-        self.use_prices(prices)
-        if sandboxed:
-            self.sandbox()
 
     def models(self) -> list[str]:
         return [str(m) for (m,) in self.query("SELECT DISTINCT model FROM attempts ORDER BY 1")[1]]
