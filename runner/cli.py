@@ -310,7 +310,7 @@ def rm(run_ids: tuple[str, ...], runs_dir: Path, yes: bool) -> None:
     from runner.errors import UsageError
     from runner.state import RunDir
 
-    targets: list[RunDir] = []
+    targets: dict[Path, RunDir] = {}
     for ref in run_ids:
         found = next(
             (p for p in (runs_dir / ref, Path(ref)) if (p / "manifest.json").is_file()), None
@@ -319,8 +319,10 @@ def rm(run_ids: tuple[str, ...], runs_dir: Path, yes: bool) -> None:
             raise UsageError(
                 f"no run {ref!r} in {runs_dir} (give run ids, as `runner runs` lists them)"
             )
-        targets.append(RunDir(found.resolve()))
-    for run in targets:
+        if not RunDir(found.resolve()).is_run():
+            raise UsageError(f"{found}: not a run folder (its manifest does not name it)")
+        targets.setdefault(found.resolve(), RunDir(found.resolve()))
+    for run in targets.values():
         holder = run.holder_pid()
         if holder:
             shown = f"process {holder}" if holder > 0 else "another process"
@@ -328,9 +330,9 @@ def rm(run_ids: tuple[str, ...], runs_dir: Path, yes: bool) -> None:
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError("rm deletes runs for good: add --yes to confirm")
-        names = ", ".join(run.run_id for run in targets)
+        names = ", ".join(run.run_id for run in targets.values())
         click.confirm(f"delete {names}?", abort=True, err=True)
-    for run in targets:
+    for run in targets.values():
         run.remove()
         click.echo(f"removed {run.run_id}", err=True)
 

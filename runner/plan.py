@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.errors import SpecError, StorageFailed
+from runner.errors import SpecError, StorageFailed, UsageError
 from runner.pricing import PriceSource, estimate_range, parse_price_table
 from runner.source import CheckResult, InputFile, RequestBuilder, check_input
 from runner.spec import (
@@ -152,6 +152,18 @@ def resumed_spec(run: RunDir, manifest: dict[str, Any], spec_path: Path | None) 
     frozen = parse_spec(
         frozen_file.read_text(), path=Path(manifest["spec_path"]), display=str(frozen_file)
     )
+    if manifest.get("spec_hash") not in (None, frozen.hash):
+        # What was sent so far was asked with the spec as frozen; an edit of the copy would
+        # change it unchecked. A --spec is checked against the spec as frozen, when the file
+        # it was frozen from is still as it was.
+        original = _original_spec(manifest)
+        if spec_path is None or original is None:
+            raise UsageError(
+                f"{frozen_file}: edited since the run froze it; put the change in a spec file "
+                f"of your own and run: runner resume {run.run_id} --spec FILE"
+                + ("" if spec_path is None else f" (once {frozen_file} is as it was)")
+            )
+        frozen = original
     if spec_path is None:
         return frozen
     spec = load_spec(spec_path)
@@ -168,6 +180,17 @@ def resumed_spec(run: RunDir, manifest: dict[str, Any], spec_path: Path | None) 
     manifest["spec_hash"] = spec.hash
     manifest.pop("budget_usd", None)  # the new spec's run.budget_usd, unless --budget-usd
     return spec
+
+
+def _original_spec(manifest: dict[str, Any]) -> LoadedSpec | None:
+    """The spec file the run's latest copy was frozen from, if it is still what was frozen."""
+    path = Path(manifest["spec_path"])
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    spec = parse_spec(text, path=path, display=str(path))
+    return spec if spec.hash == manifest.get("spec_hash") else None
 
 
 def session_settings(spec: LoadedSpec, spec_file: str) -> dict[str, Any]:

@@ -119,6 +119,28 @@ class RunDB:
             source = f"SELECT * FROM read_parquet([{listed}]) UNION ALL BY NAME "
         else:
             source = ""
+        try:
+            self._result_views(run, source)
+        except duckdb.Error as exc:
+            self.con.close()
+            # A part file that is not Parquet (damaged, truncated, replaced): the user's to
+            # look at, not an internal error.
+            raise UsageError(
+                f"{run.parts_dir}: the run's results cannot be read ({str(exc).splitlines()[0]})"
+            ) from None
+        self.input_path: Path | None = None
+        if with_input:
+            self._input_view()
+        self.con.execute(
+            "CREATE TABLE prices (model VARCHAR, input_per_mtok DOUBLE, "
+            "cached_input_per_mtok DOUBLE, output_per_mtok DOUBLE, provenance VARCHAR)"
+        )
+        self.use_prices(prices)
+        if sandboxed:
+            self.sandbox()
+
+    def _result_views(self, run: RunDir, source: str) -> None:
+        """attempts, latest and results over the part files and the journal."""
         self.con.execute(f"CREATE VIEW attempts AS {source}SELECT * FROM journal_records")
         # A row is known by its key: (row id, model, request hash), the row id being the id
         # column's value or the row number. While the input never changed, every record is
@@ -165,16 +187,6 @@ class RunDB:
             "a.row_id AS reused_from FROM latest l LEFT JOIN reused_answers a "
             "ON l.reused AND a.request_hash = l.request_hash"
         )
-        self.input_path: Path | None = None
-        if with_input:
-            self._input_view()
-        self.con.execute(
-            "CREATE TABLE prices (model VARCHAR, input_per_mtok DOUBLE, "
-            "cached_input_per_mtok DOUBLE, output_per_mtok DOUBLE, provenance VARCHAR)"
-        )
-        self.use_prices(prices)
-        if sandboxed:
-            self.sandbox()
 
     def models(self) -> list[str]:
         return [str(m) for (m,) in self.query("SELECT DISTINCT model FROM attempts ORDER BY 1")[1]]
@@ -446,19 +458,31 @@ def _overview(db: RunDB) -> list[Section]:
     settled = ok + failed + skipped
     wall = db.run.wall_seconds(manifest)
     lat = lat or [None, None, None]
+    # With several models a row is asked once per model: those are answers, not rows.
+    models = db.models()
+    unit = "answers" if len(models) > 1 else "rows"
+    apart: list[tuple[Any, ...]] = []
+    if len(models) > 1:
+        apart = [("input rows", (manifest.get("input") or {}).get("rows")), ("models", len(models))]
     overview: list[tuple[Any, ...]] = [
         ("run", db.run.run_id),
         ("state", _state(db.run, manifest)),
-        ("rows total", rows_total),
-        ("rows ok", ok),
-        ("rows failed", failed),
-        ("rows skipped", skipped),
-        ("rows pending", None if rows_total is None else max(rows_total - settled, 0)),
-        ("rows answered by an identical request", reused),
+        *apart,
+        (f"{unit} total", rows_total),
+        (f"{unit} ok", ok),
+        (f"{unit} failed", failed),
+        (f"{unit} skipped", skipped),
+        (f"{unit} pending", None if rows_total is None else max(rows_total - settled, 0)),
+        (
+            "rows answered by an identical request"
+            if unit == "rows"
+            else "answers reused from an identical request",
+            reused,
+        ),
         ("requests sent (retries included)", requests),
         ("retried attempts", retries),
         ("wall time s", round(wall, 1)),
-        ("throughput rows/s", round(settled / wall, 1) if wall else None),
+        (f"throughput {unit}/s", round(settled / wall, 1) if wall else None),
         ("latency p50 ms", _round(lat[0])),
         ("latency p90 ms", _round(lat[1])),
         ("latency p99 ms", _round(lat[2])),

@@ -10,6 +10,7 @@ import codecs
 import difflib
 import hashlib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -466,17 +467,23 @@ def sent_fields_changed(old: LoadedSpec, new: LoadedSpec) -> str | None:
             if old.input_path != new.input_path:
                 return "input.path"
             for key in a["input"]:
-                if key not in _INPUT_FREE and a["input"][key] != b["input"].get(key):
+                if key not in _INPUT_FREE and not _same(a["input"][key], b["input"].get(key)):
                     return f"input.{key}"
             continue
-        if a[section] == b[section]:
+        if _same(a[section], b[section]):
             continue
         if isinstance(a[section], dict) and isinstance(b[section], dict):
             for key in sorted(set(a[section]) | set(b[section])):
-                if a[section].get(key) != b[section].get(key):
+                if not _same(a[section].get(key), b[section].get(key)):
                     return f"{section}.{key}"
         return section
     return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as sent: `true`, `1` and `1.0` are equal in Python, not on the wire (nor in
+    the request hash). Key order does not matter."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
 def check_environment(spec: LoadedSpec, environ: dict[str, str] | None = None) -> None:

@@ -213,6 +213,16 @@ class RunDir:
         finally:
             os.close(fd)
 
+    def is_run(self) -> bool:
+        """Whether the folder is a run's: its manifest names it and it has the run's journal
+        and parts folders (a folder that merely holds a manifest.json is not)."""
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            return False
+        named = isinstance(data, dict) and data.get("run_id") == self.run_id
+        return named and self.journal_dir.is_dir() and self.parts_dir.is_dir()
+
     def remove(self) -> None:
         """Delete the run's folder, holding its lock so that no session runs meanwhile.
 

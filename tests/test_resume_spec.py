@@ -232,3 +232,95 @@ def test_which_fields_a_resume_may_change(
     old = load_spec(write_spec(tmp_path, spec_text(), name="old.toml"))
     new = load_spec(write_spec(tmp_path, spec_text(**pieces), name="new.toml"))
     assert sent_fields_changed(old, new) == field
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("flag = true", "flag = 1"),
+        ("seed_x = 1.0", "seed_x = 1"),
+        ("opts = { deep = false }", "opts = { deep = 0 }"),
+    ],
+)
+def test_a_value_equal_in_python_but_sent_otherwise_is_a_change(
+    tmp_path: Path, old: str, new: str
+) -> None:
+    """`true` and `1` (or `1.0` and `1`) compare equal in Python but are other bytes on the
+    wire (another request hash): a resume spec that swaps one for the other changes what is
+    sent, and is refused."""
+    from runner.spec import load_spec, sent_fields_changed
+
+    before = load_spec(
+        write_spec(tmp_path, spec_text(request_extra=f"extra_body = {{ {old} }}"), "old.toml")
+    )
+    after = load_spec(
+        write_spec(tmp_path, spec_text(request_extra=f"extra_body = {{ {new} }}"), "new.toml")
+    )
+    assert sent_fields_changed(before, after) == "request.extra_body"
+    assert sent_fields_changed(before, before) is None
+
+
+def test_resume_refuses_a_boolean_turned_number_in_extra_body(tmp_path: Path) -> None:
+    """Through the CLI: the run stopped with `flag = true`; `--spec` with `flag = 1` is
+    refused (exit 2) naming the field, and the run's spec stays the frozen one."""
+    write_rows(tmp_path / "data.jsonl", rows()[:4])
+    dead = f"http://127.0.0.1:{closed_port()}/v1"
+    spec = write_spec(
+        tmp_path,
+        spec_text(
+            base_url=dead,
+            run_extra="max_attempts = 1",
+            request_extra="extra_body = { flag = true }",
+        ),
+    )
+    first = run_cli("submit", str(spec), "--runs-dir", "runs", cwd=tmp_path)
+    assert first.returncode == 3, first.stderr
+    run = the_run(tmp_path)
+    before = run.manifest_path.read_text()
+    edited = write_spec(
+        tmp_path, spec_text(request_extra="extra_body = { flag = 1 }"), name="edited.toml"
+    )
+    found = run_cli("resume", run.run_id, "--spec", str(edited), "--runs-dir", "runs", cwd=tmp_path)
+    assert found.returncode == 2, found.stderr
+    (line,) = found.stderr.strip().splitlines()
+    assert "edited.toml: request.extra_body: " in line
+    assert run.manifest_path.read_text() == before
+
+
+def test_resume_refuses_a_hand_edited_frozen_spec(tmp_path: Path) -> None:
+    """The run's own copy of its spec, edited by hand (max_tokens changed along with the
+    endpoint), would change what is sent unchecked: a plain resume exits 2 in one line saying
+    to use --spec, and sends nothing. A --spec is checked against the spec file the copy was
+    frozen from while that file is unchanged, and refused once it is not."""
+    run = stop_a_run(tmp_path)
+    frozen = run.path / "job.toml"
+    text = frozen.read_text()
+    dead = text.split('base_url = "')[1].split('"')[0]
+    frozen.write_text(text.replace("max_tokens = 64", "max_tokens = 32").replace(dead, "simulator"))
+    before = run.manifest_path.read_text()
+    found = run_cli("resume", run.run_id, "--runs-dir", "runs", cwd=tmp_path)
+    assert found.returncode == 2, found.stderr
+    (line,) = found.stderr.strip().splitlines()
+    assert "job.toml: edited since the run froze it" in line
+    assert f"runner resume {run.run_id} --spec FILE" in line
+    assert run.manifest_path.read_text() == before
+    assert select(run, "SELECT count(*) AS n FROM attempts WHERE status = 'ok'") == [{"n": 0}]
+    # --spec with max_tokens = 32 is refused: the spec as frozen (still job.toml here) says 64.
+    edited = write_spec(
+        tmp_path, spec_text(base_url="simulator").replace("= 64", "= 32"), name="edited.toml"
+    )
+    found = run_cli("resume", run.run_id, "--spec", str(edited), "--runs-dir", "runs", cwd=tmp_path)
+    assert found.returncode == 2, found.stderr
+    assert "edited.toml: request.max_tokens: " in found.stderr
+    # Once the spec it was frozen from is changed too, nothing can be checked: refused.
+    (tmp_path / "job.toml").write_text(text.replace(dead, "simulator"))
+    fixed = write_spec(tmp_path, spec_text(base_url="simulator"), name="fixed.toml")
+    found = run_cli("resume", run.run_id, "--spec", str(fixed), "--runs-dir", "runs", cwd=tmp_path)
+    assert found.returncode == 2, found.stderr
+    assert "(once " in found.stderr
+    assert run.manifest_path.read_text() == before
+    # With the copy restored, the fixed spec finishes the run.
+    frozen.write_text(text)
+    found = run_cli("resume", run.run_id, "--spec", str(fixed), "--runs-dir", "runs", cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    assert select(run, "SELECT count(*) AS n FROM results WHERE status = 'ok'") == [{"n": ROWS}]

@@ -100,3 +100,29 @@ def test_rm_refuses_a_running_run_and_keeps_it(tmp_path: Path) -> None:
     done = run_cli("rm", run_id, "--yes", "--runs-dir", "runs", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert ids(tmp_path) == []
+
+
+def test_rm_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    """A folder is a run only when its manifest names it and it has the run's journal and
+    parts: `runner rm` of a project folder that merely holds a manifest.json (or of `.`)
+    exits 2 and deletes nothing, nor leaves a lock file in it."""
+    run_id = submit(tmp_path)
+    project = tmp_path / "webext"
+    (project / "src").mkdir(parents=True)
+    (project / "manifest.json").write_text('{"name": "my extension"}')
+    (project / "src" / "main.js").write_text("code\n")
+    before = files(project)
+    for ref in ("webext", str(project), f"../{project.name}"):
+        done = run_cli("rm", ref, "--yes", "--runs-dir", "runs", cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
+        assert files(project) == before
+    assert ids(tmp_path) == [run_id]
+
+
+def test_rm_of_the_same_run_twice_removes_it_once(tmp_path: Path) -> None:
+    run_id = submit(tmp_path)
+    done = run_cli("rm", run_id, run_id, "--yes", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [f"removed {run_id}"]
+    assert ids(tmp_path) == []

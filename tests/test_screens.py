@@ -10,6 +10,7 @@ screens match a real terminal's (capture-pane).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -27,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import spec_text, write_rows, write_spec
+from .conftest import run_cli, spec_text, write_rows, write_spec
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("RUNNER_UPDATE_GOLDEN") == "1"
@@ -316,3 +317,17 @@ def test_screens_of_a_finished_run(two_models: Finished, command: str, width: in
     if width == 160:
         assert not any(line.endswith("...") for line in final), final
     check_golden(f"{command}-{width}.txt", normalise(final, two_models.folder))
+
+
+def test_report_of_a_two_model_run_counts_answers_apart_from_input_rows(
+    two_models: Finished,
+) -> None:
+    """20 input rows by 2 models are 40 answers: the report does not call them 40 rows."""
+    (run,) = [p.name for p in (two_models.folder / "runs").iterdir()]
+    done = run_cli("report", run, "--format", "json", "--runs-dir", "runs", cwd=two_models.folder)
+    assert done.returncode == 0, done.stderr
+    overview = {m["metric"]: m["value"] for m in json.loads(done.stdout)["overview"]}
+    assert overview["input rows"] == 20
+    assert overview["models"] == 2
+    assert overview["answers total"] == 40 and overview["answers ok"] == 40
+    assert not any(name.startswith("rows ") for name in overview), overview

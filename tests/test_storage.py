@@ -259,3 +259,28 @@ def test_start_log_covers_every_request_not_journaled(tmp_path: Path) -> None:
     later.close()
     run.clear_sending()
     assert run.unanswered_at_crash() == 0
+
+
+def test_a_damaged_part_file_is_the_users_error_not_an_internal_one(tmp_path: Path) -> None:
+    """A part file that is no longer Parquet (overwritten, or a symlink to another file):
+    query, report, export and status exit 2 in one line naming the parts folder, not exit 4
+    with a DuckDB trace."""
+    write_rows(tmp_path / "data.jsonl", [{"id": f"r{i}", "text": f"q {i}"} for i in range(3)])
+    write_spec(tmp_path, spec_text())
+    done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    (part,) = (run / "parts").glob("*.parquet")
+    part.unlink()
+    part.symlink_to(tmp_path / "job.toml")
+    for args in (
+        ("query", run.name, "SELECT count(*) FROM results"),
+        ("report", run.name),
+        ("export", run.name, "out.csv"),
+        ("status", run.name),
+    ):
+        done = run_cli(*args, "--runs-dir", "runs", cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith(f"error: {run / 'parts'}: the run's results cannot be read"), line
+    assert not (tmp_path / "out.csv").exists()
