@@ -144,7 +144,7 @@ class _Handler(ResponseHandler):
         self.answered = False
         self.checking = False
         self.parked: ConnectionKey | None = None
-        self.ids: dict[str, int] | None = None
+        self.ids: dict[str, tuple[int, int]] | None = None
 
     def set_response_params(self, **params: Any) -> None:
         # aiohttp calls this as a request is about to be written on this connection.
@@ -164,22 +164,24 @@ class _Handler(ResponseHandler):
             self.answered = True
         super().data_received(data)
 
-    def repeated(self, answer_id: str, request: bytes) -> bool:
-        """Remember `answer_id` as the answer to `request`; True when this connection
-        delivered that id before as the answer to a different request.
+    def repeated(self, answer_id: str, request: bytes, content: bytes) -> bool:
+        """Remember `answer_id` as the answer `content` to `request`; True when this
+        connection delivered that very answer (same id, same bytes) before, to a different
+        request.
 
         The same id for the same request is no proof of anything (a caching gateway, or the
-        same question asked again of a deterministic server), so only a different request
-        counts.
+        same question asked again of a deterministic server), nor is the same id with other
+        content (servers that give every answer one id): only the same bytes again for a
+        different request count.
         """
         ids = self.ids
         if ids is None:
             ids = self.ids = {}
-        asked = hash(request)
+        asked, said = hash(request), hash(content)
         before = ids.get(answer_id)
-        if before is not None and before != asked:
+        if before is not None and before[0] != asked and before[1] == said:
             return True
-        ids[answer_id] = asked
+        ids[answer_id] = (asked, said)
         if len(ids) > _REMEMBERED_IDS:
             del ids[next(iter(ids))]
         return False
@@ -383,7 +385,7 @@ class ChatClient:
             if (
                 answer.response_id
                 and handler is not None
-                and handler.repeated(answer.response_id, body)
+                and handler.repeated(answer.response_id, body, content)
             ):
                 raise ProtocolFailure(
                     "an answer this connection had delivered before came again: the "

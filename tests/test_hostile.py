@@ -524,3 +524,22 @@ def test_the_total_deadline_holds(serve: Callable[[Handler], Listener], mode: Ha
     out = run_client(server.url, rows=2, timeout=0.6)
     assert outcomes(out) == {"TimeoutFailure"}
     assert all(r["seconds"] < 3 for r in out["results"])
+
+
+async def constant_id(ex: Exchange) -> None:
+    """Every answer under one and the same `id` (some gateways and local servers do this),
+    each with its own content, one request at a time on a keep-alive connection."""
+    while await ex.next_request():
+        body = json.loads(answer(ex.tag))
+        body["id"] = "chatcmpl-000"
+        await ex.send(response(json.dumps(body).encode()))
+
+
+def test_one_id_for_every_answer_is_not_a_repeat(serve: Callable[[Handler], Listener]) -> None:
+    # Broke: the repeat check took the same id for a different request as an answer the
+    # connection had delivered before, so every reused connection's answer was thrown away
+    # (paid for) and bought again until max_attempts.
+    server = serve(constant_id)
+    out = run_client(server.url, rows=40, concurrency=2, attempts=1)
+    assert outcomes(out) == {"ok"}
+    assert server.seen.connections <= 4
