@@ -21,6 +21,7 @@ Retrying is not done here (retry.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import resource
@@ -67,6 +68,17 @@ _RATE_PREFIXES = ("x-ratelimit-",)
 _QUOTA_CODES = {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"}
 _KEYISH = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*.]{4,}")
 _MAX_MESSAGE = 500
+# The text fields of an answer, kept on disk: a server quoting the key there has it cut out.
+_ANSWER_TEXTS = (
+    "content",
+    "refusal",
+    "tool_calls",
+    "finish_reason",
+    "response_model",
+    "response_id",
+    "system_fingerprint",
+    "usage_raw",
+)
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 # Of an error answer (not 200) only this much is read: enough for the provider's message.
 _ERROR_BODY_BYTES = 64 * 1024
@@ -501,7 +513,7 @@ class ChatClient:
         prompt_details = _dict(usage.get("prompt_tokens_details"))
         completion_details = _dict(usage.get("completion_tokens_details"))
         tool_calls = message.get("tool_calls")
-        return Completion(
+        answer = Completion(
             content=_text(message.get("content")),
             refusal=_str(message.get("refusal")),
             tool_calls=orjson.dumps(tool_calls).decode() if tool_calls else None,
@@ -518,6 +530,22 @@ class ChatClient:
             headers=headers or None,
             usage_raw=untrusted_usage(data.get("usage")),
         )
+        return self._redacted(answer)
+
+    def _redacted(self, answer: Completion) -> Completion:
+        """`answer` with the key (or most of it) cut from every text a server put in it."""
+        key = self._secret.reveal() if self._secret is not None else ""
+        if not key:
+            return answer
+        least = min(len(key), max(8, len(key) * 3 // 4))
+        changed = {}
+        for name in _ANSWER_TEXTS:
+            text = getattr(answer, name)
+            if text is not None and key[:least] in text:
+                for size in range(len(key), least - 1, -1):
+                    text = text.replace(key[:size], "***")
+                changed[name] = text
+        return dataclasses.replace(answer, **changed) if changed else answer
 
 
 class _Inflater:
