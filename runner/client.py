@@ -68,6 +68,7 @@ _RATE_PREFIXES = ("x-ratelimit-",)
 _QUOTA_CODES = {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"}
 _KEYISH = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*.]{4,}")
 _MAX_MESSAGE = 500
+_SHORTEST_SECRET = 12  # shorter keys are placeholders: answers quoting them are kept as they are
 # The text fields of an answer, kept on disk: a server quoting the key there has it cut out.
 _ANSWER_TEXTS = (
     "content",
@@ -535,8 +536,8 @@ class ChatClient:
     def _redacted(self, answer: Completion) -> Completion:
         """`answer` with the key (or most of it) cut from every text a server put in it."""
         key = self._secret.reveal() if self._secret is not None else ""
-        if not key:
-            return answer
+        if len(key) < _SHORTEST_SECRET:
+            return answer  # "EMPTY", "none": a local server's placeholder, common words
         least = min(len(key), max(8, len(key) * 3 // 4))
         changed = {}
         for name in _ANSWER_TEXTS:
