@@ -21,6 +21,7 @@ Retrying is not done here (retry.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import resource
@@ -67,6 +68,18 @@ _RATE_PREFIXES = ("x-ratelimit-",)
 _QUOTA_CODES = {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active"}
 _KEYISH = re.compile(r"\b(sk|rk|pk)-[A-Za-z0-9_\-*.]{4,}")
 _MAX_MESSAGE = 500
+_SHORTEST_SECRET = 12  # shorter keys are placeholders: answers quoting them are kept as they are
+# The text fields of an answer, kept on disk: a server quoting the key there has it cut out.
+_ANSWER_TEXTS = (
+    "content",
+    "refusal",
+    "tool_calls",
+    "finish_reason",
+    "response_model",
+    "response_id",
+    "system_fingerprint",
+    "usage_raw",
+)
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 # Of an error answer (not 200) only this much is read: enough for the provider's message.
 _ERROR_BODY_BYTES = 64 * 1024
@@ -144,7 +157,7 @@ class _Handler(ResponseHandler):
         self.answered = False
         self.checking = False
         self.parked: ConnectionKey | None = None
-        self.ids: dict[str, int] | None = None
+        self.ids: dict[str, tuple[int, int]] | None = None
 
     def set_response_params(self, **params: Any) -> None:
         # aiohttp calls this as a request is about to be written on this connection.
@@ -164,22 +177,24 @@ class _Handler(ResponseHandler):
             self.answered = True
         super().data_received(data)
 
-    def repeated(self, answer_id: str, request: bytes) -> bool:
-        """Remember `answer_id` as the answer to `request`; True when this connection
-        delivered that id before as the answer to a different request.
+    def repeated(self, answer_id: str, request: bytes, content: bytes) -> bool:
+        """Remember `answer_id` as the answer `content` to `request`; True when this
+        connection delivered that very answer (same id, same bytes) before, to a different
+        request.
 
         The same id for the same request is no proof of anything (a caching gateway, or the
-        same question asked again of a deterministic server), so only a different request
-        counts.
+        same question asked again of a deterministic server), nor is the same id with other
+        content (servers that give every answer one id): only the same bytes again for a
+        different request count.
         """
         ids = self.ids
         if ids is None:
             ids = self.ids = {}
-        asked = hash(request)
+        asked, said = hash(request), hash(content)
         before = ids.get(answer_id)
-        if before is not None and before != asked:
+        if before is not None and before[0] != asked and before[1] == said:
             return True
-        ids[answer_id] = asked
+        ids[answer_id] = (asked, said)
         if len(ids) > _REMEMBERED_IDS:
             del ids[next(iter(ids))]
         return False
@@ -383,7 +398,7 @@ class ChatClient:
             if (
                 answer.response_id
                 and handler is not None
-                and handler.repeated(answer.response_id, body)
+                and handler.repeated(answer.response_id, body, content)
             ):
                 raise ProtocolFailure(
                     "an answer this connection had delivered before came again: the "
@@ -499,7 +514,7 @@ class ChatClient:
         prompt_details = _dict(usage.get("prompt_tokens_details"))
         completion_details = _dict(usage.get("completion_tokens_details"))
         tool_calls = message.get("tool_calls")
-        return Completion(
+        answer = Completion(
             content=_text(message.get("content")),
             refusal=_str(message.get("refusal")),
             tool_calls=orjson.dumps(tool_calls).decode() if tool_calls else None,
@@ -516,6 +531,22 @@ class ChatClient:
             headers=headers or None,
             usage_raw=untrusted_usage(data.get("usage")),
         )
+        return self._redacted(answer)
+
+    def _redacted(self, answer: Completion) -> Completion:
+        """`answer` with the key (or most of it) cut from every text a server put in it."""
+        key = self._secret.reveal() if self._secret is not None else ""
+        if len(key) < _SHORTEST_SECRET:
+            return answer  # "EMPTY", "none": a local server's placeholder, common words
+        least = min(len(key), max(8, len(key) * 3 // 4))
+        changed = {}
+        for name in _ANSWER_TEXTS:
+            text = getattr(answer, name)
+            if text is not None and key[:least] in text:
+                for size in range(len(key), least - 1, -1):
+                    text = text.replace(key[:size], "***")
+                changed[name] = text
+        return dataclasses.replace(answer, **changed) if changed else answer
 
 
 class _Inflater:

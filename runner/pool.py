@@ -251,6 +251,13 @@ class Pool:
                         self._stop_at_budget()
                         raise exc  # no room for another answer: this one is the row's
                     self._add_cost(self.spender.paid(current.reservation, record))
+            elif exc.possibly_billed and self.spender is not None:
+                # Perhaps sold though unusable (a 200 without choices, a drop mid-answer): it
+                # counts at the row's worst case, and the row is re-asked only if that fits.
+                if not self.spender.room_to_reask(current.reservation, record):
+                    self._stop_at_budget()
+                    raise exc
+                self._add_cost(self.spender.paid(current.reservation, record))
             if not current.retrying:
                 current.retrying = True
                 self.progress.retrying += 1

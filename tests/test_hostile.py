@@ -6,6 +6,7 @@ answer on the wrong row, and the key sent to the endpoint only."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import os
@@ -524,3 +525,72 @@ def test_the_total_deadline_holds(serve: Callable[[Handler], Listener], mode: Ha
     out = run_client(server.url, rows=2, timeout=0.6)
     assert outcomes(out) == {"TimeoutFailure"}
     assert all(r["seconds"] < 3 for r in out["results"])
+
+
+async def constant_id(ex: Exchange) -> None:
+    """Every answer under one and the same `id` (some gateways and local servers do this),
+    each with its own content, one request at a time on a keep-alive connection."""
+    while await ex.next_request():
+        body = json.loads(answer(ex.tag))
+        body["id"] = "chatcmpl-000"
+        await ex.send(response(json.dumps(body).encode()))
+
+
+def test_one_id_for_every_answer_is_not_a_repeat(serve: Callable[[Handler], Listener]) -> None:
+    # Broke: the repeat check took the same id for a different request as an answer the
+    # connection had delivered before, so every reused connection's answer was thrown away
+    # (paid for) and bought again until max_attempts.
+    server = serve(constant_id)
+    out = run_client(server.url, rows=40, concurrency=2, attempts=1)
+    assert outcomes(out) == {"ok"}
+    assert server.seen.connections <= 4
+
+
+async def echoes_key(ex: Exchange) -> None:
+    """A 200 that quotes the request's key in every text field it has, some cut short."""
+    while await ex.next_request():
+        key = ex.head.split(b"Bearer ", 1)[1].split(b"\r\n", 1)[0].decode()
+        body = {
+            "id": f"chatcmpl-{key}",
+            "model": key,
+            "system_fingerprint": key[:-2],
+            "choices": [
+                {
+                    "message": {"content": f"{ex.tag} {key}", "refusal": key[:-1]},
+                    "finish_reason": key,
+                }
+            ],
+            "usage": {"prompt_tokens": key, "completion_tokens": 1},
+        }
+        await ex.send(response(json.dumps(body).encode()))
+
+
+def test_a_key_quoted_in_an_answer_never_reaches_the_record(
+    serve: Callable[[Handler], Listener],
+) -> None:
+    # Broke: an answer's id, model, content, refusal, fingerprint and raw usage were kept as
+    # the server sent them, so a server quoting the key had it written into the results.
+    from runner.client import ChatClient, Secret
+
+    server = serve(echoes_key)
+
+    async def ask(key: str) -> Any:
+        client = ChatClient(
+            base_url=server.url,
+            api_key=Secret(key),
+            timeout_s=5.0,
+            connect_timeout_s=2.0,
+            concurrency=1,
+        )
+        try:
+            return await client.complete(b'{"model":"m","messages":[{"content":"row-0"}]}')
+        finally:
+            await client.aclose()
+
+    answer = asyncio.run(ask(KEY))
+    assert answer.content is not None and answer.content.startswith("row-0 ")
+    # A short placeholder key ("EMPTY" for a local server) is no secret: answers stay whole.
+    assert asyncio.run(ask("EMPTY")).content == "row-0 EMPTY"
+    for item in dataclasses.fields(answer):
+        value = getattr(answer, item.name)
+        assert KEY[:12] not in str(value), (item.name, value)
