@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pyarrow.parquet as pq
 import pytest
 
 from runner import job
 from runner.errors import SpecError, UsageError
 from runner.report import price_rows, query
 from runner.simulator import SimulatorConfig, SimulatorThread
+from runner.sink import parts
 
 from .conftest import (
     run_cli,
@@ -238,6 +240,29 @@ def test_budget_holds_across_a_kill_9_with_answers_of_unknown_usage(
     served, rest = divmod(sim.stats.served_tokens, prompt + 4)
     assert rest == 0 and sim.stats.served_tokens > killed_at
     assert served * worst_case_usd(data[0]["text"], max_tokens=4) <= 0.2, served
+
+
+@pytest.mark.anyio
+async def test_unknown_usage_charges_are_journaled_and_old_parts_without_them_still_read(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """Each answer without usage carries its worst case (charged_usd), which a resume
+    counts; parts written before that column existed still read (counted as before)."""
+    data = long_rows(20, dict.fromkeys(range(20), "[[sim:no_usage]]"))
+    text = spec_text(base_url=sim.base_url, run_extra="budget_usd = 1.0") + CHEAP
+    outcome = await submit_job(tmp_path, text, data)
+    assert outcome.state == "completed"
+    rows = select(outcome.run, "SELECT row_id, charged_usd FROM results")
+    texts = {row["id"]: row["text"] for row in data}
+    for r in rows:
+        assert r["charged_usd"] == pytest.approx(worst_case_usd(texts[r["row_id"]]))
+    [usage] = outcome.run.settled().usage.values()
+    assert usage[3] == pytest.approx(sum(r["charged_usd"] for r in rows))
+    for path in parts(outcome.run.parts_dir):
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["charged_usd"]), path)
+    assert outcome.run.settled().usage == {}  # no tokens, nothing charged: as before
+    assert select(outcome.run, "SELECT count(charged_usd) AS n FROM results") == [{"n": 0}]
 
 
 @pytest.mark.anyio
