@@ -486,6 +486,10 @@ class Budget:
         again after a crash (state.Settled.usage); None when the record's usage tells.
         """
         assert isinstance(reservation, Decimal)
+        if (record.prompt_tokens is not None and record.completion_tokens is not None) or (
+            record.provider_cost is not None and record.provider_cost >= 0
+        ):
+            return None  # the usual answer: its tokens or its cost tell (no Decimal work)
         probe = dataclasses.replace(record, status="ok") if answered else record
         actual = self._actual(probe, reservation)
         told = record.prompt_tokens is not None or record.provider_cost is not None
