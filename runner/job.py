@@ -465,7 +465,9 @@ async def _execute(
     finally:
         start_log.close()
         if budget is not None:
-            manifest["budget_spent_usd"] = float(budget.spent)
+            # Still reserved: rows cut by a hard stop (grace_s over, a second Ctrl-C), whose
+            # requests may have been billed without a record. They count at their worst case.
+            manifest["budget_spent_usd"] = float(budget.spent + budget.reserved)
         with anyio.CancelScope(shield=True):
             stop_reason = await _finish(
                 run, manifest, session, sink, progress, settled, stop_reason, pool, error

@@ -208,18 +208,21 @@ async def test_budget_over_sessions_counts_earlier_unknown_usage_at_its_worst_ca
     assert sum(worst_case_usd(texts[r["row_id"]]) for r in answered) <= 0.1
 
 
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
 def test_budget_holds_across_a_kill_9_with_answers_of_unknown_usage(
-    tmp_path: Path, sim_factory: Any
+    tmp_path: Path, sim_factory: Any, stop: signal.Signals
 ) -> None:
     """A session killed -9 after answers without usage (each counted at its worst case),
     with requests on the wire, then resumed to its budget: the answers the server served,
-    each at its worst case, stay within budget_usd."""
+    each at its worst case, stay within budget_usd. The same after a stop that cuts the
+    requests on the wire (SIGTERM with grace_s = 0): they may have been billed."""
     sim = sim_factory(latency_ms=100)
     filler = "Please summarise the following notes about batch processing carefully. " * 4
     # Prompts of one length, answers cut at max_tokens: every answer served the same tokens.
     data = [{"id": f"r{i}", "text": f"{filler} Row {i:03d}. [[sim:no_usage]]"} for i in range(300)]
     write_rows(tmp_path / "data.jsonl", data)
-    text = spec_text(base_url=sim.base_url, run_extra="budget_usd = 0.2", concurrency=8)
+    extra = "budget_usd = 0.2\ngrace_s = 0"
+    text = spec_text(base_url=sim.base_url, run_extra=extra, concurrency=8)
     write_spec(tmp_path, text.replace("max_tokens = 64", "max_tokens = 4") + CHEAP)
     proc = start_runner(tmp_path, "submit", "job.toml")
     assert proc.stderr is not None
@@ -230,7 +233,7 @@ def test_budget_holds_across_a_kill_9_with_answers_of_unknown_usage(
     while sim.stats.ok < 30:  # a test-side wait on another process
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(stop)
     proc.communicate(timeout=30)
     killed_at = sim.stats.served_tokens
     resumed = run_cli("resume", run_id, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
