@@ -242,7 +242,10 @@ async def resume(
             # The last session crashed: count what it had on the wire and never heard back,
             # and end it at its last trace on disk (not now: wall time is the real span).
             crashed = manifest["sessions"][-1]
-            crashed["unanswered_at_crash"] = run.unanswered_at_crash()
+            unanswered = run.unanswered_requests()
+            crashed["unanswered_at_crash"] = len(unanswered)
+            # Possibly billed without a record: the budget counts them at their worst case.
+            crashed["unanswered_worst_usd"] = sum(unanswered.values())
             crashed["outcome"] = "crashed"
             if not isinstance(crashed.get("ended_epoch"), int | float):
                 ended = max(alive or 0.0, crashed.get("started_epoch") or 0.0)
@@ -276,6 +279,16 @@ async def resume(
         )
     finally:
         run.unlock()
+
+
+def _unanswered_worst(manifest: dict[str, Any]) -> float:
+    """The worst case of every request crashed sessions had on the wire without a record."""
+    total = 0.0
+    for session in manifest.get("sessions", []):
+        worst = session.get("unanswered_worst_usd") if isinstance(session, dict) else None
+        if isinstance(worst, int | float) and worst > 0:
+            total += float(worst)
+    return total
 
 
 def _all_priced(prepared: Prepared) -> bool:
@@ -380,8 +393,10 @@ async def _execute(
             budget = Budget(
                 prices,
                 limit_usd=job.run.budget_usd,
-                # Answers of unknown usage count at their worst case, which token sums
-                # cannot tell: the budget's own figure from earlier sessions is kept too.
+                # Answers of unknown usage count at their worst case (journaled with each
+                # record as charged_usd), and so do requests a crashed session had on the
+                # wire without a record (they may have been billed): a kill -9 forgets
+                # nothing. A clean session's own figure includes all of these.
                 spent_usd=max(
                     spent_before(
                         prices,
@@ -389,7 +404,8 @@ async def _execute(
                             m: (int(u[0]), int(u[1]), int(u[2]), u[3])
                             for m, u in settled.usage.items()
                         },
-                    ),
+                    )
+                    + _unanswered_worst(manifest),
                     float(manifest.get("budget_spent_usd") or 0.0),
                 ),
             )
@@ -449,7 +465,9 @@ async def _execute(
     finally:
         start_log.close()
         if budget is not None:
-            manifest["budget_spent_usd"] = float(budget.spent)
+            # Still reserved: rows cut by a hard stop (grace_s over, a second Ctrl-C), whose
+            # requests may have been billed without a record. They count at their worst case.
+            manifest["budget_spent_usd"] = float(budget.spent + budget.reserved)
         with anyio.CancelScope(shield=True):
             stop_reason = await _finish(
                 run, manifest, session, sink, progress, settled, stop_reason, pool, error

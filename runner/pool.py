@@ -68,10 +68,20 @@ class Spender(Protocol):
 
         `reservation` is the row's (its worst case stands for an answer of unknown usage)."""
 
+    def charged(
+        self, reservation: object, record: ResultRecord, *, answered: bool = False
+    ) -> float | None:
+        """What settling (`answered`: paying for) `record` charges that its usage cannot
+        tell, journaled with it (`charged_usd`) so that a resume after a crash counts it."""
+
+    def worst_usd(self, reservation: object) -> float:
+        """A reservation in USD: what a request on the wire may cost."""
+
 
 class StartRecorder(Protocol):
-    def started(self, entry: tuple[str, str, int]) -> None:
-        """Durably note (row_id, model, attempt) before the request is sent."""
+    def started(self, entry: tuple[str, str, int], worst_usd: float = 0.0) -> None:
+        """Durably note (row_id, model, attempt) before the request is sent, with what it
+        may cost (the row's reservation)."""
 
 
 class ResultSink(Protocol):
@@ -247,6 +257,9 @@ class Pool:
                 # A re-asked answer was still paid for: keep its usage with the attempt.
                 record = current.paid_attempt(record, exc.answer)
                 if self.spender is not None:
+                    charged = self.spender.charged(current.reservation, record, answered=True)
+                    if charged is not None:
+                        record = dataclasses.replace(record, charged_usd=charged)
                     if not self.spender.room_to_reask(current.reservation, record):
                         self._stop_at_budget()
                         raise exc  # no room for another answer: this one is the row's
@@ -293,6 +306,9 @@ class Pool:
                 if tracked and record is not None and record.status == "ok":
                     self._answered.add(key)
                 if self.spender is not None and record is not None:
+                    charged = self.spender.charged(reservation, record)
+                    if charged is not None:
+                        record = dataclasses.replace(record, charged_usd=charged)
                     self._add_cost(self.spender.settle(reservation, record))
                 elif self.spender is not None:
                     self.spender.release(reservation)  # refused key: nothing was billed
@@ -323,7 +339,12 @@ class Pool:
             progress.in_flight += 1
             sending = (item.row_id, item.model, current.attempts)
             if self.start_log is not None:
-                self.start_log.started(sending)  # before the first byte: see state.StartLog
+                worst = (
+                    self.spender.worst_usd(current.reservation)
+                    if self.spender is not None and current.reservation is not None
+                    else 0.0
+                )
+                self.start_log.started(sending, worst)  # before the first byte: see StartLog
             self.sending.add(sending)
             self.sent += 1
             try:

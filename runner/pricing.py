@@ -477,6 +477,32 @@ class Budget:
         assert isinstance(reservation, Decimal)
         self.reserved -= reservation
 
+    def charged(
+        self, reservation: object, record: ResultRecord, *, answered: bool = False
+    ) -> float | None:
+        """What settling (or, `answered`, paying for) `record` charges that its stored tokens
+        and cost cannot tell: the worst case of an attempt of unknown usage, or of one possibly
+        billed without an answer. Journaled with the record (`charged_usd`), it is counted
+        again after a crash (state.Settled.usage); None when the record's usage tells.
+        """
+        assert isinstance(reservation, Decimal)
+        if (record.prompt_tokens is not None and record.completion_tokens is not None) or (
+            record.provider_cost is not None and record.provider_cost >= 0
+        ):
+            return None  # the usual answer: its tokens or its cost tell (no Decimal work)
+        probe = dataclasses.replace(record, status="ok") if answered else record
+        actual = self._actual(probe, reservation)
+        told = record.prompt_tokens is not None or record.provider_cost is not None
+        if actual is not None and (told or actual == ZERO):
+            return None
+        charge = reservation if actual is None else actual
+        return float(charge) if charge > ZERO else None
+
+    def worst_usd(self, reservation: object) -> float:
+        """A reservation in USD (what a request on the wire may cost)."""
+        assert isinstance(reservation, Decimal)
+        return float(reservation)
+
     def room_to_reask(self, reservation: object, record: ResultRecord) -> bool:
         """Whether paying for a re-asked answer (its cost, or the worst case when unknown)
         still leaves the row's reservation within the budget for its next attempt."""
@@ -510,8 +536,9 @@ class Budget:
 def spent_before(prices: PriceSource, usage: Mapping[str, tuple[int, int, int, float]]) -> float:
     """What earlier sessions spent, from token sums per model (cost is linear in tokens).
 
-    `usage[model] = (prompt, cached, completion, provider_cost)`, the last summed over rows
-    whose provider reported a cost (their tokens are not in the first three).
+    `usage[model] = (prompt, cached, completion, usd)`, the last summed over rows whose
+    provider reported a cost and over what the budget charged for rows whose usage was
+    unknown (`charged_usd`); the tokens of those rows are not in the first three.
     """
     total = ZERO
     for model, (prompt, cached, completion, provider) in usage.items():

@@ -156,6 +156,10 @@ class ResultRecord:
     # Answered from an earlier ok result with the same request hash (no request was sent);
     # the answer columns are filled from that result when read.
     reused: bool = False
+    # What the budget charged for this attempt when its stored usage cannot tell (unknown
+    # usage, or possibly billed without an answer): its worst case, so that a resume after
+    # a crash counts it again (state.Settled.usage). None when its tokens or cost tell.
+    charged_usd: float | None = None
 
 
 @dataclass(slots=True)

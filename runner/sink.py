@@ -55,13 +55,16 @@ _TYPES: dict[str, pa.DataType] = {
     "error_message": pa.string(),
     "possibly_billed": pa.bool_(),
     "reused": pa.bool_(),
+    "charged_usd": pa.float64(),
 }
 COLUMNS = [f.name for f in fields(ResultRecord)]
 assert set(COLUMNS) == set(_TYPES), "records.ResultRecord and sink's schema disagree"
 SCHEMA = pa.schema([pa.field(name, _TYPES[name]) for name in COLUMNS])
 # Columns that identify a row's answer, for joins with the input and exports.
 ANSWER_COLUMNS = [
-    c for c in COLUMNS if c not in ("row_index", "final", "possibly_billed", "reused")
+    c
+    for c in COLUMNS
+    if c not in ("row_index", "final", "possibly_billed", "reused", "charged_usd")
 ]
 # Columns a reused row takes from the ok result it reuses.
 REUSED_COLUMNS = [

@@ -37,6 +37,8 @@ class StartLog:
         self._path: Path | None = None
         numbers = [int(p.stem.split("-")[1]) for p in folder.glob(START_GLOB)]
         self._number = max(numbers, default=0)
+        # What each request logged since the last rotation may cost (written with it).
+        self._worst: dict[tuple[str, str, int], float] = {}
 
     def _open_next(self, first: bytes) -> None:
         self._number += 1
@@ -56,13 +58,16 @@ class StartLog:
         if old_path is not None:
             old_path.unlink(missing_ok=True)
 
-    def started(self, entry: tuple[str, str, int]) -> None:
-        """Log a request about to be sent; synchronous, before the request's first byte."""
+    def started(self, entry: tuple[str, str, int], worst_usd: float = 0.0) -> None:
+        """Log a request about to be sent, with what it may cost (its worst case, counted
+        against the budget on resume when it never got a record); synchronous, before the
+        request's first byte."""
         if self._fd is None:
             self._open_next(b"")
         assert self._fd is not None
+        self._worst[entry] = worst_usd
         try:
-            os.write(self._fd, orjson.dumps(entry) + b"\n")
+            os.write(self._fd, orjson.dumps([*entry, worst_usd]) + b"\n")
         except OSError as exc:
             raise storage_error("write", self._path or self.folder, exc) from None
 
@@ -70,7 +75,9 @@ class StartLog:
         """Start a new file with what is in flight now and drop the old one."""
         if self._fd is None and not in_flight:
             return
-        self._open_next(b"".join(orjson.dumps(e) + b"\n" for e in in_flight))
+        worst = self._worst
+        self._worst = {e: worst.get(e, 0.0) for e in in_flight}
+        self._open_next(b"".join(orjson.dumps([*e, self._worst[e]]) + b"\n" for e in in_flight))
 
     def close(self) -> None:
         if self._fd is not None:
@@ -78,15 +85,18 @@ class StartLog:
             self._fd = None
 
     @staticmethod
-    def read(path: Path) -> set[tuple[str, str, int]]:
-        """The entries of one file; a torn last line (a kill mid-write) is skipped."""
-        found: set[tuple[str, str, int]] = set()
+    def read(path: Path) -> dict[tuple[str, str, int], float]:
+        """The entries of one file and what each may cost (0 when older versions wrote no
+        cost); a torn last line (a kill mid-write) is skipped."""
+        found: dict[tuple[str, str, int], float] = {}
         try:
             lines = path.read_bytes().splitlines()
         except OSError:
             return found
         for line in lines:
             with contextlib.suppress(ValueError, TypeError):
-                row_id, model, attempt = orjson.loads(line)
-                found.add((str(row_id), str(model), int(attempt)))
+                row_id, model, attempt, *rest = orjson.loads(line)
+                worst = float(rest[0]) if rest else 0.0
+                key = (str(row_id), str(model), int(attempt))
+                found[key] = max(found.get(key, 0.0), worst if worst >= 0 else 0.0)
         return found

@@ -103,8 +103,9 @@ class Settled:
     by_row: dict[str, bytearray] = field(default_factory=dict)
     keys: set[int] | None = None  # work_key() of the current rows' settled work, by key
     ok_hashes: set[int] = field(default_factory=set)  # hash_key() of answers to reuse
-    # model -> [prompt, cached, completion, provider_cost] summed over paid ok answers; rows
-    # with a provider-reported cost count only in the last.
+    # model -> [prompt, cached, completion, usd] summed over paid answers; rows with a
+    # provider-reported cost, or a budget charge for unknown usage (charged_usd), count
+    # only in the last.
     usage: dict[str, list[float]] = field(default_factory=dict)
     # When known, only these request keys can be reused (the input repeats them).
     reusable: set[int] | None = None
@@ -349,14 +350,20 @@ class RunDir:
         before it was sent (see StartLog), so a request answered by the server but not yet
         journaled at the kill is counted too. They may have been billed without an answer.
         """
-        wanted: set[tuple[str, str, int]] = set()
+        return len(self.unanswered_requests())
+
+    def unanswered_requests(self) -> dict[tuple[str, str, int], float]:
+        """(row_id, model, attempt) of each request of unanswered_at_crash, with its worst
+        case in USD as the start log has it (0 when unknown)."""
+        wanted: dict[tuple[str, str, int], float] = {}
         with contextlib.suppress(OSError, ValueError, TypeError):
             entries = json.loads(self.sending_path.read_text())  # an older version's snapshot
-            wanted |= {(str(r), str(m), int(a)) for r, m, a in entries}
+            wanted |= {(str(r), str(m), int(a)): 0.0 for r, m, a in entries}
         for path in self.journal_dir.glob(START_GLOB):
-            wanted |= StartLog.read(path)
+            for key, worst in StartLog.read(path).items():
+                wanted[key] = max(wanted.get(key, 0.0), worst)
         if not wanted:
-            return 0
+            return wanted
         import pyarrow.compute as pc  # ~30 ms: not on a submit's way to its first request
 
         ids = pa.array(sorted({r for r, _, _ in wanted}))
@@ -364,11 +371,11 @@ class RunDir:
             table = pq.read_table(path, columns=["row_id", "model", "attempts"])
             table = table.filter(pc.is_in(table.column("row_id"), value_set=ids))
             for row in table.to_pylist():
-                wanted.discard((row["row_id"], row["model"], row["attempts"]))
+                wanted.pop((row["row_id"], row["model"], row["attempts"]), None)
         for segment in segments(self.journal_dir):
             for r in read_segment(segment):
-                wanted.discard((r["row_id"], r["model"], r["attempts"]))
-        return len(wanted)
+                wanted.pop((r["row_id"], r["model"], r["attempts"]), None)
+        return wanted
 
     def recover(self) -> int:
         """Compact whatever an interrupted session left; returns the next segment number."""
@@ -415,7 +422,7 @@ class RunDir:
             values = [table.column(c).to_pylist() for c in columns]
             for row in zip(*values, strict=True):
                 _settle(result, latest, *row)
-            _add_usage(result, pq.read_table(path, columns=_USAGE_COLUMNS))
+            _add_usage(result, _read_usage(path))
         for segment in segments(self.journal_dir):
             records = read_segment(segment)
             if records:
@@ -456,13 +463,35 @@ _USAGE_COLUMNS = [
     "cached_tokens",
     "completion_tokens",
     "provider_cost",
+    "charged_usd",
 ]
 
 
+def _read_usage(path: Path) -> pa.Table:
+    """A part's usage columns; a part written before `charged_usd` existed has it null."""
+    names = set(pq.read_schema(path).names)
+    table = pq.read_table(path, columns=[c for c in _USAGE_COLUMNS if c in names])
+    for name in _USAGE_COLUMNS:
+        if name not in names:
+            table = table.append_column(
+                SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type)
+            )
+    return table
+
+
 def _add_usage(result: Settled, table: pa.Table) -> None:
-    """Sum paid usage per model (every answer really received, re-asked ones too)."""
+    """Sum paid usage per model (every answer really received, re-asked ones too), and
+    what the budget charged for attempts whose usage was unknown (`charged_usd`: their
+    worst case, which their tokens cannot tell), into the USD sum of `result.usage`."""
     import pyarrow.compute as pc  # ~30 ms: not on a submit's way to its first request
 
+    charged = table.filter(pc.field("charged_usd").is_valid())
+    if charged.num_rows:
+        sums = charged.group_by("model").aggregate([("charged_usd", "sum")])
+        for row in sums.to_pylist():
+            acc = result.usage.setdefault(row["model"], [0, 0, 0, 0.0])
+            acc[3] += row["charged_usd_sum"] or 0.0
+        table = table.filter(~pc.field("charged_usd").is_valid())
     paid = table.filter(
         ~pc.field("reused")
         & (pc.field("prompt_tokens").is_valid() | pc.field("provider_cost").is_valid())

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pyarrow.parquet as pq
 import pytest
 
 from runner import job
 from runner.errors import SpecError, UsageError
 from runner.report import price_rows, query
 from runner.simulator import SimulatorConfig, SimulatorThread
+from runner.sink import parts
 
 from .conftest import (
     run_cli,
     sections,
     select,
     spec_text,
+    start_runner,
     submit_job,
     write_rows,
     write_spec,
@@ -201,6 +206,66 @@ async def test_budget_over_sessions_counts_earlier_unknown_usage_at_its_worst_ca
     assert first < sim.stats.ok == len(answered) < 200
     texts = {row["id"]: row["text"] for row in data}
     assert sum(worst_case_usd(texts[r["row_id"]]) for r in answered) <= 0.1
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_budget_holds_across_a_kill_9_with_answers_of_unknown_usage(
+    tmp_path: Path, sim_factory: Any, stop: signal.Signals
+) -> None:
+    """A session killed -9 after answers without usage (each counted at its worst case),
+    with requests on the wire, then resumed to its budget: the answers the server served,
+    each at its worst case, stay within budget_usd. The same after a stop that cuts the
+    requests on the wire (SIGTERM with grace_s = 0): they may have been billed."""
+    sim = sim_factory(latency_ms=100)
+    filler = "Please summarise the following notes about batch processing carefully. " * 4
+    # Prompts of one length, answers cut at max_tokens: every answer served the same tokens.
+    data = [{"id": f"r{i}", "text": f"{filler} Row {i:03d}. [[sim:no_usage]]"} for i in range(300)]
+    write_rows(tmp_path / "data.jsonl", data)
+    extra = "budget_usd = 0.2\ngrace_s = 0"
+    text = spec_text(base_url=sim.base_url, run_extra=extra, concurrency=8)
+    write_spec(tmp_path, text.replace("max_tokens = 64", "max_tokens = 4") + CHEAP)
+    proc = start_runner(tmp_path, "submit", "job.toml")
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    assert first.startswith("run "), first + proc.communicate(timeout=30)[1]
+    run_id = first.split()[1].rstrip(":")
+    deadline = time.monotonic() + 30
+    while sim.stats.ok < 30:  # a test-side wait on another process
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(stop)
+    proc.communicate(timeout=30)
+    killed_at = sim.stats.served_tokens
+    resumed = run_cli("resume", run_id, "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert resumed.returncode == 3, resumed.stderr
+    assert "budget reached" in resumed.stderr
+    prompt = len(data[0]["text"].encode()) // 4 + 4
+    served, rest = divmod(sim.stats.served_tokens, prompt + 4)
+    assert rest == 0 and sim.stats.served_tokens > killed_at
+    assert served * worst_case_usd(data[0]["text"], max_tokens=4) <= 0.2, served
+
+
+@pytest.mark.anyio
+async def test_unknown_usage_charges_are_journaled_and_old_parts_without_them_still_read(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """Each answer without usage carries its worst case (charged_usd), which a resume
+    counts; parts written before that column existed still read (counted as before)."""
+    data = long_rows(20, dict.fromkeys(range(20), "[[sim:no_usage]]"))
+    text = spec_text(base_url=sim.base_url, run_extra="budget_usd = 1.0") + CHEAP
+    outcome = await submit_job(tmp_path, text, data)
+    assert outcome.state == "completed"
+    rows = select(outcome.run, "SELECT row_id, charged_usd FROM results")
+    texts = {row["id"]: row["text"] for row in data}
+    for r in rows:
+        assert r["charged_usd"] == pytest.approx(worst_case_usd(texts[r["row_id"]]))
+    [usage] = outcome.run.settled().usage.values()
+    assert usage[3] == pytest.approx(sum(r["charged_usd"] for r in rows))
+    for path in parts(outcome.run.parts_dir):
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["charged_usd"]), path)
+    assert outcome.run.settled().usage == {}  # no tokens, nothing charged: as before
+    assert select(outcome.run, "SELECT count(charged_usd) AS n FROM results") == [{"n": 0}]
 
 
 @pytest.mark.anyio
