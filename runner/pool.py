@@ -267,6 +267,10 @@ class Pool:
             elif exc.possibly_billed and self.spender is not None:
                 # Perhaps sold though unusable (a 200 without choices, a drop mid-answer): it
                 # counts at the row's worst case, and the row is re-asked only if that fits.
+                # Journaled with the attempt (charged_usd), so a resume after a crash counts it.
+                charged = self.spender.charged(current.reservation, record, answered=True)
+                if charged is not None:
+                    record = dataclasses.replace(record, charged_usd=charged)
                 if not self.spender.room_to_reask(current.reservation, record):
                     self._stop_at_budget()
                     raise exc

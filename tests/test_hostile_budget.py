@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import spec_text, submit_job
+from tests.conftest import select, spec_text, submit_job
 from tests.test_hostile import Exchange, Listener, response
 
 CHEAP = '[prices."gpt-4o-mini"]\ninput = 10.0\noutput = 20.0\n'
@@ -37,5 +37,14 @@ async def test_answers_billed_without_choices_stay_within_budget(tmp_path: Path)
             + CHEAP
         )
         rows = [{"id": i, "text": f"question number {i} " * 8} for i in range(60)]
-        await submit_job(tmp_path, text, rows)
+        outcome = await submit_job(tmp_path, text, rows)
     assert sum(sold) <= 0.02, (len(sold), sum(sold))
+    # Every billed attempt, retried or final, journals its worst-case charge (charged_usd),
+    # so a resume after a crash still counts it: the charges cover what the server sold.
+    [charges] = select(
+        outcome.run,
+        "SELECT count(*) FILTER (WHERE charged_usd IS NULL) AS uncharged, "
+        "sum(charged_usd) AS charged FROM attempts WHERE possibly_billed",
+    )
+    assert charges["uncharged"] == 0, charges
+    assert charges["charged"] >= sum(sold) - 1e-9, (charges, sum(sold))
