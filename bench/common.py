@@ -28,7 +28,15 @@ def pinned(cpu: int, argv: list[str]) -> list[str]:
 @contextlib.contextmanager
 def simulator(*switches: str, cpu: int = 1) -> Iterator[str]:
     """`runner simulate` in its own process on a free loopback port; yields its base URL."""
-    argv = [sys.executable, "-m", "runner", "simulate", "--port", "0", *switches]
+    with _serving(
+        [sys.executable, "-m", "runner", "simulate", "--port", "0", *switches], cpu
+    ) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(argv: list[str], cpu: int) -> Iterator[str]:
+    """Run a simulator command pinned to `cpu` until its "listening on URL" line; yield URL."""
     proc = subprocess.Popen(pinned(cpu, argv), cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -39,6 +47,8 @@ def simulator(*switches: str, cpu: int = 1) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 SIM_SCRIPT = """
@@ -59,18 +69,8 @@ def configured_simulator(
     given) in its own process; yields its base URL."""
     argv = [sys.executable, "-c", SIM_SCRIPT, json.dumps(config)]
     argv += [str(tls[0]), str(tls[1])] if tls else []
-    proc = subprocess.Popen(pinned(cpu, argv), cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if "listening on" not in line:
-            raise RuntimeError(f"simulator did not start: {line!r}")
-        yield line.rsplit(" ", 1)[1].strip()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with _serving(argv, cpu) as url:
+        yield url
 
 
 def make_input(rows: int) -> Path:
