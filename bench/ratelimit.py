@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
+from typing import IO
 
 from common import OUT, ROOT, make_input, make_spec, pinned, simulator
 
@@ -55,22 +57,27 @@ def stats(base_url: str) -> dict[str, object]:
         return data
 
 
+def start_submit(spec: Path, base_url: str, log: IO[str]) -> tuple[subprocess.Popen[str], float]:
+    """`runner submit` of `spec` on core 0 (its log to `log`), and the moment the simulator saw
+    its first request: the clock starts there, not at process start."""
+    runs = OUT / "ratelimit-runs"
+    argv = [sys.executable, "-m", "runner", "submit", str(spec), "--runs-dir", str(runs)]
+    proc = subprocess.Popen(
+        pinned(0, argv), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True
+    )
+    started = time.monotonic()
+    while stats(base_url)["requests"] == 0 and time.monotonic() - started < 30:
+        time.sleep(0.01)
+    return proc, time.monotonic()
+
+
 def run(name: str, seconds: float, run_extra: str = "") -> dict[str, float]:
     switches, unit, limit, want_share, max_429 = SCENARIOS[name]
     rows = 200_000
     with simulator("--latency-ms", "50", "--jitter-ms", "20", *switches) as base_url:
         spec = make_spec(f"rl-{name}", make_input(rows), base_url, concurrency=128, extra=run_extra)
-        runs = OUT / "ratelimit-runs"
-        argv = [sys.executable, "-m", "runner", "submit", str(spec), "--runs-dir", str(runs)]
         log = (OUT / f"ratelimit-{name}.log").open("w")
-        proc = subprocess.Popen(
-            pinned(0, argv), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True
-        )
-        started = time.monotonic()
-        # Start the clock at the first request the simulator sees (not at process start).
-        while stats(base_url)["requests"] == 0 and time.monotonic() - started < 30:
-            time.sleep(0.01)
-        t0 = time.monotonic()
+        proc, t0 = start_submit(spec, base_url, log)
         time.sleep(seconds)
         s = stats(base_url)
         elapsed = time.monotonic() - t0
@@ -106,16 +113,8 @@ def short_job() -> dict[str, float]:
     """2,400 rows through a 1,200/min sliding window with headers, to the end."""
     with simulator("--latency-ms", "50", "--jitter-ms", "20", "--rpm-limit", "1200") as base_url:
         spec = make_spec("rl-short", make_input(SHORT_ROWS), base_url, concurrency=128)
-        runs = OUT / "ratelimit-runs"
-        argv = [sys.executable, "-m", "runner", "submit", str(spec), "--runs-dir", str(runs)]
         with (OUT / "ratelimit-short-job.log").open("w") as log:
-            proc = subprocess.Popen(
-                pinned(0, argv), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True
-            )
-            started = time.monotonic()
-            while stats(base_url)["requests"] == 0 and time.monotonic() - started < 30:
-                time.sleep(0.01)
-            t0 = time.monotonic()
+            proc, t0 = start_submit(spec, base_url, log)
             while (s := stats(base_url))["ok"] < SHORT_ROWS:  # type: ignore[operator]
                 if proc.poll() is not None or time.monotonic() - t0 > 300:
                     break
