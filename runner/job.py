@@ -36,6 +36,7 @@ from runner.errors import (
     primary,
 )
 from runner.limiter import Limiter, Limiters
+from runner.output.schema import freeze, frozen_text
 from runner.plan import (
     Estimate,
     Prepared,
@@ -149,6 +150,7 @@ async def submit(
             "counts": {},
             "sessions": [],
         }
+        freeze(prepared.output, run.path, manifest)
         if prepared.check_alongside:
             manifest["input_check"] = "pending"  # a resume checks the input if never finished
         run.write_manifest(manifest)
@@ -203,6 +205,9 @@ async def resume(
         alive = run.last_alive()  # before recovery rewrites files: when a crash left off
         spec = resumed_spec(run, manifest, spec_path)
         check_environment(spec)
+        schema_text = frozen_text(
+            run.path, manifest, spec, given=spec_path is not None, run_id=run.run_id
+        )
         if budget_usd is not None:
             manifest["budget_usd"] = budget_usd
         if manifest.get("budget_usd") is not None:
@@ -221,7 +226,7 @@ async def resume(
         # row_keys.parquet lists the current rows' keys, made from the input as it is now.
         by_key = changed or run.row_keys_path.exists()
         if by_key and (changed or not run.row_keys_fresh(now)):
-            prepared = prepare_loaded(spec, False)
+            prepared = prepare_loaded(spec, False, schema_text=schema_text)
             prepared.check = check_input(
                 prepared.source,
                 prepared.builder,
@@ -232,7 +237,7 @@ async def resume(
             # An unchanged input was checked whole when the run was submitted (unless that
             # session ended before its check did).
             unchecked = manifest.get("input_check") == "pending"
-            prepared = prepare_loaded(spec, None if unchecked else False)
+            prepared = prepare_loaded(spec, None if unchecked else False, schema_text=schema_text)
         if prepared.check is not None:
             manifest.pop("input_check", None)
         if changed:

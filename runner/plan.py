@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import SpecError, StorageFailed, UsageError
+from runner.output.schema import OutputSchema, load_output
 from runner.pricing import PriceSource, estimate_range, parse_price_table
 from runner.source import CheckResult, InputFile, RequestBuilder, check_input
 from runner.spec import (
@@ -37,6 +38,8 @@ class Prepared:
     check: CheckResult | None
     # The whole-file check runs alongside the first requests instead of before them.
     check_alongside: bool = False
+    # The JSON Schemas answers are checked against (None: answers are not checked).
+    output: OutputSchema | None = None
 
 
 def prepare(
@@ -55,10 +58,16 @@ def prepare(
 
 
 def prepare_loaded(
-    spec: LoadedSpec, check_whole_file: bool | None, check_alongside: bool = False
+    spec: LoadedSpec,
+    check_whole_file: bool | None,
+    check_alongside: bool = False,
+    *,
+    schema_text: str | None = None,
 ) -> Prepared:
+    """`schema_text`: the run folder's frozen copy of the [output] schema file (a resume)."""
     job = spec.job
     prices = PriceSource(parse_price_table(job.prices, path=str(spec.path)))
+    output = load_output(spec, frozen_text=schema_text)
     if job.run.budget_usd is not None and job.request is not None:
         _check_budgetable(spec, prices)
     source = InputFile(spec.input_path, job.input, shown=shown(spec.input_path))
@@ -66,9 +75,9 @@ def prepare_loaded(
     source.check_columns()
     whole = job.input.check_whole_file if check_whole_file is None else check_whole_file
     if whole and check_alongside:
-        return Prepared(spec, source, builder, prices, None, check_alongside=True)
+        return Prepared(spec, source, builder, prices, None, check_alongside=True, output=output)
     check = check_input(source, builder) if whole else None
-    return Prepared(spec, source, builder, prices, check)
+    return Prepared(spec, source, builder, prices, check, output=output)
 
 
 def _check_budgetable(spec: LoadedSpec, prices: PriceSource) -> None:

@@ -13,6 +13,7 @@ ORDER = [
     "errors",
     "records",
     "spec",
+    "output",
     "source",
     "client",
     "retry",
