@@ -390,7 +390,7 @@ class JobSpec(_Strict):
     request: RequestSpec | None = None
     run: RunSpec = Field(default_factory=RunSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
-    # USD per million tokens by model; validated by runner.pricing.parse_price_table.
+    # USD per million tokens by model; validated by runner.report.pricing.parse_price_table.
     prices: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")

@@ -31,8 +31,8 @@ import duckdb
 import pyarrow as pa
 
 from runner.errors import InputError, UsageError
-from runner.journal import read_segment, segments
-from runner.pricing import (
+from runner.input.source import InputFile, detect_format
+from runner.report.pricing import (
     COST_SQL,
     PriceRow,
     PriceSource,
@@ -40,10 +40,10 @@ from runner.pricing import (
     parse_price_table,
     price_sql_table,
 )
-from runner.sink import ANSWER_COLUMNS, COLUMNS, REUSED_COLUMNS, SCHEMA, parts, to_table
-from runner.source import InputFile, detect_format
 from runner.spec import InputSpec, input_spec_of
-from runner.state import RunDir, input_fingerprint
+from runner.store.journal import read_segment, segments
+from runner.store.sink import ANSWER_COLUMNS, COLUMNS, REUSED_COLUMNS, SCHEMA, parts, to_table
+from runner.store.state import RunDir, input_fingerprint
 
 _TOKEN_COLUMNS = (
     "prompt_tokens",

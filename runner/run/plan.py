@@ -3,7 +3,7 @@
 `prepare` validates before any spending (the spec, the key's presence, the input's columns and,
 unless deferred, every row); `estimate` is the dry run; `resumed_spec` picks the spec a resume
 runs with (the run's frozen one, or an edited one that changes only what a resume may take).
-runner/job.py runs what this prepares.
+runner/run/job.py runs what this prepares.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import SpecError, StorageFailed, UsageError
+from runner.input.source import CheckResult, InputFile, RequestBuilder, check_input
 from runner.output.schema import OutputSchema, load_output
-from runner.pricing import PriceSource, estimate_range, parse_price_table
-from runner.source import CheckResult, InputFile, RequestBuilder, check_input
+from runner.report.pricing import PriceSource, estimate_range, parse_price_table
 from runner.spec import (
     LoadedSpec,
     check_environment,
@@ -24,7 +24,7 @@ from runner.spec import (
     parse_spec,
     sent_fields_changed,
 )
-from runner.state import RunDir
+from runner.store.state import RunDir
 
 
 @dataclass(slots=True)

@@ -4,7 +4,7 @@ The library entry points the CLI calls (async; only `cli` starts the event loop)
 run's life cycle: validate before spending, create or reopen the run folder under its lock,
 feed only unsettled rows, handle SIGINT/SIGTERM (drain, then stop), and always leave the
 folder consistent (shielded, time-bounded cleanup). Knows nothing of terminals or argv.
-What it runs was made ready by runner/plan.py (`prepare`, re-exported here with `estimate`).
+What it runs was made ready by runner/run/plan.py (`prepare`, re-exported here with `estimate`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 
 import anyio
 
-from runner.client import ChatClient, Secret
 from runner.errors import (
     EXIT_FAILED_ROWS,
     EXIT_OK,
@@ -35,9 +34,14 @@ from runner.errors import (
     UsageError,
     primary,
 )
-from runner.limiter import Limiter, Limiters
+from runner.http.client import ChatClient, Secret
+from runner.http.retry import RetryPolicy
+from runner.input.source import RequestBuilder, Skip, check_input
 from runner.output.schema import freeze, frozen_text
-from runner.plan import (
+from runner.records import Progress, WorkItem
+from runner.report.pricing import Budget, spent_before
+from runner.run.limiter import Limiter, Limiters
+from runner.run.plan import (
     Estimate,
     Prepared,
     estimate,
@@ -47,15 +51,11 @@ from runner.plan import (
     session_settings,
     shown,
 )
-from runner.pool import Pool
-from runner.pricing import Budget, spent_before
-from runner.records import Progress, WorkItem
-from runner.retry import RetryPolicy
-from runner.sink import RunSink
-from runner.source import RequestBuilder, Skip, check_input
+from runner.run.pool import Pool
 from runner.spec import SIMULATOR, RunSpec, check_environment
-from runner.starts import StartLog
-from runner.state import (
+from runner.store.sink import RunSink
+from runner.store.starts import StartLog
+from runner.store.state import (
     RunDir,
     Settled,
     check_writable,

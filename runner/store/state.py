@@ -22,7 +22,6 @@ import platform
 import shutil
 import time
 from array import array
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -33,16 +32,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from runner.errors import RunLocked, RunNotFound, StorageFailed, UsageError
-from runner.journal import read_segment, segments, storage_error
 from runner.records import hash_key, work_key
-from runner.sink import SCHEMA, compact_leftovers, fsync_dir, parts
-from runner.starts import START_GLOB, StartLog
+from runner.store.journal import read_segment, segments, storage_error
+from runner.store.sink import SCHEMA, compact_leftovers, fsync_dir, parts
+from runner.store.starts import START_GLOB, StartLog
 
 DIR_MODE = 0o700
 # What readers show. `running` and `interrupted` are never trusted from the manifest: they
 # come from the lock (held: running; not held and the run not ended: interrupted, a crash or
 # a kill). The manifest's own word is kept for the states a session writes as it ends.
-STATES = ("running", "interrupted", "stopped", "completed", "failed")
 ENDED_STATES = ("stopped", "completed", "failed")
 _FINGERPRINT_BYTES = 1 << 20
 
@@ -634,12 +632,3 @@ def check_writable(runs_dir: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise StorageFailed(f"runs folder {runs_dir} is not writable ({exc.strerror})") from None
-
-
-@contextlib.contextmanager
-def locked(run: RunDir) -> Iterator[RunDir]:
-    run.lock()
-    try:
-        yield run
-    finally:
-        run.unlock()
