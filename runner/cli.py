@@ -79,7 +79,14 @@ def cli() -> None:
     help="Check the spec and the whole input, print rows, estimated tokens and the cost "
     "range by model; send nothing.",
 )
-def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
+@click.option(
+    "--show",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="With --dry-run: also print the first N request bodies as they would be sent.",
+)
+def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool, show: int | None) -> None:
     """Start a run of the job spec SPEC (a TOML file).
 
     Ctrl-C stops feeding rows and lets requests in flight finish; a second Ctrl-C stops at
@@ -88,8 +95,13 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
     with tuning.collector_paused():
         from runner.run import job
 
+    if show is not None and not dry_run:
+        from runner.errors import UsageError
+
+        raise UsageError("--show needs --dry-run (it prints requests instead of sending them)")
     if dry_run:
-        found = job.estimate(job.prepare(spec, check_whole_file=True, need_key=False))
+        prepared = job.prepare(spec, check_whole_file=True, need_key=False)
+        found = job.estimate(prepared)
         click.echo(
             f"{spec}: {found.rows:,} rows, {found.requests:,} requests, "
             f"{found.skipped:,} skipped (empty prompt); nothing was sent"
@@ -108,9 +120,22 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
             for m, n, p, c, lo, hi, prov in found.models
         ]
         _emit(names, rows, "table")
+        if show is not None:
+            from runner.run.plan import sample_requests
+
+            _show_requests(sample_requests(prepared, show))
         return
     prepared = job.prepare(spec, check_whole_file=False if no_check else None, check_alongside=True)
     _run_session(lambda hooks: job.submit(prepared, runs_dir, **hooks), prepared.spec.job.name)
+
+
+def _show_requests(samples: Sequence[tuple[str, str, bytes]]) -> None:
+    """Request bodies as pretty JSON, each under a line naming its row and model."""
+    import orjson
+
+    for row_id, model, body in samples:
+        click.echo(f"\n# row {row_id}, model {model}")
+        click.echo(orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2).decode())
 
 
 @cli.command()
@@ -412,7 +437,10 @@ def _plain(value: Any) -> str:
 @_format_option
 @_prices_option
 def query(run: str, sql: str, runs_dir: Path, fmt: str, prices_file: Path | None) -> None:
-    """Run one SELECT over RUN's views: results, attempts, costed, prices, input.
+    """Run one SELECT over RUN's views: results, attempts, costed, prices, input, parsed.
+
+    `parsed` has row_id, model and one typed column per top-level property of the run's
+    JSON Schema: the answer's fields, NULL where a row has no valid answer.
 
     A read-only sandbox: the SQL reads the run's own files only (no other file, no URL, no
     extension) and writes nothing; COPY, ATTACH, SET, PRAGMA, INSTALL and the like are
@@ -431,16 +459,24 @@ def query(run: str, sql: str, runs_dir: Path, fmt: str, prices_file: Path | None
 @click.argument("out", type=click.Path(path_type=Path))
 @_runs_dir_option
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(run: str, out: Path, runs_dir: Path, overwrite: bool) -> None:
+@click.option(
+    "--fields",
+    is_flag=True,
+    help="The answers' fields as typed columns, one per top-level property of the run's JSON "
+    "Schema (NULL where a row has no valid answer), instead of the answer text.",
+)
+def export(run: str, out: Path, runs_dir: Path, overwrite: bool, fields: bool) -> None:
     """Write RUN's input columns plus answers, in input order, to OUT (.parquet/.jsonl/.csv).
 
     OUT must not exist unless --overwrite is given; the run's input file and the run's own
-    folder are never written.
+    folder are never written. With --fields, the run needs a JSON Schema ([output] schema
+    or request.response_format); nested fields are JSON text in CSV.
     """
     from runner.report import query as reports
     from runner.store.state import resolve_run
 
-    count = reports.export(resolve_run(run, runs_dir), out, overwrite=overwrite)
+    target = resolve_run(run, runs_dir)
+    count = reports.export(target, out, overwrite=overwrite, fields=fields)
     click.echo(f"wrote {count:,} rows to {out}", err=True)
 
 

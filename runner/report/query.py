@@ -12,6 +12,9 @@ Views:  attempts  every journaled attempt (retries included)
                   price-table, free, unpriced, unknown-usage, none)
         prices    the price table in force (model, rates per million tokens, provenance)
         input     the run's input file, with its 0-based `row_index`
+        parsed    row_id, model and one typed column per top-level property of the run's
+                  JSON Schema: the answer's fields, NULL where the row has no valid answer
+                  (built on demand, in Python: report/parsed.py)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import pyarrow as pa
 
 from runner.errors import InputError, UsageError
 from runner.input.source import InputFile, detect_format
+from runner.report.parsed import Fields, parsed_table, run_fields
 from runner.report.pricing import (
     COST_SQL,
     PriceRow,
@@ -93,6 +97,7 @@ class RunDB:
         with_input: bool = True,
         prices: Sequence[PriceRow] = (),
         sandboxed: bool = False,
+        with_parsed: bool = False,
     ) -> None:
         self.run = run
         self.manifest = run.read_manifest()
@@ -131,6 +136,9 @@ class RunDB:
         self.input_path: Path | None = None
         if with_input:
             self._input_view()
+        self.fields: Fields | None = None
+        if with_parsed:
+            self._parsed_view()
         self.con.execute(
             "CREATE TABLE prices (model VARCHAR, input_per_mtok DOUBLE, "
             "cached_input_per_mtok DOUBLE, output_per_mtok DOUBLE, provenance VARCHAR)"
@@ -217,6 +225,19 @@ class RunDB:
         # Python variables of the caller's frames are not tables here.
         self.con.execute("SET python_enable_replacements = false")
         self.con.execute("SET lock_configuration = true")
+
+    def _parsed_view(self) -> None:
+        """`parsed`: the answers' fields as typed columns, from a table made in Python (the
+        answers are checked against the run's schema as they were when they came in)."""
+        try:
+            self.fields = run_fields(self.run, self.manifest)
+        except UsageError:
+            self.close()
+            raise
+        answers = self.arrow("SELECT row_id, model, status, content FROM results")
+        self._parsed = parsed_table(answers, self.fields)
+        self.con.register("parsed_rows", self._parsed)
+        self.con.execute("CREATE VIEW parsed AS SELECT * FROM parsed_rows")
 
     def _input_view(self) -> None:
         info = self.manifest.get("input", {})
@@ -541,7 +562,10 @@ def query(
     """Run user SQL over the views, sandboxed to the run's own files: one SELECT only."""
     _only_one_select(sql)
     needs_input = re.search(r"\binput\b", sql, re.IGNORECASE) is not None
-    with RunDB(run, with_input=needs_input, prices=prices, sandboxed=True) as db:
+    needs_parsed = re.search(r"\bparsed\b", sql, re.IGNORECASE) is not None
+    with RunDB(
+        run, with_input=needs_input, prices=prices, sandboxed=True, with_parsed=needs_parsed
+    ) as db:
         try:
             return db.query(sql)
         except UsageError as exc:
@@ -599,13 +623,16 @@ def _check_output(run: RunDir, out: Path, *, overwrite: bool) -> None:
         raise UsageError(f"{out}: folder {out.parent} is not writable")
 
 
-def export(run: RunDir, out: Path, *, overwrite: bool = False) -> int:
-    """Write input columns + answer columns, in input order; returns rows written."""
+def export(run: RunDir, out: Path, *, overwrite: bool = False, fields: bool = False) -> int:
+    """Write input columns + answer columns, in input order; returns rows written.
+
+    `fields`: the answer's fields as typed columns (the `parsed` view's) in place of its
+    text (content, refusal, tool calls and the response's ids)."""
     kind = EXPORT_FORMATS.get(out.suffix.lower())
     if kind is None:
         raise UsageError(f"{out}: unknown output type: use .parquet, .jsonl or .csv")
     _check_output(run, out, overwrite=overwrite)
-    with RunDB(run) as db:
+    with RunDB(run, with_parsed=fields) as db:
         if db.input_path is None:
             raise UsageError(
                 f"the input file of run {run.run_id} is gone ({db.manifest['input']['path']})"
@@ -613,14 +640,35 @@ def export(run: RunDir, out: Path, *, overwrite: bool = False) -> int:
         _check_same_input(run, db.manifest, db.input_path)
         input_columns = [c for c in db.query("SELECT * FROM input LIMIT 0")[0] if c != "row_index"]
         answer = [c for c in ANSWER_COLUMNS if c not in ("row_id",)]
+        parsed_join = ""
+        if db.fields is not None:
+            present = set(db.query("SELECT * FROM results LIMIT 0")[0])
+            answer = [c for c in _FIELDS_ANSWER_COLUMNS if c in present]
         picked = ", ".join(
             f'r."{c}" AS "{"answer_" + c if c in input_columns else c}"' for c in answer
         )
+        if db.fields is not None:
+            taken = [*input_columns, "row_id", "reused", "reused_from"]
+            taken += ["answer_" + c if c in input_columns else c for c in answer]
+            names = db.fields.renamed(taken)
+            nested = {
+                c.name
+                for c in db.fields.columns
+                if pa.types.is_nested(c.arrow)  # CSV has no nested values: JSON text there
+            }
+            typed = [
+                f'to_json(p."{old}")::VARCHAR AS "{new}"'
+                if kind == "csv" and column.name in nested
+                else f'p."{old}" AS "{new}"'
+                for old, new, column in zip(db.fields.names, names, db.fields.columns, strict=True)
+            ]
+            picked += ", " + ", ".join(typed)
+            parsed_join = " LEFT JOIN parsed p ON p.row_id = r.row_id AND p.model = r.model"
         inputs = ", ".join(f'i."{c}"' for c in input_columns)
         select = (
             f"SELECT {inputs}{', ' if inputs else ''}r.row_id, {picked}, "
             "coalesce(r.reused, false) AS reused, r.reused_from "
-            f"FROM input i LEFT JOIN results r ON {_export_join(db, run)} "
+            f"FROM input i LEFT JOIN results r ON {_export_join(db, run)}{parsed_join} "
             "ORDER BY i.row_index, r.model"
         )
         options = {"parquet": "FORMAT parquet", "json": "FORMAT json", "csv": "FORMAT csv, HEADER"}
@@ -634,6 +682,21 @@ def export(run: RunDir, out: Path, *, overwrite: bool = False) -> int:
             raise UsageError(f"{out}: cannot be written ({problem})") from None
         _, count = db.query(f"SELECT count(*) FROM ({select})")
         return int(count[0][0])
+
+
+# With --fields: the row's state and why it failed, then the fields (not the answer's text).
+_FIELDS_ANSWER_COLUMNS = [
+    "model",
+    "status",
+    "finish_reason",
+    "validation_error",
+    "error_type",
+    "error_message",
+    "attempts",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+]
 
 
 def _check_same_input(run: RunDir, manifest: dict[str, Any], path: Path) -> None:

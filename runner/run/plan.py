@@ -16,6 +16,7 @@ from typing import Any
 from runner.errors import SpecError, StorageFailed, UsageError
 from runner.input.source import CheckResult, InputFile, RequestBuilder, check_input
 from runner.output.schema import OutputSchema, load_output
+from runner.records import WorkItem
 from runner.report.pricing import PriceSource, estimate_range, parse_price_table
 from runner.spec import (
     LoadedSpec,
@@ -138,6 +139,22 @@ def estimate(prepared: Prepared) -> Estimate:
     return Estimate(check.rows, check.items, check.skipped, models)
 
 
+def sample_requests(prepared: Prepared, count: int) -> list[tuple[str, str, bytes]]:
+    """The first `count` request bodies the job would send, as sent: (row id, model, body).
+
+    Rows that are skipped (an empty prompt, over max_prompt_tokens) are not among them."""
+    found: list[tuple[str, str, bytes]] = []
+    if count <= 0:
+        return found
+    for row in prepared.source.rows():
+        for item in prepared.builder.build(row):
+            if isinstance(item, WorkItem):
+                found.append((item.row_id, item.model, item.body))
+                if len(found) >= count:
+                    return found
+    return found
+
+
 def check_resumable(frozen: LoadedSpec, new: LoadedSpec, run_id: str) -> None:
     """Refuse a spec for `runner resume --spec` that would change what is sent.
 
@@ -232,6 +249,7 @@ __all__ = [
     "prepare",
     "prepare_loaded",
     "resumed_spec",
+    "sample_requests",
     "session_settings",
     "shown",
 ]
