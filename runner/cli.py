@@ -480,6 +480,106 @@ def export(run: str, out: Path, runs_dir: Path, overwrite: bool, fields: bool) -
     click.echo(f"wrote {count:,} rows to {out}", err=True)
 
 
+@cli.command()
+@click.argument("run")
+@click.argument("row_id")
+@_runs_dir_option
+@click.option("--raw", is_flag=True, help="Print the request body as the bytes sent, not indented.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
+def show(run: str, row_id: str, runs_dir: Path, raw: bool, as_json: bool) -> None:
+    """Show what was sent for ROW_ID of RUN and what came back, for each model.
+
+    The request body is rebuilt from the run's input and frozen spec (nothing extra is
+    stored per row) and checked against the hash the run journaled; then the answer, its
+    validation error, every attempt (re-asks and retries) and what they cost. ROW_ID is the
+    id column's value, or the row number from 0 without an id column.
+    """
+    import orjson
+
+    from runner.run.show import show_row
+    from runner.store.state import resolve_run
+
+    target = resolve_run(run, runs_dir)
+    found = show_row(target, row_id)
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "run_id": target.run_id,
+                        "row_id": r.row_id,
+                        "model": r.model,
+                        "request": None if r.body is None else orjson.loads(r.body),
+                        "request_hash": r.request_hash,
+                        "sent": r.sent,
+                        "skipped": r.skipped,
+                        "cost_usd": r.cost_usd,
+                        "attempts": r.attempts,
+                    }
+                    for r in found
+                ],
+                indent=2,
+                default=str,
+            )
+        )
+        return
+    for i, row in enumerate(found):
+        click.echo(("\n" if i else "") + _row_screen(target.run_id, row, raw=raw))
+
+
+_ATTEMPT_COLUMNS = (
+    "status",
+    "final",
+    "attempts",
+    "http_status",
+    "finish_reason",
+    "error_type",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+)
+
+
+def _row_screen(run_id: str, row: Any, *, raw: bool) -> str:
+    """`runner show` for one row x model: the request, the answer, the attempts."""
+    import orjson
+
+    lines = [f"run {run_id}  row {row.row_id}  model {row.model}"]
+    if row.body is None:
+        lines.append(f"not sent: {row.skipped}")
+        return "\n".join(lines)
+    where = {
+        True: "as sent",
+        False: "as it would be sent now: the run sent another body (the input changed)",
+        None: "as it would be sent: not sent yet",
+    }[row.sent]
+    lines.append(f"request ({where}; request_hash {row.request_hash}):")
+    body = row.body if raw else orjson.dumps(orjson.loads(row.body), option=orjson.OPT_INDENT_2)
+    lines.append(body.decode())
+    final = row.final
+    if final is None:
+        lines.append("answer: none yet")
+    else:
+        cost = screens.money(row.cost_usd) if row.cost_usd is not None else "unknown"
+        lines.append(
+            f"answer: {final.get('status')}, finish_reason {final.get('finish_reason')}, "
+            f"{len(row.attempts)} journaled attempt(s), cost {cost}"
+        )
+        for key in ("validation_error", "error_type", "error_message", "refusal"):
+            if final.get(key):
+                lines.append(f"{key.replace('_', ' ')}: {final[key]}")
+        for key in ("content", "tool_calls"):
+            if final.get(key) is not None:
+                lines += [f"{key}:", str(final[key])]
+    if row.attempts:
+        names = list(_ATTEMPT_COLUMNS)
+        if any(a.get("validation_error") for a in row.attempts):
+            names.insert(names.index("error_type"), "validation_error")
+        rows = [[a.get(c) for c in names] for a in row.attempts]
+        lines += ["attempts:", screens.table(names, rows, None)]
+    return "\n".join(lines)
+
+
 # -- the simulator -------------------------------------------------------------------------
 
 

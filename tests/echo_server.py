@@ -23,13 +23,17 @@ from runner.store.state import RunDir
 
 from .conftest import spec_text, write_rows, write_spec
 
+RECEIVED: list[bytes] = []  # every request body any echo server received, as received
+
 
 class _Echo(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     ids = count()
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        RECEIVED.append(raw)
+        body = json.loads(raw)
         content = body["messages"][-1]["content"]
         answer = {
             "id": f"echo-{next(self.ids)}",
@@ -102,12 +106,16 @@ def submit_prompts(
     *,
     schema: dict[str, Any] | None = None,
     request_extra: str = "",
+    models: list[str] | None = None,
 ) -> Done:
     """A run of one row per prompt (ids r0, r1, ...), each answered with its prompt."""
     write_rows(folder / "data.jsonl", [{"id": f"r{i}", "text": p} for i, p in enumerate(prompts)])
     if schema is not None:
         (folder / "schema.json").write_text(json.dumps(schema))
-    spec = write_spec(folder, spec_text(base_url=base_url, request_extra=request_extra) + extra)
+    text = spec_text(base_url=base_url, request_extra=request_extra) + extra
+    if models is not None:
+        text = text.replace('model = "gpt-4o-mini"', f"model = {json.dumps(models)}")
+    spec = write_spec(folder, text)
     prepared = job.prepare(spec)
     anyio.run(lambda: job.submit(prepared, folder / "runs", handle_signals=False))
     (path,) = (folder / "runs").iterdir()

@@ -26,6 +26,7 @@ from runner.spec import LoadedSpec, parse_spec
 from runner.store.state import RunDir
 
 KEY_COLUMNS = ("row_id", "model")
+BATCH_ROWS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,17 +93,27 @@ def _is_any_object(schema: Any) -> bool:
 
 def parsed_table(answers: pa.Table, fields: Fields) -> pa.Table:
     """row_id, model and the typed columns of `answers` (row_id, model, status, content):
-    a row's columns are NULL unless it is ok with a valid answer."""
-    statuses: Sequence[Any] = answers.column("status").to_pylist()
-    contents: Sequence[Any] = answers.column("content").to_pylist()
-    values = [
-        answer_value(content, fields.checker, lenient=fields.lenient) if status == "ok" else None
-        for status, content in zip(statuses, contents, strict=True)
-    ]
-    typed = to_table(values, fields.columns)
-    arrays = [answers.column(name) for name in KEY_COLUMNS] + list(typed.columns)
+    a row's columns are NULL unless it is ok with a valid answer. Converted a batch at a
+    time, so the answers' Python objects never outgrow one batch."""
     names = [*KEY_COLUMNS, *fields.names]
-    return pa.Table.from_arrays(arrays, names=names)
+    parts = []
+    for batch in answers.to_batches(max_chunksize=BATCH_ROWS):
+        statuses: Sequence[Any] = batch.column("status").to_pylist()
+        contents: Sequence[Any] = batch.column("content").to_pylist()
+        values = [
+            answer_value(content, fields.checker, lenient=fields.lenient)
+            if status == "ok"
+            else None
+            for status, content in zip(statuses, contents, strict=True)
+        ]
+        typed = to_table(values, fields.columns)
+        keys = [batch.column(name) for name in KEY_COLUMNS]
+        parts.append(pa.Table.from_arrays([*keys, *typed.columns], names=names))
+    if not parts:
+        empty = to_table([], fields.columns)
+        keys = [pa.array([], pa.string()) for _ in KEY_COLUMNS]
+        return pa.Table.from_arrays([*keys, *empty.columns], names=names)
+    return pa.concat_tables(parts)
 
 
 __all__ = [

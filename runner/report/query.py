@@ -359,6 +359,20 @@ def summary(run: RunDir) -> dict[str, Any]:
     return result
 
 
+def row_attempts(run: RunDir, row_id: str) -> list[dict[str, Any]]:
+    """Every journaled attempt of one row (all models), oldest first, each with its cost
+    (cost_usd: NULL for an unpriced model or an attempt without usage) and provenance."""
+    prices = price_rows(run)
+    with RunDB(run, with_input=False, prices=prices) as db:
+        cursor = db.con.execute(
+            f"SELECT * FROM ({_costed_sql('attempts')}) WHERE row_id = ? "
+            "ORDER BY model, finished_at, attempts",
+            [row_id],
+        )
+        names = [d[0] for d in cursor.description or []]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
 def _top_errors(db: RunDB, limit: int) -> list[dict[str, Any]]:
     _, errors = db.query(
         "SELECT error_type, error_message, count(*) AS n FROM latest WHERE status = 'failed' "
