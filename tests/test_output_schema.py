@@ -26,7 +26,12 @@ SCHEMA = {
 }
 
 
-def job(tmp_path: Path, output: str = 'schema = "schema.json"', request_extra: str = "") -> Path:
+ASK_JSON = 'response_format = { type = "json_schema", json_schema = { name = "s", strict = true } }'
+
+
+def job(
+    tmp_path: Path, output: str = 'schema = "schema.json"', request_extra: str = ASK_JSON
+) -> Path:
     (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
     write_rows(tmp_path / "data.jsonl", [{"id": str(i), "text": f"t{i}"} for i in range(3)])
     return write_spec(tmp_path, spec_text(request_extra=request_extra) + f"\n[output]\n{output}\n")

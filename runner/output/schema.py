@@ -30,7 +30,7 @@ import orjson
 
 from runner.errors import SpecError, UsageError
 from runner.output.metaschema import DRAFT7
-from runner.spec import LoadedSpec, OutputSpec, read_text
+from runner.spec import JobSpec, LoadedSpec, OutputSpec, read_text
 
 FROZEN_NAME = "output.schema.json"
 MANIFEST_KEY = "output_schema_sha256"
@@ -90,6 +90,25 @@ def load_output(spec: LoadedSpec, *, frozen_text: str | None = None) -> OutputSc
     if content is None and not tools:
         return None
     return OutputSchema(content, tools, job.output, file_text)
+
+
+def sent_with_schema(job: JobSpec, output: OutputSchema | None) -> JobSpec:
+    """The job as sent: a `response_format` of type json_schema without a `schema` carries
+    the [output] schema file's (providers that take a schema get the one answers are
+    checked against; `strict` and the rest are sent as written)."""
+    request = job.request
+    if output is None or output.file_text is None or output.content is None or request is None:
+        return job
+    response_format = request.response_format
+    if not response_format or response_format.get("type") != "json_schema":
+        return job
+    inner = response_format.get("json_schema")
+    if not isinstance(inner, dict) or "schema" in inner:
+        return job
+    filled = {**response_format, "json_schema": {**inner, "schema": output.content.schema}}
+    return job.model_copy(
+        update={"request": request.model_copy(update={"response_format": filled})}
+    )
 
 
 def read_schema_file(path: Path, display: str) -> str:

@@ -53,7 +53,7 @@ from runner.run.plan import (
 )
 from runner.run.pool import Pool
 from runner.spec import SIMULATOR, RunSpec, check_environment
-from runner.store.sink import RunSink
+from runner.store.sink import RunSink, reasked_rows
 from runner.store.starts import StartLog
 from runner.store.state import (
     RunDir,
@@ -98,7 +98,7 @@ class Outcome:
     def exit_code(self) -> int:
         if self.state != "completed":
             return EXIT_STOPPED
-        return EXIT_FAILED_ROWS if self.progress.failed else EXIT_OK
+        return EXIT_FAILED_ROWS if self.progress.failed or self.progress.invalid else EXIT_OK
 
 
 def _limiters(run: RunSpec) -> Limiters:
@@ -433,6 +433,12 @@ async def _execute(
                     else settled.reusable
                 ),
                 start_log=start_log,
+                output=prepared.output,
+                reasked=(
+                    reasked_rows(run.parts_dir, run.journal_dir)
+                    if prepared.output is not None and next_segment > 1
+                    else None
+                ),
             )
             if prepared.check_alongside:
                 checker = _Checker(prepared, pool, progress, run, manifest)
@@ -613,7 +619,10 @@ async def _finish(
     manifest["counts"] = {
         "total": progress.rows_total,
         "ok": settled.ok + progress.ok,
-        "failed": (0 if settled.retry_failed else settled.failed) + progress.failed,
+        # Rows `invalid` (answers that failed the schema) count as failed here.
+        "failed": (0 if settled.retry_failed else settled.failed)
+        + progress.failed
+        + progress.invalid,
         "skipped": settled.skipped + progress.skipped,
         "requests": manifest.get("counts", {}).get("requests", 0) + progress.requests,
     }

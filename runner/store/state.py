@@ -79,7 +79,9 @@ def input_fingerprint(path: Path, rows: int | None) -> dict[str, Any]:
     }
 
 
-_CODES = {"ok": 1, "failed": 2, "skipped": 3}
+# A row `invalid` (answers failing the [output] schema until re-asks ran out) is settled as
+# failed: kept, and asked again by --retry-failed.
+_CODES = {"ok": 1, "failed": 2, "skipped": 3, "invalid": 2}
 
 
 @dataclass(slots=True)
