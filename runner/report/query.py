@@ -116,7 +116,11 @@ class RunDB:
         self.con.register("journal_records", self._journal)
         if files:
             listed = ", ".join(_sql_str(f) for f in files)
-            source = f"SELECT * FROM read_parquet([{listed}]) UNION ALL BY NAME "
+            # By name: parts written before a column existed (charged_usd, validation_error)
+            # have it NULL, whichever part comes first.
+            source = (
+                f"SELECT * FROM read_parquet([{listed}], union_by_name = true) UNION ALL BY NAME "
+            )
         else:
             source = ""
         try:
