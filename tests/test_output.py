@@ -255,16 +255,22 @@ async def test_feedback_reasks_carry_the_answer_and_the_error(
 
 
 @pytest.mark.anyio
-async def test_budget_reserves_the_reasks(tmp_path: Path, sim: SimulatorThread) -> None:
-    """With every first answer invalid, re-asks are sent only while they fit: what the server
-    sold stays within budget_usd, and the run stops at the budget (resumable)."""
+@pytest.mark.parametrize("repair", ["resend", "feedback"])
+async def test_budget_reserves_the_reasks(
+    tmp_path: Path, sim: SimulatorThread, repair: str
+) -> None:
+    """With every first answer invalid, re-asks are sent only while they fit (a feedback
+    re-ask, larger, reserves its own worst case): what the server sold stays within
+    budget_usd, and the run stops at the budget (resumable)."""
     data = rows(60, dict.fromkeys(range(60), "[[sim:invalid_then_valid=2]]"))
     budget = 0.05
-    text = extraction_job(tmp_path, sim, data, run_extra=f"budget_usd = {budget}")
+    text = extraction_job(
+        tmp_path, sim, data, output=f'repair = "{repair}"', run_extra=f"budget_usd = {budget}"
+    )
     outcome = await submit_job(tmp_path, text, data)
     assert outcome.state == "stopped"
     s = sim.stats
-    assert s.ok > 0 and s.reasked_after_invalid > 0
+    assert s.ok > 0 and s.reasked_after_invalid + s.followups > 0
     assert cost(s.prompt_tokens, s.completion_tokens) <= budget
     statuses = {r["status"] for r in select(outcome.run, "SELECT status FROM results")}
     assert statuses <= {"ok", "invalid"}
