@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from runner.errors import SpecError
-from runner.output.schema import FROZEN_NAME, MANIFEST_KEY, load_output
+from runner.output.schema import FROZEN_NAME, load_output
 from runner.spec import load_spec, parse_spec, sent_fields_changed
 
 from .conftest import run_cli, spec_text, write_rows, write_spec
@@ -157,7 +157,7 @@ def test_schema_is_frozen_and_resume_refuses_changes(tmp_path: Path) -> None:
     frozen = run / FROZEN_NAME
     assert json.loads(frozen.read_text()) == SCHEMA
     manifest = json.loads((run / "manifest.json").read_text())
-    assert isinstance(manifest[MANIFEST_KEY], str)
+    assert isinstance(manifest["output_schema_sha256"], str)
 
     # The original file edited: a plain resume still uses the frozen copy.
     (tmp_path / "schema.json").write_text(json.dumps({**SCHEMA, "required": ["score"]}))

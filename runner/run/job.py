@@ -152,7 +152,9 @@ async def submit(
             "counts": {},
             "sessions": [],
         }
-        freeze(prepared.output, run.path, manifest)
+        schema_hash = freeze(prepared.output, run.path)
+        if schema_hash is not None:
+            manifest["output_schema_sha256"] = schema_hash
         if prepared.check_alongside:
             manifest["input_check"] = "pending"  # a resume checks the input if never finished
         run.write_manifest(manifest)
@@ -208,7 +210,11 @@ async def resume(
         spec = resumed_spec(run, manifest, spec_path)
         check_environment(spec)
         schema_text = frozen_text(
-            run.path, manifest, spec, given=spec_path is not None, run_id=run.run_id
+            run.path,
+            manifest.get("output_schema_sha256"),
+            spec,
+            given=spec_path is not None,
+            run_id=run.run_id,
         )
         if budget_usd is not None:
             manifest["budget_usd"] = budget_usd

@@ -106,6 +106,8 @@ class Manifest(TypedDict):
     cost_usd: NotRequired[float | None]  # None once any part of the cost is unknown
     error: NotRequired[str]  # why the run failed
     nothing_sent: NotRequired[bool]  # the only session ended before sending anything
+    # SHA-256 of the [output] schema file frozen as output.schema.json (runner/output/schema.py)
+    output_schema_sha256: NotRequired[str]
 
 
 _FINGERPRINT_BYTES = 1 << 20
