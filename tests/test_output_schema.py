@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from runner.errors import SpecError
-from runner.output.schema import FROZEN_NAME, MANIFEST_KEY, load_output
-from runner.spec import load_spec, parse_spec
+from runner.output.schema import FROZEN_NAME, load_output
+from runner.spec import load_spec, parse_spec, sent_fields_changed
 
 from .conftest import run_cli, spec_text, write_rows, write_spec
 
@@ -26,7 +26,12 @@ SCHEMA = {
 }
 
 
-def job(tmp_path: Path, output: str = 'schema = "schema.json"', request_extra: str = "") -> Path:
+ASK_JSON = 'response_format = { type = "json_schema", json_schema = { name = "s", strict = true } }'
+
+
+def job(
+    tmp_path: Path, output: str = 'schema = "schema.json"', request_extra: str = ASK_JSON
+) -> Path:
     (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
     write_rows(tmp_path / "data.jsonl", [{"id": str(i), "text": f"t{i}"} for i in range(3)])
     return write_spec(tmp_path, spec_text(request_extra=request_extra) + f"\n[output]\n{output}\n")
@@ -152,7 +157,7 @@ def test_schema_is_frozen_and_resume_refuses_changes(tmp_path: Path) -> None:
     frozen = run / FROZEN_NAME
     assert json.loads(frozen.read_text()) == SCHEMA
     manifest = json.loads((run / "manifest.json").read_text())
-    assert isinstance(manifest[MANIFEST_KEY], str)
+    assert isinstance(manifest["output_schema_sha256"], str)
 
     # The original file edited: a plain resume still uses the frozen copy.
     (tmp_path / "schema.json").write_text(json.dumps({**SCHEMA, "required": ["score"]}))
@@ -183,3 +188,22 @@ def test_resume_refuses_a_spec_adding_a_schema(tmp_path: Path) -> None:
     result = run_cli("resume", run.name, "--spec", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "output.schema" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ("lenient = false", "lenient = true", "output.lenient"),
+        ('repair = "resend"', 'repair = "feedback"', "output.repair"),
+        ("max_invalid_attempts = 2", "max_invalid_attempts = 3", "output.max_invalid_attempts"),
+        ('schema = "a.json"', "", "output.schema"),
+        ('schema = "a.json"', 'schema = "other/b.json"', None),  # compared by content
+    ],
+)
+def test_resume_compares_output_settings(old: str, new: str, field: str | None) -> None:
+    """[output] settings are part of what is sent; the schema path is not (its content is)."""
+    base = spec_text() + '\n[output]\nschema = "a.json"\nlenient = false\nrepair = "resend"\n'
+    base += "max_invalid_attempts = 2\n"
+    a = parse_spec(base, path=Path("x.toml"), display="x.toml")
+    b = parse_spec(base.replace(old, new), path=Path("x.toml"), display="x.toml")
+    assert sent_fields_changed(a, b) == field

@@ -146,3 +146,16 @@ def test_show_needs_dry_run(tmp_path: Path, done: Done) -> None:
     )
     assert code == 2 and "--show needs --dry-run" in err and len(err.strip().splitlines()) == 1
     assert len(RECEIVED) == sent and not (tmp_path / "runs").exists()
+
+
+def test_show_a_body_whose_schema_comes_from_the_schema_file(tmp_path: Path, echo: str) -> None:
+    """A response_format json_schema without a schema is sent with the [output] schema
+    file's: show prints that body, byte for byte as sent."""
+    extra = 'response_format = { type = "json_schema", json_schema = { name = "a" } }'
+    done = submit_prompts(tmp_path, echo, ['{"a": 1}'], OUTPUT, schema=SCHEMA, request_extra=extra)
+    code, out, err = done.cli("show", done.run.run_id, "r0", "--raw")
+    assert code == 0, err
+    assert out.splitlines()[1].startswith("request (as sent;")
+    body = out.splitlines()[2]
+    assert body.encode() in RECEIVED
+    assert json.loads(body)["response_format"]["json_schema"]["schema"] == SCHEMA

@@ -23,7 +23,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from runner.errors import InputError
-from runner.input.tokens import estimate_prompt_tokens, estimate_request_tokens, fixed_tokens
+from runner.input.tokens import estimate_prompt_tokens as estimate_prompt_tokens  # re-exported
+from runner.input.tokens import estimate_request_tokens, fixed_tokens
 from runner.records import WorkItem, hash_key
 from runner.spec import InputSpec, JobSpec
 

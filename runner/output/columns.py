@@ -30,13 +30,12 @@ every property: a property absent from an answer is NULL, as is one given as nul
 `answer_value` is an answer's JSON value when it is valid for the schema, else None: the
 values the `parsed` view and `runner export --fields` type.
 
-Imports output.schema only.
+Imports output.schema and output.validate only.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,10 +45,10 @@ import orjson
 import pyarrow as pa
 
 from runner.output.schema import Checker
+from runner.output.validate import parse_json
 
 MAX_DEPTH = 16  # nesting beyond this is JSON text
 VALUE_COLUMN = "value"
-_FENCE_RE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\r?\n(.*?)```", re.DOTALL)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 Convert = Callable[[Any], Any]
@@ -327,47 +326,18 @@ def _array(values: list[Any], kind: pa.DataType) -> pa.Array:
 
 
 def answer_value(content: str | None, checker: Checker, *, lenient: bool) -> Any:
-    """The content's JSON value when it is valid for the schema, else None."""
+    """The content's JSON value when it is valid for the schema (parsed as answers are
+    checked: runner/output/validate.py), else None."""
     if content is None:
         return None
-    value = _parse(content, lenient)
-    if value is _INVALID:
+    value, error = parse_json(content, lenient=lenient)
+    if error is not None:
         return None
     try:
         checker.check(value)
     except fastjsonschema.JsonSchemaValueException:
         return None
     return value
-
-
-_INVALID = object()
-
-
-def _parse(text: str, lenient: bool) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        if not lenient:
-            return _INVALID
-    fences = _FENCE_RE.findall(text)
-    if len(fences) > 1:
-        return _INVALID
-    candidate = fences[0] if fences else _between_brackets(text)
-    if candidate is None:
-        return _INVALID
-    try:
-        return orjson.loads(candidate)
-    except orjson.JSONDecodeError:
-        return _INVALID
-
-
-def _between_brackets(text: str) -> str | None:
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if not starts:
-        return None
-    start = min(starts)
-    end = text.rfind("}" if text[start] == "{" else "]")
-    return text[start : end + 1] if end > start else None
 
 
 def degraded(columns: Sequence[Column]) -> list[tuple[str, str]]:

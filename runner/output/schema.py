@@ -30,10 +30,9 @@ import orjson
 
 from runner.errors import SpecError, UsageError
 from runner.output.metaschema import DRAFT7
-from runner.spec import LoadedSpec, OutputSpec, read_text
+from runner.spec import JobSpec, LoadedSpec, OutputSpec, read_text
 
 FROZEN_NAME = "output.schema.json"
-MANIFEST_KEY = "output_schema_sha256"
 _MESSAGE_CHARS = 160
 
 Check = Callable[[Any], Any]
@@ -90,6 +89,25 @@ def load_output(spec: LoadedSpec, *, frozen_text: str | None = None) -> OutputSc
     if content is None and not tools:
         return None
     return OutputSchema(content, tools, job.output, file_text)
+
+
+def sent_with_schema(job: JobSpec, output: OutputSchema | None) -> JobSpec:
+    """The job as sent: a `response_format` of type json_schema without a `schema` carries
+    the [output] schema file's (providers that take a schema get the one answers are
+    checked against; `strict` and the rest are sent as written)."""
+    request = job.request
+    if output is None or output.file_text is None or output.content is None or request is None:
+        return job
+    response_format = request.response_format
+    if not response_format or response_format.get("type") != "json_schema":
+        return job
+    inner = response_format.get("json_schema")
+    if not isinstance(inner, dict) or "schema" in inner:
+        return job
+    filled = {**response_format, "json_schema": {**inner, "schema": output.content.schema}}
+    return job.model_copy(
+        update={"request": request.model_copy(update={"response_format": filled})}
+    )
 
 
 def read_schema_file(path: Path, display: str) -> str:
@@ -223,10 +241,11 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def freeze(output: OutputSchema | None, folder: Path, manifest: dict[str, Any]) -> None:
-    """Copy the schema file's text into a run folder and note its hash in the manifest."""
+def freeze(output: OutputSchema | None, folder: Path) -> str | None:
+    """Copy the schema file's text into a run folder; returns its hash, for the manifest
+    (None: no schema file)."""
     if output is None or output.file_text is None:
-        return
+        return None
     target = folder / FROZEN_NAME
     tmp = folder / f".{FROZEN_NAME}.tmp"
     try:
@@ -237,17 +256,17 @@ def freeze(output: OutputSchema | None, folder: Path, manifest: dict[str, Any]) 
         os.replace(tmp, target)
     except OSError as exc:
         raise UsageError(f"cannot write {target} ({exc.strerror})") from None
-    manifest[MANIFEST_KEY] = output.file_sha256
+    return output.file_sha256
 
 
 def frozen_text(
-    folder: Path, manifest: Mapping[str, Any], spec: LoadedSpec, *, given: bool, run_id: str
+    folder: Path, digest: str | None, spec: LoadedSpec, *, given: bool, run_id: str
 ) -> str | None:
-    """The schema file text a resume validates with: the run folder's copy.
+    """The schema file text a resume validates with: the run folder's copy, whose hash the
+    manifest holds (`digest`).
 
     Refuses (exit 2) a copy edited since it was frozen, and a `--spec` (`given`) whose
     schema file differs from it or that adds or drops a schema file."""
-    digest = manifest.get(MANIFEST_KEY)
     has_file = spec.job.output.schema_file is not None
     if not isinstance(digest, str):
         if has_file and given:

@@ -23,7 +23,7 @@ from runner.errors import RunnerError, UsageError
 from runner.output.columns import Column, answer_value, to_table, typed_columns
 from runner.output.schema import Checker, OutputSchema, frozen_text, load_output
 from runner.spec import LoadedSpec, parse_spec
-from runner.store.state import RunDir
+from runner.store.state import Manifest, RunDir
 
 KEY_COLUMNS = ("row_id", "model")
 BATCH_ROWS = 8192
@@ -54,7 +54,7 @@ def _unclashed(names: Iterable[str], taken: Iterable[str]) -> list[str]:
     return found
 
 
-def frozen_spec(run: RunDir, manifest: dict[str, Any]) -> LoadedSpec:
+def frozen_spec(run: RunDir, manifest: Manifest) -> LoadedSpec:
     """The spec the run last ran with (its latest frozen copy)."""
     path = run.path / str(manifest.get("spec_file", run.spec_path.name))
     try:
@@ -64,14 +64,15 @@ def frozen_spec(run: RunDir, manifest: dict[str, Any]) -> LoadedSpec:
     return parse_spec(text, path=Path(str(manifest.get("spec_path", path))), display=str(path))
 
 
-def run_output(run: RunDir, manifest: dict[str, Any]) -> tuple[LoadedSpec, OutputSchema | None]:
+def run_output(run: RunDir, manifest: Manifest) -> tuple[LoadedSpec, OutputSchema | None]:
     """The run's frozen spec and the schemas its answers were checked with."""
     spec = frozen_spec(run, manifest)
-    text = frozen_text(run.path, manifest, spec, given=False, run_id=run.run_id)
+    digest = manifest.get("output_schema_sha256")
+    text = frozen_text(run.path, digest, spec, given=False, run_id=run.run_id)
     return spec, load_output(spec, frozen_text=text)
 
 
-def run_fields(run: RunDir, manifest: dict[str, Any]) -> Fields:
+def run_fields(run: RunDir, manifest: Manifest) -> Fields:
     """The run's typed answer columns; a UsageError when its answers have no JSON Schema."""
     try:
         _, output = run_output(run, manifest)

@@ -121,7 +121,11 @@ class RunDB:
         self.con.register("journal_records", self._journal)
         if files:
             listed = ", ".join(_sql_str(f) for f in files)
-            source = f"SELECT * FROM read_parquet([{listed}]) UNION ALL BY NAME "
+            # By name: parts written before a column existed (charged_usd, validation_error)
+            # have it NULL, whichever part comes first.
+            source = (
+                f"SELECT * FROM read_parquet([{listed}], union_by_name = true) UNION ALL BY NAME "
+            )
         else:
             source = ""
         try:
@@ -340,8 +344,10 @@ def summary(run: RunDir) -> dict[str, Any]:
     with RunDB(run, with_input=False) as db:
         names, rows = db.query(
             "SELECT count(*) FILTER (status = 'ok') AS ok, "
-            "count(*) FILTER (status = 'failed') AS failed, "
+            # Rows `invalid` (answers that failed the [output] schema) are rows failed too.
+            "count(*) FILTER (status IN ('failed', 'invalid')) AS failed, "
             "count(*) FILTER (status = 'skipped') AS skipped, "
+            "count(*) FILTER (status = 'invalid') AS invalid, "
             "sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, "
             "sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens, "
             "sum(total_tokens) AS total_tokens FROM results"
@@ -476,21 +482,22 @@ def _overview(db: RunDB) -> list[Section]:
     (row,) = db.query(
         "SELECT count(*) FILTER (status = 'ok'), count(*) FILTER (status = 'failed'), "
         "count(*) FILTER (status = 'skipped'), count(*) FILTER (reused), "
-        "quantile_cont(latency_ms, [0.5, 0.9, 0.99]) FILTER (attempts > 0 AND status = 'ok') "
-        "FROM results"
+        "quantile_cont(latency_ms, [0.5, 0.9, 0.99]) FILTER (attempts > 0 AND status = 'ok'), "
+        "count(*) FILTER (status = 'invalid') FROM results"
     )[1]
-    ok, failed, skipped, reused, lat = row
+    ok, failed, skipped, reused, lat, invalid = row
     # Tokens of every answer paid for: re-asked answers (run.retry_finish_reasons) count too.
     (prompt, cached, completion, reasoning, total) = db.query(
         "SELECT sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), "
         "sum(reasoning_tokens), sum(total_tokens) FROM paid"
     )[1][0]
-    (requests, retries, billed) = db.query(
+    (requests, retries, billed, reasked) = db.query(
         "SELECT count(*) FILTER (attempts > 0), count(*) FILTER (NOT final AND attempts > 0), "
-        "count(*) FILTER (possibly_billed) FROM attempts"
+        "count(*) FILTER (possibly_billed), "
+        "count(*) FILTER (NOT final AND validation_error IS NOT NULL) FROM attempts"
     )[1][0]
     rows_total = (manifest.get("counts") or {}).get("total")
-    settled = ok + failed + skipped
+    settled = ok + failed + skipped + invalid
     wall = db.run.wall_seconds(manifest)
     lat = lat or [None, None, None]
     # With several models a row is asked once per model: those are answers, not rows.
@@ -499,6 +506,13 @@ def _overview(db: RunDB) -> list[Section]:
     apart: list[tuple[Any, ...]] = []
     if len(models) > 1:
         apart = [("input rows", (manifest.get("input") or {}).get("rows")), ("models", len(models))]
+    # Answers checked against an [output] schema: shown when any failed it.
+    checked: list[tuple[Any, ...]] = []
+    if invalid or reasked:
+        checked = [
+            (f"{unit} invalid (answers failed the schema)", invalid),
+            ("invalid answers re-asked (paid, counted)", reasked),
+        ]
     overview: list[tuple[Any, ...]] = [
         ("run", db.run.run_id),
         ("state", _state(db.run, manifest)),
@@ -507,6 +521,7 @@ def _overview(db: RunDB) -> list[Section]:
         (f"{unit} ok", ok),
         (f"{unit} failed", failed),
         (f"{unit} skipped", skipped),
+        *checked,
         (f"{unit} pending", None if rows_total is None else max(rows_total - settled, 0)),
         (
             "rows answered by an identical request"
@@ -765,6 +780,7 @@ def status(run: RunDir) -> dict[str, Any]:
         "ok": live["ok"],
         "failed": live["failed"],
         "skipped": live["skipped"],
+        "invalid": live["invalid"],
         "requests": live["requests"],
         "prompt_tokens": live["prompt_tokens"],
         "completion_tokens": live["completion_tokens"],

@@ -53,7 +53,7 @@ from runner.run.plan import (
 )
 from runner.run.pool import Pool
 from runner.spec import SIMULATOR, RunSpec, check_environment
-from runner.store.sink import RunSink
+from runner.store.sink import RunSink, reasked_rows
 from runner.store.starts import StartLog
 from runner.store.state import (
     Manifest,
@@ -100,7 +100,7 @@ class Outcome:
     def exit_code(self) -> int:
         if self.state != "completed":
             return EXIT_STOPPED
-        return EXIT_FAILED_ROWS if self.progress.failed else EXIT_OK
+        return EXIT_FAILED_ROWS if self.progress.failed or self.progress.invalid else EXIT_OK
 
 
 def _limiters(run: RunSpec) -> Limiters:
@@ -152,7 +152,9 @@ async def submit(
             "counts": {},
             "sessions": [],
         }
-        freeze(prepared.output, run.path, manifest)
+        schema_hash = freeze(prepared.output, run.path)
+        if schema_hash is not None:
+            manifest["output_schema_sha256"] = schema_hash
         if prepared.check_alongside:
             manifest["input_check"] = "pending"  # a resume checks the input if never finished
         run.write_manifest(manifest)
@@ -208,7 +210,11 @@ async def resume(
         spec = resumed_spec(run, manifest, spec_path)
         check_environment(spec)
         schema_text = frozen_text(
-            run.path, manifest, spec, given=spec_path is not None, run_id=run.run_id
+            run.path,
+            manifest.get("output_schema_sha256"),
+            spec,
+            given=spec_path is not None,
+            run_id=run.run_id,
         )
         if budget_usd is not None:
             manifest["budget_usd"] = budget_usd
@@ -435,6 +441,12 @@ async def _execute(
                     else settled.reusable
                 ),
                 start_log=start_log,
+                output=prepared.output,
+                reasked=(
+                    reasked_rows(run.parts_dir, run.journal_dir)
+                    if prepared.output is not None and next_segment > 1
+                    else None
+                ),
             )
             if prepared.check_alongside:
                 checker = _Checker(prepared, pool, progress, run, manifest)
@@ -615,7 +627,10 @@ async def _finish(
     manifest["counts"] = {
         "total": progress.rows_total,
         "ok": settled.ok + progress.ok,
-        "failed": (0 if settled.retry_failed else settled.failed) + progress.failed,
+        # Rows `invalid` (answers that failed the schema) count as failed here.
+        "failed": (0 if settled.retry_failed else settled.failed)
+        + progress.failed
+        + progress.invalid,
         "skipped": settled.skipped + progress.skipped,
         "requests": manifest.get("counts", {}).get("requests", 0) + progress.requests,
     }

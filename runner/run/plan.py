@@ -15,7 +15,7 @@ from typing import Any
 
 from runner.errors import SpecError, StorageFailed, UsageError
 from runner.input.source import CheckResult, InputFile, RequestBuilder, check_input
-from runner.output.schema import OutputSchema, load_output
+from runner.output.schema import OutputSchema, load_output, sent_with_schema
 from runner.records import WorkItem
 from runner.report.pricing import PriceSource, estimate_range, parse_price_table
 from runner.spec import (
@@ -72,7 +72,7 @@ def prepare_loaded(
     if job.run.budget_usd is not None and job.request is not None:
         _check_budgetable(spec, prices)
     source = InputFile(spec.input_path, job.input, shown=shown(spec.input_path))
-    builder = RequestBuilder(job, source)
+    builder = RequestBuilder(sent_with_schema(job, output), source)
     source.check_columns()
     whole = job.input.check_whole_file if check_whole_file is None else check_whole_file
     if whole and check_alongside:

@@ -14,9 +14,11 @@ from typing import Any
 
 from runner.errors import InputError, UsageError
 from runner.input.source import InputFile, RequestBuilder, Skip
+from runner.output.schema import sent_with_schema
 from runner.records import WorkItem
+from runner.report.parsed import run_output
 from runner.report.query import row_attempts
-from runner.run.plan import resumed_spec, shown
+from runner.run.plan import shown
 from runner.store.state import RunDir
 
 
@@ -62,10 +64,10 @@ def show_row(run: RunDir, row_id: str) -> list[RowRequest]:
     """The row's request for each model of the run, with its attempts (exit 2 when the row
     is not in the run's input, or the input cannot be read)."""
     manifest = run.read_manifest()
-    spec = resumed_spec(run, manifest, None)
+    spec, output = run_output(run, manifest)
     try:
         source = InputFile(spec.input_path, spec.job.input, shown=shown(spec.input_path))
-        builder = RequestBuilder(spec.job, source)
+        builder = RequestBuilder(sent_with_schema(spec.job, output), source)
         items = _find(source, builder, row_id)
     except InputError as exc:
         raise UsageError(
