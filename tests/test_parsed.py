@@ -4,6 +4,7 @@ where a row has no valid answer, in input order, from real runs over loopback.""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ import pytest
 
 from runner.errors import UsageError
 from runner.report.query import RunDB, export, query
+from runner.run.show import show_row
 from runner.store.state import RunDir
 
-from .echo_server import Done, echo_server, submit_prompts
+from .conftest import ROOT, spec_text, write_rows, write_spec
+from .echo_server import Done, cli, echo_server, submit_prompts
 
 SCHEMA = {
     "type": "object",
@@ -203,3 +206,59 @@ def test_the_frozen_schema_types_the_answers(tmp_path: Path, echo: str) -> None:
     frozen.write_text(frozen.read_text() + " ")
     with pytest.raises(UsageError, match="edited"):
         parsed_rows(done.run)
+
+
+EXTRACT_TYPES = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("model", pa.string()),
+        ("customer_name", pa.string()),
+        ("account_id", pa.string()),
+        ("product", pa.string()),
+        ("category", pa.string()),
+        ("sentiment", pa.string()),
+        ("urgency", pa.int64()),
+        ("refund_requested", pa.bool_()),
+        ("order_total", pa.float64()),
+        ("tags", pa.list_(pa.string())),
+        ("summary", pa.string()),
+    ]
+)
+
+
+def test_simulator_extraction_with_reasks(tmp_path: Path) -> None:
+    """jobs/extract.toml's schema against the simulator: `parsed` has the schema's types;
+    rows valid after a re-ask have their fields, rows `invalid` after the cap are NULL; `show`
+    of a re-asked row lists both paid answers (the first with its validation error) and
+    costs them both."""
+    shutil.copy(ROOT / "jobs" / "extract.schema.json", tmp_path / "schema.json")
+    prompts = [
+        "Ticket one.",
+        "Ticket two [[sim:invalid_then_valid=1]]",
+        "Bad [[sim:schema_violation]]",
+    ]
+    write_rows(tmp_path / "data.jsonl", [{"id": f"r{i}", "text": p} for i, p in enumerate(prompts)])
+    extra = 'response_format = { type = "json_schema", json_schema = { name = "t" } }'
+    text = spec_text(request_extra=extra) + OUTPUT + "max_invalid_attempts = 1\n"
+    text = text.replace("max_tokens = 64", "max_tokens = 400")  # room for the whole JSON
+    spec = write_spec(tmp_path, text)
+    code, _, err = cli("submit", str(spec), "--runs-dir", str(tmp_path / "runs"))
+    assert code == 1, err  # the always-invalid row
+    (path,) = (tmp_path / "runs").iterdir()
+    run = RunDir(path)
+    with RunDB(run, with_input=False, with_parsed=True) as db:
+        table = db.arrow("SELECT * FROM parsed ORDER BY row_id")
+        statuses = dict(db.query("SELECT row_id, status FROM results")[1])
+    assert table.schema == EXTRACT_TYPES
+    assert statuses == {"r0": "ok", "r1": "ok", "r2": "invalid"}
+    rows = table.to_pylist()
+    assert rows[0]["category"] in ("billing", "shipping", "technical", "account", "other")
+    assert 1 <= rows[1]["urgency"] <= 5
+    assert all(v is None for k, v in rows[2].items() if k not in ("row_id", "model"))
+    (reasked,) = show_row(run, "r1")
+    assert [a["final"] for a in reasked.attempts] == [False, True]
+    assert reasked.attempts[0]["validation_error"] and not reasked.attempts[1]["validation_error"]
+    assert reasked.cost_usd == pytest.approx(sum(a["cost_usd"] for a in reasked.attempts))
+    code, out, _ = cli("show", run.run_id, "r2", "--runs-dir", str(tmp_path / "runs"))
+    assert code == 0
+    assert "answer: invalid" in out and "validation error: $" in out
