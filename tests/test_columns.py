@@ -39,6 +39,9 @@ SCHEMA = {
         "either": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
         "loose": {"type": "object", "properties": {"a": {"type": "string"}}},
         "anything": {},
+        "level": {"enum": [1, 2, 3]},
+        "flag": {"enum": [True, None]},
+        "mixed": {"enum": ["a", 1]},
     },
 }
 
@@ -58,9 +61,13 @@ def test_the_mapping_of_each_kind() -> None:
             ("either", pa.string()),
             ("loose", pa.string()),
             ("anything", pa.string()),
+            ("level", pa.int64()),
+            ("flag", pa.bool_()),
+            ("mixed", pa.string()),
         ]
     )
-    assert [name for name, _ in degraded(typed_columns(SCHEMA))] == ["either", "loose", "anything"]
+    degraded_names = [name for name, _ in degraded(typed_columns(SCHEMA))]
+    assert degraded_names == ["either", "loose", "anything", "mixed"]
 
 
 def test_json_text_columns_hold_compact_json() -> None:

@@ -5,7 +5,8 @@ from the property's schema; `to_table(values, columns)` fills them from answers'
 (None for a row that has no valid answer: every column NULL). The mapping:
 
     string, enum or const of strings        string
-    integer                                 int64
+    integer, enum of integers               int64
+    enum of booleans                        bool
     number                                  float64
     boolean                                 bool
     array with one `items` schema           list<item>
@@ -15,7 +16,7 @@ from the property's schema; `to_table(values, columns)` fills them from answers'
     a local $ref (#/$defs/X, #/definitions) what it points to
     anything else                           JSON text (string): anyOf/oneOf/allOf of several
                                             shapes, if/then/else, several types, no type, an
-                                            enum of non-strings, an array of tuple `items` or
+                                            enum of mixed values, an array of tuple `items` or
                                             no `items`, an object that admits other keys, a
                                             recursive $ref, deeper than MAX_DEPTH
 
@@ -204,10 +205,7 @@ class _Mapper:
         if "const" in schema:
             return _SCALARS["string"] if isinstance(schema["const"], str) else _text("const")
         if "enum" in schema:
-            values = schema["enum"]
-            if isinstance(values, list) and all(v is None or isinstance(v, str) for v in values):
-                return _SCALARS["string"]
-            return _text("an enum of values that are not all strings")
+            return _enum(schema["enum"])
         kind = _single_type(schema.get("type"))
         if kind is None:
             return _text("no single type" if "type" in schema else "no type")
@@ -251,6 +249,18 @@ class _Mapper:
             _struct_of([(n, node.convert) for n, node in fields]),
             why,
         )
+
+
+def _enum(values: Any) -> Node:
+    """An enum of strings is a string column; of integers, int64; of booleans, bool."""
+    listed = [v for v in values if v is not None] if isinstance(values, list) else []
+    if listed and all(isinstance(v, str) for v in listed):
+        return _SCALARS["string"]
+    if listed and all(isinstance(v, int) and not isinstance(v, bool) for v in listed):
+        return _SCALARS["integer"]
+    if listed and all(isinstance(v, bool) for v in listed):
+        return _SCALARS["boolean"]
+    return _text("an enum of mixed or other values")
 
 
 def _single_type(kind: Any) -> str | None:

@@ -84,7 +84,7 @@ def run_fields(run: RunDir, manifest: Manifest) -> Fields:
             "request.response_format json_schema): no typed fields"
         )
     columns = typed_columns(output.content.schema)
-    names = [c.name for c in columns]
+    names = [c.name or "_" for c in columns]  # SQL has no empty column name
     return Fields(output.content, output.settings.lenient, columns, _unclashed(names, KEY_COLUMNS))
 
 
