@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from runner.sim.answers import request_tag
 from runner.sim.server import SimulatorConfig, SimulatorThread
 from runner.store.state import RunDir, list_runs
 
@@ -64,6 +65,7 @@ def test_extraction_job_reasks_count_and_cost(tmp_path: Path, sim: SimulatorThre
     run = RunDir(tmp_path / "runs" / listed["run_id"])
     results = select(run, "SELECT row_id, status, validation_error, content FROM results")
     assert len(results) == ROWS == len({r["row_id"] for r in results})
+    texts = {row["id"]: row["text"] for row in data}
     invalid = {r["row_id"] for r in results if r["status"] == "invalid"}
     assert invalid == {f"a{i}" for i in ALWAYS_INVALID}
     assert all(r["status"] == "ok" for r in results if r["row_id"] not in invalid)
@@ -74,6 +76,9 @@ def test_extraction_job_reasks_count_and_cost(tmp_path: Path, sim: SimulatorThre
         else:
             assert r["validation_error"] is None
             assert set(json.loads(r["content"])) == set(schema["properties"])
+        # Each answer, re-asked or not, is its own row's (the simulator tags its strings).
+        messages = [{"role": "user", "content": texts[r["row_id"]]}]
+        assert f"[req {request_tag('gpt-4o-mini', messages)}]" in r["content"], r
 
     s = sim.stats
     assert s.resent_after_ok == 0  # a re-ask is not an answer paid twice

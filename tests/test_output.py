@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from runner.output.schema import Checker, OutputSchema, load_output
+from runner.output.schema import OutputSchema, compile_schema, load_output
 from runner.output.validate import MAX_ERROR_CHARS, check_answer, parse_json
 from runner.sim.server import SimulatorConfig, SimulatorThread
 from runner.sim.structured import render, schema_of
@@ -111,9 +111,7 @@ def test_tool_call_arguments_are_checked(tmp_path: Path) -> None:
     params = {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}
     checker = load_output(load_spec(write_spec(tmp_path, spec_text()))) or None
     assert checker is None
-    import fastjsonschema
-
-    output = OutputSchema(None, {"weather": Checker(params, fastjsonschema.compile(params))})
+    output = OutputSchema(None, {"weather": compile_schema(params)})
 
     def calls(name: str, arguments: str) -> str:
         function = {"name": name, "arguments": arguments}

@@ -12,7 +12,8 @@ manifest) as it freezes the spec: a resume validates with that copy, refuses a c
 since, and refuses `--spec` whose schema file says something else (what counts as a valid
 answer is part of what is asked). A schema inside the spec text is frozen with the spec.
 
-Owns fastjsonschema (with validate.py). Imports errors and spec only.
+The home of fastjsonschema, imported only when a job has a schema (its import took 16-80 ms,
+on the start-up of every run otherwise). Imports errors and spec only.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import fastjsonschema
 import orjson
 
 from runner.errors import SpecError, UsageError
 from runner.output.metaschema import DRAFT7
 from runner.spec import JobSpec, LoadedSpec, OutputSpec, read_text
+
+if TYPE_CHECKING:
+    from fastjsonschema import JsonSchemaValueException
 
 FROZEN_NAME = "output.schema.json"
 _MESSAGE_CHARS = 160
@@ -40,10 +43,32 @@ Check = Callable[[Any], Any]
 
 @dataclass(frozen=True, slots=True)
 class Checker:
-    """One compiled schema: `check(value)` raises fastjsonschema.JsonSchemaValueException."""
+    """One compiled schema: `error(value)` says why a value does not match, in one line."""
 
     schema: Any
-    check: Check
+    check: Check  # raises `invalid`
+
+    def error(self, value: Any) -> str | None:
+        """None when `value` matches the schema, else the JSON path and the reason."""
+        try:
+            self.check(value)
+        except _invalid() as exc:
+            return error_line(exc)
+        return None
+
+
+def _invalid() -> type[JsonSchemaValueException]:
+    from fastjsonschema import JsonSchemaValueException
+
+    return JsonSchemaValueException
+
+
+def compile_schema(schema: Any) -> Checker:
+    """A schema compiled as a job's are (no remote $ref, no defaults filled in); for tests and
+    tools. Raises fastjsonschema's JsonSchemaDefinitionException on a bad schema."""
+    import fastjsonschema
+
+    return Checker(schema, fastjsonschema.compile(schema, handlers=_NO_FETCH, use_default=False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,9 +199,6 @@ def _refs(schema: Any) -> Iterator[Any]:
             stack.extend(item for item in node if isinstance(item, dict | list))
 
 
-_KNOWN_FORMATS = frozenset(fastjsonschema.draft07.CodeGeneratorDraft07.FORMAT_REGEXS) | {"regex"}
-
-
 def _no_fetch(uri: str) -> Any:
     raise ValueError(f"remote $ref {uri} is not fetched")
 
@@ -188,14 +210,19 @@ _META: Check | None = None
 def _meta() -> Check:
     global _META
     if _META is None:
+        import fastjsonschema
+
         _META = fastjsonschema.compile(DRAFT7, handlers=_NO_FETCH, use_default=False)
     return _META
 
 
 def _checker(schema: Any, display: str, where: str) -> Checker:
     """Check a schema against the meta-schema and compile it; SpecError naming `where`."""
+    import fastjsonschema
+
     if not isinstance(schema, dict | bool):
         raise SpecError(display, where, "must be a JSON Schema (a JSON object)")
+    known = {*fastjsonschema.draft07.CodeGeneratorDraft07.FORMAT_REGEXS, "regex"}
     try:
         _meta()(schema)
     except fastjsonschema.JsonSchemaValueException as exc:
@@ -206,7 +233,7 @@ def _checker(schema: Any, display: str, where: str) -> Checker:
             raise SpecError(
                 display, where, f"$ref {_cut(value, 60)!r}: only local references (#/...) work"
             )
-        if key == "format" and value not in _KNOWN_FORMATS:
+        if key == "format" and value not in known:
             unknown[value] = _any_string  # JSON Schema: an unknown format asserts nothing
     try:
         check = fastjsonschema.compile(
@@ -225,7 +252,7 @@ def _any_string(_value: str) -> bool:
     return True
 
 
-def error_line(exc: fastjsonschema.JsonSchemaValueException) -> str:
+def error_line(exc: JsonSchemaValueException) -> str:
     """A validation error as one short line: the JSON path, then the reason."""
     path = "".join(
         f"[{part}]" if isinstance(part, int) else f".{part}" for part in (exc.path or [])[1:]

@@ -11,10 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import fastjsonschema
 import orjson
 
-from runner.output.schema import OutputSchema, error_line
+from runner.output.schema import OutputSchema
 
 MAX_ERROR_CHARS = 200
 _FENCE_RE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\r?\n(.*?)```", re.DOTALL)
@@ -35,11 +34,8 @@ def check_answer(output: OutputSchema, content: str | None, tool_calls: str | No
     value, error = parse_json(content, lenient=output.settings.lenient)
     if error is not None:
         return error
-    try:
-        checker.check(value)
-    except fastjsonschema.JsonSchemaValueException as exc:
-        return _bounded(error_line(exc))
-    return None
+    error = checker.error(value)
+    return None if error is None else _bounded(error)
 
 
 def parse_json(text: str, *, lenient: bool) -> tuple[Any, str | None]:
@@ -94,10 +90,9 @@ def _check_calls(output: OutputSchema, tool_calls: str) -> str | None:
         value, error = parse_json(arguments, lenient=False)
         if error is not None:
             return _bounded(f"tool call {i} ({name}): {error}")
-        try:
-            checker.check(value)
-        except fastjsonschema.JsonSchemaValueException as exc:
-            return _bounded(f"tool call {i} ({name}): {error_line(exc)}")
+        error = checker.error(value)
+        if error is not None:
+            return _bounded(f"tool call {i} ({name}): {error}")
     return None
 
 
