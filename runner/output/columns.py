@@ -41,7 +41,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import fastjsonschema
 import orjson
 import pyarrow as pa
 
@@ -343,11 +342,7 @@ def answer_value(content: str | None, checker: Checker, *, lenient: bool) -> Any
     value, error = parse_json(content, lenient=lenient)
     if error is not None:
         return None
-    try:
-        checker.check(value)
-    except fastjsonschema.JsonSchemaValueException:
-        return None
-    return value
+    return value if checker.error(value) is None else None
 
 
 def degraded(columns: Sequence[Column]) -> list[tuple[str, str]]:
