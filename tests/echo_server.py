@@ -107,12 +107,14 @@ def submit_prompts(
     schema: dict[str, Any] | None = None,
     request_extra: str = "",
     models: list[str] | None = None,
+    input_extra: str = 'id_column = "id"\nprompt_column = "text"',
 ) -> Done:
     """A run of one row per prompt (ids r0, r1, ...), each answered with its prompt."""
     write_rows(folder / "data.jsonl", [{"id": f"r{i}", "text": p} for i, p in enumerate(prompts)])
     if schema is not None:
         (folder / "schema.json").write_text(json.dumps(schema))
-    text = spec_text(base_url=base_url, request_extra=request_extra) + extra
+    text = spec_text(base_url=base_url, request_extra=request_extra, input_extra=input_extra)
+    text += extra
     if models is not None:
         text = text.replace('model = "gpt-4o-mini"', f"model = {json.dumps(models)}")
     spec = write_spec(folder, text)

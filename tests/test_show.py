@@ -159,3 +159,22 @@ def test_show_a_body_whose_schema_comes_from_the_schema_file(tmp_path: Path, ech
     body = out.splitlines()[2]
     assert body.encode() in RECEIVED
     assert json.loads(body)["response_format"]["json_schema"]["schema"] == SCHEMA
+
+
+def test_show_by_row_number_without_an_id_column(tmp_path: Path, echo: str) -> None:
+    """Without an id column a row is shown by its number from 0; another id says so."""
+    done = submit_prompts(tmp_path, echo, ["zero", "one"], input_extra='prompt_column = "text"')
+    code, out, _ = done.cli("show", done.run.run_id, "1", "--raw")
+    assert code == 0
+    assert json.loads(out.splitlines()[2])["messages"][0]["content"] == "one"
+    code, _, err = done.cli("show", done.run.run_id, "r1")
+    assert code == 2 and "row ids are row numbers from 0" in err
+
+
+def test_show_when_the_input_is_gone(tmp_path: Path, echo: str) -> None:
+    """With the run's input file deleted the body cannot be rebuilt: one line, exit 2."""
+    done = submit_prompts(tmp_path, echo, ["hi"])
+    (tmp_path / "data.jsonl").unlink()
+    code, _, err = done.cli("show", done.run.run_id, "r0")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "cannot be read to rebuild the request" in err and "no such file" in err
