@@ -516,6 +516,7 @@ def show(run: str, row_id: str, runs_dir: Path, raw: bool, as_json: bool) -> Non
                         "skipped": r.skipped,
                         "cost_usd": r.cost_usd,
                         "attempts": r.attempts,
+                        "result": r.final,
                     }
                     for r in found
                 ],
@@ -566,6 +567,11 @@ def _row_screen(run_id: str, row: Any, *, raw: bool) -> str:
             f"answer: {final.get('status')}, finish_reason {final.get('finish_reason')}, "
             f"{len(row.attempts)} journaled attempt(s), cost {cost}"
         )
+        if final.get("reused"):
+            lines.append(
+                f"answered by row {final.get('reused_from')}'s identical request "
+                "(nothing sent for this row, nothing paid)"
+            )
         for key in ("validation_error", "error_type", "error_message", "refusal"):
             if final.get(key):
                 lines.append(f"{key.replace('_', ' ')}: {final[key]}")

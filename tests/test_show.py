@@ -178,3 +178,20 @@ def test_show_when_the_input_is_gone(tmp_path: Path, echo: str) -> None:
     code, _, err = done.cli("show", done.run.run_id, "r0")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "cannot be read to rebuild the request" in err and "no such file" in err
+
+
+def test_show_a_row_answered_by_an_identical_request(tmp_path: Path, echo: str) -> None:
+    """Of two rows with the same request, the one that reused the other's answer shows that
+    answer, names the row that bought it, and costs nothing."""
+    done = submit_prompts(tmp_path, echo, ['{"a": 7}', '{"a": 7}'])
+    shown = {row_id: show_row(done.run, row_id)[0] for row_id in ("r0", "r1")}
+    reused = [r for r in shown.values() if r.final and r.final["reused"]]
+    assert len(reused) == 1
+    (row,) = reused
+    assert row.final is not None and row.final["content"] == '{"a": 7}'
+    assert row.cost_usd == 0
+    code, out, _ = done.cli("show", done.run.run_id, row.row_id)
+    assert code == 0
+    other = "r1" if row.row_id == "r0" else "r0"
+    assert f"answered by row {other}'s identical request" in out
+    assert 'content:\n{"a": 7}' in out

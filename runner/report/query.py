@@ -365,18 +365,24 @@ def summary(run: RunDir) -> dict[str, Any]:
     return result
 
 
-def row_attempts(run: RunDir, row_id: str) -> list[dict[str, Any]]:
-    """Every journaled attempt of one row (all models), oldest first, each with its cost
-    (cost_usd: NULL for an unpriced model or an attempt without usage) and provenance."""
+def row_attempts(run: RunDir, row_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row's story, for all models: every journaled attempt, oldest first, each with its
+    cost (cost_usd: NULL for an unpriced model or an attempt without usage), and its rows of
+    `results` (a reused row's answer filled in from the row that bought it)."""
     prices = price_rows(run)
     with RunDB(run, with_input=False, prices=prices) as db:
-        cursor = db.con.execute(
+        attempts = db.query(
             f"SELECT * FROM ({_costed_sql('attempts')}) WHERE row_id = ? "
             "ORDER BY model, finished_at, attempts",
             [row_id],
         )
-        names = [d[0] for d in cursor.description or []]
-        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        results = db.query("SELECT * FROM results WHERE row_id = ? ORDER BY model", [row_id])
+    return _dicts(attempts), _dicts(results)
+
+
+def _dicts(found: tuple[list[str], list[tuple[Any, ...]]]) -> list[dict[str, Any]]:
+    names, rows = found
+    return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 def _top_errors(db: RunDB, limit: int) -> list[dict[str, Any]]:

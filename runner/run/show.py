@@ -35,12 +35,9 @@ class RowRequest:
     # another body (the input changed since); None: nothing was sent for it yet.
     sent: bool | None
     attempts: list[dict[str, Any]] = field(default_factory=list)  # oldest first
-
-    @property
-    def final(self) -> dict[str, Any] | None:
-        """The row's latest final record (its status and answer), if it has settled."""
-        finals = [a for a in self.attempts if a.get("final")]
-        return finals[-1] if finals else None
+    # The row's settled result (its status and answer; a reused row's answer is the one it
+    # reuses, named by reused_from), or None when it has not settled.
+    final: dict[str, Any] | None = None
 
     @property
     def cost_usd(self) -> float | None:
@@ -78,16 +75,21 @@ def show_row(run: RunDir, row_id: str) -> list[RowRequest]:
             f"run {run.run_id}: no row {row_id!r} in its input {source.shown} "
             f"({_id_hint(spec.job.input.id_column, builder.batch)})"
         )
-    attempts = row_attempts(run, row_id)
+    attempts, results = row_attempts(run, row_id)
     found = []
     for item in items:
         mine = [a for a in attempts if a.get("model") == item.model]
+        final = next((r for r in results if r.get("model") == item.model), None)
         if isinstance(item, Skip):
-            found.append(RowRequest(row_id, item.model, None, None, item.message, None, mine))
+            found.append(
+                RowRequest(row_id, item.model, None, None, item.message, None, mine, final)
+            )
             continue
         hashes = {a.get("request_hash") for a in mine}
         sent = None if not mine else item.request_hash in hashes
-        found.append(RowRequest(row_id, item.model, item.body, item.request_hash, None, sent, mine))
+        found.append(
+            RowRequest(row_id, item.model, item.body, item.request_hash, None, sent, mine, final)
+        )
     return found
 
 
