@@ -262,3 +262,10 @@ def test_simulator_extraction_with_reasks(tmp_path: Path) -> None:
     code, out, _ = cli("show", run.run_id, "r2", "--runs-dir", str(tmp_path / "runs"))
     assert code == 0
     assert "answer: invalid" in out and "validation error: $" in out
+
+
+def test_a_query_that_only_mentions_parsed_runs(tmp_path: Path, echo: str) -> None:
+    """The word parsed in a string of a run without a schema does not make the query fail."""
+    done = submit_prompts(tmp_path, echo, ["parsed"])
+    _, rows = query(done.run, "SELECT count(*) AS n FROM results WHERE content = 'parsed'")
+    assert rows == [(1,)]

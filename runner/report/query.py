@@ -141,6 +141,7 @@ class RunDB:
         if with_input:
             self._input_view()
         self.fields: Fields | None = None
+        self.parsed_error: str | None = None  # why there is no `parsed` view
         if with_parsed:
             self._parsed_view()
         self.con.execute(
@@ -235,9 +236,11 @@ class RunDB:
         answers are checked against the run's schema as they were when they came in)."""
         try:
             self.fields = run_fields(self.run, self.manifest)
-        except UsageError:
-            self.close()
-            raise
+        except UsageError as exc:
+            # No view; the reason is for whoever asks for it (a query that only mentions
+            # the word, in a string say, runs as if it had not).
+            self.parsed_error = str(exc)
+            return
         answers = self.arrow("SELECT row_id, model, status, content FROM results")
         self._parsed = parsed_table(answers, self.fields)
         self.con.register("parsed_rows", self._parsed)
@@ -604,6 +607,8 @@ def query(
         try:
             return db.query(sql)
         except UsageError as exc:
+            if db.parsed_error and "Table with name parsed does not exist" in str(exc):
+                raise UsageError(db.parsed_error) from None
             gone = needs_input and db.input_path is None
             if gone and "Table with name input does not exist" in str(exc):
                 path = db.manifest.get("input", {}).get("path")
@@ -672,6 +677,8 @@ def export(run: RunDir, out: Path, *, overwrite: bool = False, fields: bool = Fa
             raise UsageError(
                 f"the input file of run {run.run_id} is gone ({db.manifest['input']['path']})"
             )
+        if fields and db.fields is None:
+            raise UsageError(db.parsed_error or f"run {run.run_id} has no typed fields")
         _check_same_input(run, db.manifest, db.input_path)
         input_columns = [c for c in db.query("SELECT * FROM input LIMIT 0")[0] if c != "row_index"]
         answer = [c for c in ANSWER_COLUMNS if c not in ("row_id",)]
