@@ -309,3 +309,36 @@ def _toml(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return json.dumps(value)
+
+
+RICH = {
+    "$defs": {"city": {"type": "string", "minLength": 40}},
+    "type": "object",
+    "required": ["id", "where", "when", "size", "kind", "labels", "pair", "extra", "both"],
+    "properties": {
+        "id": {"type": "integer", "exclusiveMinimum": 10, "exclusiveMaximum": 20},
+        "where": {"$ref": "#/$defs/city"},
+        "when": {"type": "string", "format": "date-time"},
+        "mail": {"type": "string", "format": "email"},
+        "size": {"type": "integer", "minimum": 3, "multipleOf": 3},
+        "kind": {"const": "ticket"},
+        "labels": {"type": "array", "items": {"enum": ["a", "b"]}, "uniqueItems": True},
+        "pair": {"type": "array", "items": [{"type": "string"}, {"type": "number"}]},
+        "extra": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"n": {}}}]},
+        "both": {"allOf": [{"properties": {"x": {"type": "boolean"}}}, {"required": ["x"]}]},
+        "short": {"type": "string", "maxLength": 5},
+        "maybe": {"type": ["null", "number"], "minimum": 1},
+        "nested": {"type": "object", "properties": {"deep": {"type": "array", "minItems": 2}}},
+    },
+}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_simulator_json_is_valid_for_richer_schemas(seed: int) -> None:
+    """The simulator's valid JSON matches schemas with $ref, allOf/anyOf, const, formats,
+    bounds, multipleOf, tuples and unique items; its schema violations do not."""
+    checker = compile_schema(RICH)
+    digest = seed.to_bytes(2, "big") * 16
+    assert checker.error(orjson.loads(render(RICH, "valid", digest, ["w"], "t"))) is None
+    broken = orjson.loads(render(RICH, "schema_violation", digest, ["w"], "t"))
+    assert checker.error(broken) is not None
