@@ -476,8 +476,7 @@ def export(run: str, out: Path, runs_dir: Path, overwrite: bool, fields: bool) -
     from runner.report import query as reports
     from runner.store.state import resolve_run
 
-    target = resolve_run(run, runs_dir)
-    count = reports.export(target, out, overwrite=overwrite, fields=fields)
+    count = reports.export(resolve_run(run, runs_dir), out, overwrite=overwrite, fields=fields)
     click.echo(f"wrote {count:,} rows to {out}", err=True)
 
 
@@ -495,35 +494,13 @@ def show(run: str, row_id: str, runs_dir: Path, raw: bool, as_json: bool) -> Non
     validation error, every attempt (re-asks and retries) and what they cost. ROW_ID is the
     id column's value, or the row number from 0 without an id column.
     """
-    import orjson
-
     from runner.run.show import show_row
     from runner.store.state import resolve_run
 
     target = resolve_run(run, runs_dir)
     found = show_row(target, row_id)
     if as_json:
-        click.echo(
-            json.dumps(
-                [
-                    {
-                        "run_id": target.run_id,
-                        "row_id": r.row_id,
-                        "model": r.model,
-                        "request": None if r.body is None else orjson.loads(r.body),
-                        "request_hash": r.request_hash,
-                        "sent": r.sent,
-                        "skipped": r.skipped,
-                        "cost_usd": r.cost_usd,
-                        "attempts": r.attempts,
-                        "result": r.final,
-                    }
-                    for r in found
-                ],
-                indent=2,
-                default=str,
-            )
-        )
+        click.echo(json.dumps([r.as_dict(target.run_id) for r in found], indent=2, default=str))
         return
     for i, row in enumerate(found):
         click.echo(("\n" if i else "") + _row_screen(target.run_id, row, raw=raw))

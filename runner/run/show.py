@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from runner.errors import InputError, UsageError
 from runner.input.source import InputFile, RequestBuilder, Skip
 from runner.output.schema import sent_with_schema
@@ -38,6 +40,21 @@ class RowRequest:
     # The row's settled result (its status and answer; a reused row's answer is the one it
     # reuses, named by reused_from), or None when it has not settled.
     final: dict[str, Any] | None = None
+
+    def as_dict(self, run_id: str) -> dict[str, Any]:
+        """Everything shown, as plain data (the body as a JSON value)."""
+        return {
+            "run_id": run_id,
+            "row_id": self.row_id,
+            "model": self.model,
+            "request": None if self.body is None else orjson.loads(self.body),
+            "request_hash": self.request_hash,
+            "sent": self.sent,
+            "skipped": self.skipped,
+            "cost_usd": self.cost_usd,
+            "attempts": self.attempts,
+            "result": self.final,
+        }
 
     @property
     def cost_usd(self) -> float | None:
