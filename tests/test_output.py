@@ -342,3 +342,19 @@ def test_simulator_json_is_valid_for_richer_schemas(seed: int) -> None:
     assert checker.error(orjson.loads(render(RICH, "valid", digest, ["w"], "t"))) is None
     broken = orjson.loads(render(RICH, "schema_violation", digest, ["w"], "t"))
     assert checker.error(broken) is not None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("lenient", [True, False])
+async def test_lenient_takes_fenced_answers_end_to_end(
+    tmp_path: Path, sim: SimulatorThread, lenient: bool
+) -> None:
+    """A fenced JSON answer is ok at once when lenient; strict, it is re-asked and the row
+    ends invalid (the simulator fences every answer of that row)."""
+    data = rows(4, {1: "[[sim:fenced_json]]"})
+    output = f"lenient = {str(lenient).lower()}\nmax_invalid_attempts = 1"
+    outcome = await submit_job(tmp_path, extraction_job(tmp_path, sim, data, output=output), data)
+    got = {r["row_id"]: r for r in select(outcome.run, "SELECT * FROM results")}
+    assert got["r1"]["status"] == ("ok" if lenient else "invalid")
+    assert got["r1"]["content"].startswith("Here is the result:\n```json")
+    assert sim.stats.ok == (4 if lenient else 5)

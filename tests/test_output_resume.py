@@ -13,8 +13,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from runner.errors import SpecError, UsageError
+from runner.output.schema import FROZEN_NAME, freeze, frozen_text, load_output
+from runner.records import Reasked, ResultRecord
 from runner.sim.server import SimulatorConfig, SimulatorThread
-from runner.store.sink import parts
+from runner.spec import load_spec
+from runner.store.journal import Journal
+from runner.store.sink import parts, reasked_rows, to_table, write_part
 from runner.store.state import RunDir, list_runs
 
 from .conftest import select, spec_text, start_runner, write_rows, write_spec
@@ -98,3 +103,80 @@ def test_parts_written_before_the_column_still_read(tmp_path: Path, sim: Simulat
     pq.write_table(table.append_column("validation_error", column), newer)
     got = select(run, "SELECT count(*) AS n, count(validation_error) AS e FROM attempts")
     assert got == [{"n": 40, "e": 20}]
+
+
+def _record(
+    row: str, attempts: int, *, final: bool, status: str, error: str | None
+) -> ResultRecord:
+    return ResultRecord(
+        row_id=row,
+        row_index=int(row[1:]),
+        model="m",
+        request_hash=f"h{row}",
+        status=status,
+        final=final,
+        attempts=attempts,
+        started_at=0.0,
+        finished_at=1.0,
+        latency_ms=1.0,
+        content=f"answer {attempts} of {row}",
+        validation_error=error,
+    )
+
+
+def test_reasked_rows_are_the_unsettled_ones(tmp_path: Path) -> None:
+    """What a resume goes on from: re-asked rows without a final record (in parts or the
+    journal), with their re-asks counted and their latest answer and error."""
+    journal, parts_dir = tmp_path / "journal", tmp_path / "parts"
+    journal.mkdir()
+    parts_dir.mkdir()
+    in_part = [
+        _record("r1", 1, final=False, status="invalid", error="$: first"),
+        _record("r2", 1, final=False, status="invalid", error="$: once"),
+        _record("r3", 1, final=False, status="invalid", error="$: once"),
+        _record("r4", 1, final=True, status="ok", error=None),
+    ]
+    write_part(parts_dir, 1, to_table(in_part))
+    segment = Journal(journal, 2)
+    segment.append(
+        [
+            _record("r1", 2, final=False, status="invalid", error="$: second"),
+            _record("r2", 2, final=True, status="ok", error=None),
+            _record("r3", 3, final=True, status="invalid", error="$: last"),
+        ]
+    )
+    segment.close()
+    found = reasked_rows(parts_dir, journal)
+    assert found == {
+        ("r1", "m", "hr1"): Reasked(
+            used=2,
+            attempts=2,
+            content="answer 2 of r1",
+            tool_calls=None,
+            validation_error="$: second",
+        )
+    }
+
+
+def test_frozen_schema_checks(tmp_path: Path) -> None:
+    """The frozen copy is used as long as its hash holds; an edit of it, or a --spec whose
+    schema differs, is refused with exit 2."""
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    write_rows(tmp_path / "data.jsonl", [{"id": "0", "text": "x"}])
+    spec = load_spec(write_spec(tmp_path, spec_text() + '\n[output]\nschema = "schema.json"\n'))
+    output = load_output(spec)
+    run = tmp_path / "run"
+    run.mkdir()
+    digest = freeze(output, run)
+    assert digest is not None
+    assert frozen_text(run, digest, spec, given=False, run_id="x") == json.dumps(SCHEMA)
+    assert frozen_text(run, None, spec, given=False, run_id="x") is None  # an older run
+    with pytest.raises(SpecError, match="not asked with a schema file"):
+        frozen_text(run, None, spec, given=True, run_id="x")
+    (tmp_path / "schema.json").write_text("{}")
+    with pytest.raises(SpecError, match=r"output\.schema: differs from run x's"):
+        frozen_text(run, digest, spec, given=True, run_id="x")
+    assert frozen_text(run, digest, spec, given=False, run_id="x") == json.dumps(SCHEMA)
+    (run / FROZEN_NAME).write_text("{}")
+    with pytest.raises(UsageError, match="edited since the run froze it"):
+        frozen_text(run, digest, spec, given=False, run_id="x")
