@@ -14,9 +14,10 @@ simulator's own counters:
     simulator's answer names the request it answers (`[req <tag>]`, see sim_answers), so an
     answer put on another row is caught;
   - no answered request was bought again beyond those in flight when a session was cut
-    (`resent_after_ok` <= the concurrency for each cancellation, twice it for each kill: on
-    the wire plus answers not yet journaled), nor beyond what the run itself counted as left
-    unanswered by its crashes;
+    (`resent_after_ok`, the copies of an answered body the simulator answered 200 again, <=
+    the concurrency for each cancellation, twice it for each kill: on the wire plus answers
+    not yet journaled), nor beyond what the run itself counted as left unanswered by its
+    crashes (a copy refused with a 429 on the way is not bought, so not counted);
   - with a budget, what the simulator served stays within it.
 
 `bench/invariants.py` runs the same scenarios, more of them and larger.
