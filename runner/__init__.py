@@ -79,6 +79,7 @@ class _CallablePackage(types.ModuleType):
     """runner/run/, which is also `runner.run(data, ...)` (see the module docstring)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """`runner.run(data, model=..., ...)`: runner.api.run, see help(runner.api.run)."""
         from runner.api import run as run_data
 
         return run_data(*args, **kwargs)

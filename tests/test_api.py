@@ -5,6 +5,7 @@ process. Answers are checked by the digest of its own request the simulator puts
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import inspect
 import json
@@ -16,9 +17,11 @@ import textwrap
 import time
 import tomllib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,7 +35,7 @@ from runner.run import job
 from runner.sim.answers import request_tag
 from runner.sim.server import SimulatorConfig, SimulatorThread
 
-from .conftest import run_cli, spec_text, write_rows, write_spec
+from .conftest import ROOT, run_cli, spec_text, write_rows, write_spec
 from .test_resume import wait_for_results
 
 MODEL = "gpt-4o-mini"
@@ -369,6 +372,7 @@ def test_spec_toml_reads_back_as_written(text: str, number: float, key: str, fla
 
 SCRIPT = """
 import asyncio, sys
+import anyio
 import pandas as pd
 import runner
 
@@ -489,3 +493,92 @@ def test_run_is_the_function_and_the_engine_package() -> None:
     """`runner.run` calls the API although runner/run/ is a package of the same name."""
     assert callable(runner.run) and runner.run.job is job  # type: ignore[attr-defined]
     assert "prompt_column" in str(inspect.signature(runner.run))
+
+
+def test_the_readme_example_calls_the_api_as_it_is() -> None:
+    """The README's Python API example parses, and every function and keyword it uses exists
+    with that name (`runner.run`'s and the Run's)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    tree = ast.parse(block)
+    called = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    used = {
+        (n.func.value.id, n.func.attr): [k.arg for k in n.keywords]
+        for n in called
+        if isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
+    }
+    assert {
+        ("runner", "submit"),
+        ("runner", "run"),
+        ("runner", "resume"),
+        ("runner", "open"),
+    } <= set(used)
+    for (owner, name), keywords in used.items():
+        if owner == "runner":
+            target = getattr(runner.api, name)
+        elif owner == "run":
+            target = getattr(runner.Run, name)
+        else:
+            continue
+        assert set(keywords) <= set(inspect.signature(target).parameters), (name, keywords)
+
+
+def test_a_call_from_another_thread_runs_on_a_loop_of_its_own(
+    tmp_path: Path, sim: SimulatorThread
+) -> None:
+    """Outside the main thread (no signal handlers there) a blocking call still runs."""
+    data = rows(10)
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(
+            runner.run,
+            table(data),
+            model=MODEL,
+            prompt_column="text",
+            id_column="id",
+            base_url=sim.base_url,
+            runs_dir=tmp_path / "runs",
+            progress=False,
+        ).result(timeout=60)
+    assert run.state == "completed"
+    assert_answers(run, data)
+
+
+@pytest.mark.parametrize("stops", [1, 2])
+def test_a_stop_switch_drains_once_and_cuts_on_the_second_request(
+    tmp_path: Path, stops: int
+) -> None:
+    """What a notebook's interrupt does to a session in a worker thread: one request lets the
+    requests in flight finish (every one answered and kept), two cut them at once."""
+    data = rows(200)
+    write_rows(tmp_path / "data.jsonl", data)
+    with SimulatorThread(SimulatorConfig(latency_ms=400)) as slow:
+        spec = write_spec(tmp_path, spec_text(base_url=slow.base_url, concurrency=8))
+        switch = job.StopSwitch()
+        signalled: list[bool] = []
+
+        def stop_when_in_flight(progress: Any) -> None:
+            # From the session's own thread, as a hook does: a stop it asks for still counts.
+            if progress.in_flight >= 8 and not switch.requests:
+                for _ in range(stops):
+                    switch.request()
+
+        async def main() -> job.Outcome:
+            return await job.submit(
+                job.prepare(spec),
+                tmp_path / "runs",
+                handle_signals=False,
+                stop_switch=switch,
+                on_progress=stop_when_in_flight,
+                on_signal=lambda first, grace: signalled.append(first),
+            )
+
+        outcome = anyio.run(main)
+        stats = slow.stats
+    assert outcome.state == "stopped" and outcome.stop_reason == "interrupted"
+    assert signalled == [True, False][:stops]
+    assert switch.requests == stops
+    if stops == 1:
+        assert outcome.progress.ok == stats.ok >= 8  # the drained ones were kept
+    else:
+        assert outcome.progress.ok < stats.requests  # cut while on the wire
+    assert outcome.progress.ok + outcome.progress.failed < len(data)

@@ -673,8 +673,8 @@ class StopSwitch:
     For a session whose event loop runs in a worker thread (the Python API inside Jupyter,
     whose own loop is taken): signal handlers can only be installed in the main thread, so
     the thread that waits for the session turns its KeyboardInterrupt into `request()`.
-    Call it from any thread but the session's own; a request made before the session
-    starts takes effect when it does.
+    Thread-safe (the session's own thread may call it too); a request made before the
+    session starts takes effect when it does.
     """
 
     def __init__(self) -> None:
@@ -682,6 +682,7 @@ class StopSwitch:
         self._requests = 0
         self._token: EventLoopToken | None = None
         self._wake: anyio.Event | None = None
+        self._thread: int | None = None  # the session loop's thread, while one waits
 
     @property
     def requests(self) -> int:
@@ -693,10 +694,14 @@ class StopSwitch:
         """Ask the session to stop (drain first; a second request: at once)."""
         with self._lock:
             self._requests += 1
-            token, wake = self._token, self._wake
-        if token is not None and wake is not None:
-            with contextlib.suppress(RuntimeError):  # the loop has ended: nothing to stop
-                anyio.from_thread.run_sync(wake.set, token=token)
+            token, wake, thread = self._token, self._wake, self._thread
+        if token is None or wake is None:
+            return
+        if thread == threading.get_ident():
+            wake.set()  # in the loop's own thread (waiting for itself would never end)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has ended: nothing to stop
+            anyio.from_thread.run_sync(wake.set, token=token)
 
     async def wait(self, seen: int) -> int:
         """Until more than `seen` stops were asked for; returns how many were."""
@@ -705,12 +710,13 @@ class StopSwitch:
                 if self._requests > seen:
                     return self._requests
                 self._token = anyio.lowlevel.current_token()
+                self._thread = threading.get_ident()
                 wake = self._wake = anyio.Event()
             try:
                 await wake.wait()
             finally:
                 with self._lock:
-                    self._token = self._wake = None
+                    self._token = self._wake = self._thread = None
 
 
 async def _watch_stops(
@@ -724,8 +730,11 @@ async def _watch_stops(
     if seen < 2:
         with anyio.move_on_after(grace_s) as waited:
             await switch.wait(seen)
-        if not waited.cancelled_caught and on_signal:
-            on_signal(False, grace_s)
+        if waited.cancelled_caught:  # grace_s is over: cut what is still in flight
+            pool.abort()
+            return
+    if on_signal:
+        on_signal(False, grace_s)
     pool.abort()
 
 
