@@ -25,6 +25,7 @@ from runner.errors import EXIT_INTERNAL, EXIT_STOPPED, EXIT_USAGE, RunnerError
 
 if TYPE_CHECKING:
     from runner.api import Session
+    from runner.store.state import Manifest
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -249,10 +250,10 @@ def runs(runs_dir: Path, fmt: str) -> None:
     _emit(header, rows, fmt)
 
 
-def _run_counts(runs_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _run_counts(runs_dir: Path, manifest: Manifest) -> dict[str, Any]:
     """A run's row counts: the manifest's once a session ended, counted from the run's
     files while it runs (or after a crash), when the manifest has none yet."""
-    counts: dict[str, Any] = manifest.get("counts") or {}
+    counts: dict[str, Any] = dict(manifest.get("counts") or {})
     if manifest.get("state") != "running" and "ok" in counts:
         return counts
     from runner.report import query as report

@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from runner.records import Progress
     from runner.run.job import Outcome
-    from runner.store.state import RunDir
+    from runner.store.state import Manifest, RunDir
 
 PLAIN_EVERY_S = 5.0
 
@@ -213,7 +213,7 @@ class NotebookRenderer(ProgressRenderer):
             self.drawn = False
 
 
-def spec_models(run: RunDir, manifest: dict[str, Any]) -> list[str]:
+def spec_models(run: RunDir, manifest: Manifest) -> list[str]:
     """The models of the spec a run last ran with (read from its frozen copy)."""
     import tomllib
 

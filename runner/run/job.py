@@ -60,7 +60,9 @@ from runner.spec import SIMULATOR, RunSpec, check_environment
 from runner.store.sink import RunSink
 from runner.store.starts import StartLog
 from runner.store.state import (
+    Manifest,
     RunDir,
+    Session,
     Settled,
     check_writable,
     input_fingerprint,
@@ -149,7 +151,7 @@ async def submit(
     run.lock()
     try:
         rows = prepared.check.rows if prepared.check else prepared.source.row_count_hint()
-        manifest: dict[str, Any] = {
+        manifest: Manifest = {
             "run_id": run.run_id,
             "job_name": prepared.spec.job.name,
             "spec_path": str(prepared.spec.path),
@@ -296,7 +298,7 @@ async def resume(
         run.unlock()
 
 
-def _unanswered_worst(manifest: dict[str, Any]) -> float:
+def _unanswered_worst(manifest: Manifest) -> float:
     """The worst case of every request crashed sessions had on the wire without a record."""
     total = 0.0
     for session in manifest.get("sessions", []):
@@ -334,7 +336,7 @@ def _items(prepared: Prepared, settled: Settled) -> Iterator[WorkItem | Skip]:
 
 async def _execute(
     run: RunDir,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     prepared: Prepared,
     settled: Settled,
     next_segment: int,
@@ -356,7 +358,7 @@ async def _execute(
     elif (known := manifest.get("counts", {}).get("total")) is not None:
         total = known
     progress = Progress(rows_total=total, rows_done_before=settled.count)
-    session: dict[str, Any] = {
+    session: Session = {
         "started_at": utc_now(),
         "started_epoch": time.time(),
         "pid": os.getpid(),
@@ -532,7 +534,7 @@ class _Checker:
         pool: Pool,
         progress: Progress,
         run: RunDir,
-        manifest: dict[str, Any],
+        manifest: Manifest,
     ) -> None:
         self.prepared = prepared
         self.pool = pool
@@ -570,8 +572,8 @@ class _Checker:
 
 async def _finish(
     run: RunDir,
-    manifest: dict[str, Any],
-    session: dict[str, Any],
+    manifest: Manifest,
+    session: Session,
     sink: RunSink,
     progress: Progress,
     settled: Settled,
@@ -630,16 +632,14 @@ async def _finish(
         "skipped": settled.skipped + progress.skipped,
         "requests": manifest.get("counts", {}).get("requests", 0) + progress.requests,
     }
-    session.update(
-        ended_at=utc_now(),
-        ended_epoch=time.time(),
-        outcome=manifest["state"],
-        stop_reason=stop_reason or ("interrupted" if interrupted else None),
-        requests_started=sent,
-        ok=progress.ok,
-        failed=progress.failed,
-        requests=progress.requests,
-    )
+    session["ended_at"] = utc_now()
+    session["ended_epoch"] = time.time()
+    session["outcome"] = manifest["state"]
+    session["stop_reason"] = stop_reason or ("interrupted" if interrupted else None)
+    session["requests_started"] = sent
+    session["ok"] = progress.ok
+    session["failed"] = progress.failed
+    session["requests"] = progress.requests
     try:
         run.write_manifest(manifest)
     except StorageFailed as exc:
