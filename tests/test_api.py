@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 import runner
 from runner import api
+from runner.api import session
 from runner.run import job
 from runner.sim.answers import request_tag
 from runner.sim.server import SimulatorConfig, SimulatorThread
@@ -220,7 +221,7 @@ def test_the_notebook_progress_bar_draws_no_terminal_escapes(
 ) -> None:
     """In a notebook the progress is one tqdm.auto bar ending at the row count: no cursor
     movement, which a notebook would print as text."""
-    monkeypatch.setattr(api, "_in_notebook", lambda: True)
+    monkeypatch.setattr(session, "_in_notebook", lambda: True)
     data = rows(12)
     runner.run(
         table(data),
