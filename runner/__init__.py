@@ -84,6 +84,9 @@ class _CallablePackage(types.ModuleType):
 
         return run_data(*args, **kwargs)
 
+    def __repr__(self) -> str:
+        return "<runner.run: runner.api.run(data, ...), and the package runner/run/>"
+
     @property
     def __signature__(self) -> inspect.Signature:  # what help() and notebooks show
         from runner.api import run as run_data
