@@ -583,3 +583,34 @@ def test_a_stop_switch_drains_once_and_cuts_on_the_second_request(
     else:
         assert outcome.progress.ok < stats.requests  # cut while on the wire
     assert outcome.progress.ok + outcome.progress.failed < len(data)
+
+
+def test_a_relative_ca_bundle_is_the_callers_and_resumes_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over real TLS: `ca_bundle` relative to the working folder is frozen as an absolute
+    path (a frozen spec's paths are relative to the run's folder), so the run trusts the
+    same CA in its session and in a resume from another folder."""
+    from runner.sim.http import make_test_certificate, server_tls
+
+    ca, cert, key = make_test_certificate(tmp_path / "pki")
+    monkeypatch.chdir(tmp_path)
+    data = rows(10)
+    with SimulatorThread(SimulatorConfig(), tls=server_tls(str(cert), str(key))) as tls_sim:
+        run = runner.run(
+            table(data),
+            model=MODEL,
+            prompt_column="text",
+            id_column="id",
+            base_url=tls_sim.base_url,
+            spec={"endpoint": {"ca_bundle": str(ca.relative_to(tmp_path))}},
+            runs_dir="runs",
+            progress=False,
+        )
+        assert run.state == "completed"
+        frozen = tomllib.loads((run.path / "job.toml").read_text())
+        assert frozen["endpoint"]["ca_bundle"] == str(ca)
+        monkeypatch.chdir(run.path)
+        again = runner.resume(run.path.resolve(), retry_failed=True, progress=False)
+    assert again.state == "completed"
+    assert_answers(again, data)

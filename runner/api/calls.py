@@ -279,6 +279,10 @@ def _prepare_data(
         default_name = "data"
     spec = {**spec, "name": spec.get("name") or name or default_name}
     spec["input"] = {**spec["input"], "path": str(path) if path is not None else INPUT_FILE}
+    ca = spec["endpoint"].get("ca_bundle")
+    if isinstance(ca, str | os.PathLike) and os.fspath(ca):
+        # A spec's paths are relative to its folder: the run's, once frozen, not the caller's.
+        spec["endpoint"] = {**spec["endpoint"], "ca_bundle": str(Path(ca).expanduser().resolve())}
     text = spec_toml(spec)
     _in_call(lambda: check_environment(parse_spec(text, path=Path(CALL), display=CALL)))
     check_writable(runs_dir)

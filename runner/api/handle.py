@@ -112,7 +112,8 @@ class Run:
     __slots__ = ("outcome", "run_dir")
 
     def __init__(self, run_dir: RunDir, outcome: Outcome | None = None) -> None:
-        self.run_dir = run_dir
+        # Absolute: a notebook may change its working folder between calls.
+        self.run_dir = run_dir if run_dir.path.is_absolute() else RunDir(run_dir.path.resolve())
         self.outcome = outcome
 
     def __repr__(self) -> str:
