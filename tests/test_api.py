@@ -315,6 +315,9 @@ def test_open_finds_runs_by_id_folder_and_job_name(tmp_path: Path, finished: run
         assert runner.open(ref, runs_dir=runs).id == finished.id
     assert [r.id for r in runner.runs(runs_dir=runs)] == [finished.id]
     assert "completed" in repr(finished)
+    again = finished.resume(progress=False)  # nothing left but the failed row, kept failed
+    assert again.id == finished.id and again.state == "completed"
+    assert again.outcome is not None and again.outcome.progress.requests == 0
 
 
 # -- errors --------------------------------------------------------------------------------
@@ -432,7 +435,8 @@ def test_a_dataframe_run_killed_with_9_is_resumed_from_its_own_input(tmp_path: P
     """kill -9 of a process running runner.run(df): the DataFrame is gone with it, and
     runner.resume() finishes the run from the run folder: every row once, nothing re-bought
     beyond what was in flight at the kill."""
-    count, concurrency = 600, 8
+    # 8 x 50 ms: ~160 rows a second; the kill lands after 100, seconds before the end.
+    count, concurrency = 800, 8
     with SimulatorThread(SimulatorConfig(latency_ms=50, jitter_ms=10)) as sim:
         proc = start_script(tmp_path, sim, "plain", count, concurrency)
         run_dir = the_run_dir(tmp_path, proc)
@@ -461,7 +465,8 @@ def test_keyboardinterrupt_in_a_running_loop_stops_cleanly_and_the_cli_resumes(
     """In a running loop (a notebook), SIGINT while runner.run() waits drains the run and
     raises KeyboardInterrupt saying how to resume; `runner resume/status/report` then work
     on that run started from Python, and nothing is bought twice."""
-    count, concurrency = 400, 8
+    # 8 x 50 ms: ~160 rows a second; SIGINT lands after 50, seconds before the end.
+    count, concurrency = 600, 8
     runs = str(tmp_path / "runs")
     with SimulatorThread(SimulatorConfig(latency_ms=50, jitter_ms=10)) as sim:
         proc = start_script(tmp_path, sim, "loop", count, concurrency)
