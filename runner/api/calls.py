@@ -205,7 +205,7 @@ async def submit_async(
     check: bool = True,
     progress: bool = True,
 ) -> Run:
-    """`submit` in the running event loop (asyncio or trio, through anyio).
+    """`submit` in the running (asyncio) event loop.
 
     Installs no signal handler: cancelling the awaiting task stops the run (the folder is
     left consistent, state "stopped"), and the cancellation goes on up.
