@@ -134,6 +134,8 @@ def test_run_writes_an_in_memory_table_into_the_run_folder(
     assert run.state == "completed"
     assert_answers(run, data, SYSTEM)
     assert pq.read_table(run.path / "input.parquet").to_pylist() == data
+    for path in [run.path, *run.path.rglob("*")]:
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is open to others"
     frozen = tomllib.loads((run.path / "job.toml").read_text())
     assert frozen["input"]["path"] == "input.parquet"
     assert frozen["input"]["system"] == SYSTEM

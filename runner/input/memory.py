@@ -52,6 +52,7 @@ def write_input(table: pa.Table | pa.RecordBatchReader, path: Path) -> None:
             with pq.ParquetWriter(tmp, table.schema) as writer:
                 for batch in table:
                     writer.write_batch(batch)
+        os.chmod(tmp, 0o600)  # a run folder is its owner's only, the input included
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
