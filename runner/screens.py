@@ -68,6 +68,8 @@ class ProgressRenderer:
         elapsed = max(time.monotonic() - progress.started, 1e-9)
         fields = [f"ok {progress.rows_done_before + progress.ok:,}"]
         fields.append(f"failed {progress.failed:,}")
+        if progress.invalid or progress.reasked:
+            fields.append(f"invalid {progress.invalid:,}  re-asked {progress.reasked:,}")
         cost = _cost_total(self.cost_before, progress.cost_usd)
         if cost is not None:
             settled = progress.rows_done_before + progress.done + progress.skipped
@@ -244,14 +246,18 @@ def print_outcome(outcome: Outcome) -> None:
     lines.append(input_line(rows, models))
     unit = "answers" if per_row > 1 else "rows"
     before = f"; {outcome.settled_before:,} settled before" if outcome.settled_before else ""
+    invalid = f", {p.invalid:,} invalid" if p.invalid else ""
     lines.append(
-        f"  {unit:<9} {p.ok:,} ok, {p.failed:,} failed, {p.skipped:,} skipped this session{before}"
+        f"  {unit:<9} {p.ok:,} ok, {p.failed:,} failed{invalid}, {p.skipped:,} skipped "
+        f"this session{before}"
     )
+    if p.reasked:
+        lines.append(f"  re-asked  {p.reasked:,} answers that failed the schema (paid, counted)")
     rate = p.requests / outcome.wall_s if outcome.wall_s > 0 else 0.0
     lines.append(f"  requests  {p.requests:,} (retries included), {rate:,.1f} per second")
     lines.append(f"  tokens    {p.prompt_tokens:,} prompt, {p.completion_tokens:,} completion")
     lines.append("  cost      " + _cost_line(outcome))
-    if p.failed:
+    if p.failed or p.invalid:
         lines.extend(_top_errors(run, terminal_width() - 1 if sys.stderr.isatty() else None))
     lines.append(f"  results   {run.parts_dir}")
     lines.append(f"  next      runner report {run.run_id}")
@@ -275,8 +281,11 @@ def _top_errors(run: RunDir, width: int | None, top: int = 3) -> list[str]:
     try:
         with RunDB(run, with_input=False) as db:
             _, found = db.query(
-                "SELECT count(*), http_status, error_type, error_message FROM results "
-                "WHERE status = 'failed' GROUP BY ALL ORDER BY 1 DESC, 3, 4 "
+                "SELECT count(*), http_status, "
+                "CASE WHEN status = 'invalid' THEN 'invalid' ELSE error_type END, "
+                "CASE WHEN status = 'invalid' THEN 'invalid: ' || validation_error "
+                "ELSE error_message END FROM results "
+                "WHERE status IN ('failed', 'invalid') GROUP BY ALL ORDER BY 1 DESC, 3, 4 "
                 f"LIMIT {top + 1}"
             )
     except Exception:  # a summary line must not turn the end of a run into exit 4

@@ -621,3 +621,31 @@ def test_a_relative_ca_bundle_is_the_callers_and_resumes_from_anywhere(
         again = runner.resume(run.path.resolve(), retry_failed=True, progress=False)
     assert again.state == "completed"
     assert_answers(again, data)
+
+
+def test_a_relative_output_schema_is_the_callers(
+    tmp_path: Path, sim: SimulatorThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[output] schema given relative to the working folder is frozen as an absolute path,
+    and the answers are checked against it."""
+    (tmp_path / "ticket.json").write_text((ROOT / "jobs" / "extract.schema.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    lines = (ROOT / "sample_data" / "tickets.jsonl").read_text().splitlines()
+    tickets = [json.loads(line) for line in lines[:8]]
+    run = runner.run(
+        table(tickets),
+        model=MODEL,
+        id_column="id",
+        template="Extract the fields of this support ticket.\n\n{text}",
+        base_url=sim.base_url,
+        max_tokens=300,
+        runs_dir="runs",
+        spec={
+            "request": {"response_format": {"type": "json_schema", "json_schema": {"name": "t"}}},
+            "output": {"schema": "ticket.json"},
+        },
+        progress=False,
+    )
+    frozen = tomllib.loads((run.path / "job.toml").read_text())
+    assert frozen["output"]["schema"] == str(tmp_path / "ticket.json")
+    assert run.state == "completed" and run.status().ok == len(tickets)

@@ -33,6 +33,9 @@ from runner.spec import check_environment, parse_spec
 from runner.store.state import RunDir, check_writable
 
 INPUT_FILE = "input.parquet"  # a table in memory, written into the run's folder
+# Spec settings that are paths (relative to the spec's folder in a TOML file): runner.run()
+# makes them absolute, relative to the caller's working folder.
+PATH_SETTINGS = (("endpoint", "ca_bundle"), ("output", "schema"))
 
 
 def submit(
@@ -279,10 +282,14 @@ def _prepare_data(
         default_name = "data"
     spec = {**spec, "name": spec.get("name") or name or default_name}
     spec["input"] = {**spec["input"], "path": str(path) if path is not None else INPUT_FILE}
-    ca = spec["endpoint"].get("ca_bundle")
-    if isinstance(ca, str | os.PathLike) and os.fspath(ca):
+    for section, key in PATH_SETTINGS:
         # A spec's paths are relative to its folder: the run's, once frozen, not the caller's.
-        spec["endpoint"] = {**spec["endpoint"], "ca_bundle": str(Path(ca).expanduser().resolve())}
+        settings = spec.get(section)
+        if not isinstance(settings, Mapping):
+            continue
+        value = settings.get(key)
+        if isinstance(value, str | os.PathLike) and os.fspath(value).strip():
+            spec[section] = {**settings, key: str(Path(value).expanduser().resolve())}
     text = spec_toml(spec)
     _in_call(lambda: check_environment(parse_spec(text, path=Path(CALL), display=CALL)))
     check_writable(runs_dir)

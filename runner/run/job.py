@@ -42,6 +42,7 @@ from runner.errors import (
 from runner.http.client import ChatClient, Secret
 from runner.http.retry import RetryPolicy
 from runner.input.source import RequestBuilder, Skip, check_input
+from runner.output.schema import freeze, frozen_text
 from runner.records import Progress, WorkItem
 from runner.report.pricing import Budget, spent_before
 from runner.run.limiter import Limiter, Limiters
@@ -57,7 +58,7 @@ from runner.run.plan import (
 )
 from runner.run.pool import Pool
 from runner.spec import SIMULATOR, RunSpec, check_environment
-from runner.store.sink import RunSink
+from runner.store.sink import RunSink, reasked_rows
 from runner.store.starts import StartLog
 from runner.store.state import (
     Manifest,
@@ -104,7 +105,7 @@ class Outcome:
     def exit_code(self) -> int:
         if self.state != "completed":
             return EXIT_STOPPED
-        return EXIT_FAILED_ROWS if self.progress.failed else EXIT_OK
+        return EXIT_FAILED_ROWS if self.progress.failed or self.progress.invalid else EXIT_OK
 
 
 def _limiters(run: RunSpec) -> Limiters:
@@ -163,6 +164,9 @@ async def submit(
             "counts": {},
             "sessions": [],
         }
+        schema_hash = freeze(prepared.output, run.path)
+        if schema_hash is not None:
+            manifest["output_schema_sha256"] = schema_hash
         if prepared.check_alongside:
             manifest["input_check"] = "pending"  # a resume checks the input if never finished
         run.write_manifest(manifest)
@@ -219,6 +223,13 @@ async def resume(
         alive = run.last_alive()  # before recovery rewrites files: when a crash left off
         spec = resumed_spec(run, manifest, spec_path)
         check_environment(spec)
+        schema_text = frozen_text(
+            run.path,
+            manifest.get("output_schema_sha256"),
+            spec,
+            given=spec_path is not None,
+            run_id=run.run_id,
+        )
         if budget_usd is not None:
             manifest["budget_usd"] = budget_usd
         if manifest.get("budget_usd") is not None:
@@ -237,7 +248,7 @@ async def resume(
         # row_keys.parquet lists the current rows' keys, made from the input as it is now.
         by_key = changed or run.row_keys_path.exists()
         if by_key and (changed or not run.row_keys_fresh(now)):
-            prepared = prepare_loaded(spec, False)
+            prepared = prepare_loaded(spec, False, schema_text=schema_text)
             prepared.check = check_input(
                 prepared.source,
                 prepared.builder,
@@ -248,7 +259,7 @@ async def resume(
             # An unchanged input was checked whole when the run was submitted (unless that
             # session ended before its check did).
             unchecked = manifest.get("input_check") == "pending"
-            prepared = prepare_loaded(spec, None if unchecked else False)
+            prepared = prepare_loaded(spec, None if unchecked else False, schema_text=schema_text)
         if prepared.check is not None:
             manifest.pop("input_check", None)
         if changed:
@@ -446,6 +457,12 @@ async def _execute(
                     else settled.reusable
                 ),
                 start_log=start_log,
+                output=prepared.output,
+                reasked=(
+                    reasked_rows(run.parts_dir, run.journal_dir)
+                    if prepared.output is not None and next_segment > 1
+                    else None
+                ),
             )
             if prepared.check_alongside:
                 checker = _Checker(prepared, pool, progress, run, manifest)
@@ -628,7 +645,10 @@ async def _finish(
     manifest["counts"] = {
         "total": progress.rows_total,
         "ok": settled.ok + progress.ok,
-        "failed": (0 if settled.retry_failed else settled.failed) + progress.failed,
+        # Rows `invalid` (answers that failed the schema) count as failed here.
+        "failed": (0 if settled.retry_failed else settled.failed)
+        + progress.failed
+        + progress.invalid,
         "skipped": settled.skipped + progress.skipped,
         "requests": manifest.get("counts", {}).get("requests", 0) + progress.requests,
     }

@@ -106,6 +106,8 @@ class Manifest(TypedDict):
     cost_usd: NotRequired[float | None]  # None once any part of the cost is unknown
     error: NotRequired[str]  # why the run failed
     nothing_sent: NotRequired[bool]  # the only session ended before sending anything
+    # SHA-256 of the [output] schema file frozen as output.schema.json (runner/output/schema.py)
+    output_schema_sha256: NotRequired[str]
 
 
 _FINGERPRINT_BYTES = 1 << 20
@@ -153,7 +155,9 @@ def input_fingerprint(path: Path, rows: int | None) -> InputStamp:
     }
 
 
-_CODES = {"ok": 1, "failed": 2, "skipped": 3}
+# A row `invalid` (answers failing the [output] schema until re-asks ran out) is settled as
+# failed: kept, and asked again by --retry-failed.
+_CODES = {"ok": 1, "failed": 2, "skipped": 3, "invalid": 2}
 
 
 @dataclass(slots=True)
