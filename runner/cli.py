@@ -7,7 +7,6 @@ imported inside commands so `runner --help` starts fast. Nothing imports this mo
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
@@ -15,7 +14,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,7 +24,7 @@ from runner import screens, tuning
 from runner.errors import EXIT_INTERNAL, EXIT_STOPPED, EXIT_USAGE, RunnerError
 
 if TYPE_CHECKING:
-    from runner.run.job import Outcome
+    from runner.api import Session
     from runner.store.state import Manifest
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -94,6 +93,7 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool, show: int 
     once. Either way, `runner resume` continues the run later.
     """
     with tuning.collector_paused():
+        from runner import api
         from runner.run import job
 
     if show is not None and not dry_run:
@@ -126,8 +126,7 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool, show: int 
 
             _show_requests(sample_requests(prepared, show))
         return
-    prepared = job.prepare(spec, check_whole_file=False if no_check else None, check_alongside=True)
-    _run_session(lambda hooks: job.submit(prepared, runs_dir, **hooks), prepared.spec.job.name)
+    _ended(api.submit_session(spec, runs_dir, check=not no_check, renderer=_renderer(spec.stem)))
 
 
 def _show_requests(samples: Sequence[tuple[str, str, bytes]]) -> None:
@@ -176,58 +175,28 @@ def resume(
     Without --spec, the settings are those the run last ran with (its frozen spec).
     """
     with tuning.collector_paused():
-        from runner.run import job
+        from runner import api
 
-    _run_session(
-        lambda hooks: job.resume(
-            run,
-            runs_dir,
-            retry_failed=retry_failed,
-            allow_changed_input=allow_changed_input,
-            budget_usd=budget_usd,
-            spec_path=spec_path,
-            **hooks,
-        ),
+    session = api.resume_session(
         run,
+        runs_dir,
+        retry_failed=retry_failed,
+        allow_changed_input=allow_changed_input,
+        budget_usd=budget_usd,
+        spec=spec_path,
+        renderer=_renderer(run),
     )
+    _ended(session)
 
 
-def _run_session(start: Callable[[dict[str, Any]], Any], label: str) -> None:
-    import anyio
-
-    renderer = screens.ProgressRenderer(label)
-    hooks: dict[str, Any] = {
-        "on_start": renderer.start,
-        "on_progress": renderer.update,
-        "on_signal": renderer.signalled,
-        "start_simulator": _simulator_starter,
-    }
-
-    async def main() -> Outcome:
-        result: Outcome = await start(hooks)
-        return result
-
-    tuning.tune_gc()
-    try:
-        outcome = anyio.run(main)
-    finally:
-        renderer.close()
-    screens.print_outcome(outcome)
-    sys.exit(outcome.exit_code)
+def _renderer(label: str) -> screens.ProgressRenderer:
+    return screens.ProgressRenderer(label)
 
 
-@contextlib.contextmanager
-def _simulator_starter(switches: dict[str, Any]) -> Iterator[str]:
-    from runner.errors import SpecError
-    from runner.sim.server import SimulatorConfig, SimulatorThread
-
-    names = {f.name for f in dataclasses.fields(SimulatorConfig)}
-    unknown = sorted(set(switches) - names)
-    if unknown:
-        raise SpecError("job spec", f"endpoint.simulator.{unknown[0]}", "unknown simulator switch")
-    config = SimulatorConfig(**switches)
-    with SimulatorThread(config) as sim:
-        yield sim.base_url
+def _ended(session: Session) -> None:
+    """The summary of a session (runner/api.py ran it), and its exit code."""
+    screens.print_outcome(session.outcome)
+    sys.exit(session.outcome.exit_code)
 
 
 # -- inspecting runs -----------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """What a person sees of a run: the progress lines, the summary, aligned tables, and money
 and numbers written for people (never `1.3e-05`).
 
-Used by cli.py only; the home of tqdm (imported when a bar is first drawn, so `runner
---help` stays fast). Writes to stderr itself: it must not import click. Why not rich: the
-tables are small and fixed, rich would be a new dependency, and importing rich's console,
-table and progress took ~105 ms (tqdm ~73 ms, `python -X importtime`).
+Used by cli.py and the Python API (runner/api.py); the home of tqdm (imported when a bar is
+first drawn, so `runner --help` stays fast). Writes to stderr itself: it must not import
+click. Why not rich: the tables are small and fixed, rich would be a new dependency, and
+importing rich's console, table and progress took ~105 ms (tqdm ~73 ms, `python -X
+importtime`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from runner.records import Progress
@@ -156,6 +157,61 @@ class ProgressRenderer:
             self._draw(self.last)
             sys.stderr.write("\n\n")  # below the two lines, which stay on the screen
             sys.stderr.flush()
+            self.drawn = False
+
+
+class NotebookRenderer(ProgressRenderer):
+    """In a notebook (Jupyter, VS Code): one `tqdm.auto` bar, a widget when ipywidgets is
+    installed, with the counters after it; the escape codes of the terminal's two lines
+    would show as text there. Drawn at most every `every_s` seconds: a widget redrawn four
+    times a second slows the notebook's front end, and a notebook is no terminal to watch."""
+
+    def __init__(self, label: str, *, file: IO[str] | None = None, every_s: float = 1.0) -> None:
+        super().__init__(label)
+        self.file = file
+        self.every_s = every_s
+        self.bar: Any = None
+        self.last_drawn = 0.0
+
+    def start(self, run: RunDir) -> None:
+        from tqdm.auto import tqdm
+
+        super().start(run)
+        self.bar = tqdm(
+            total=None,
+            desc=run.run_id,
+            unit=f" {self.unit}",
+            file=self.file,
+            dynamic_ncols=True,
+            mininterval=0,
+            leave=True,
+        )
+
+    def update(self, progress: Progress) -> None:
+        self.last = progress
+        now = time.monotonic()
+        if self.bar is not None and now - self.last_drawn >= self.every_s:
+            self.last_drawn = now
+            self._draw(progress)
+
+    def _draw(self, progress: Progress, above: str = "") -> None:
+        bar = self.bar
+        if above:
+            bar.write(above, file=self.file)
+        done = progress.rows_done_before + progress.done + progress.skipped
+        if progress.rows_total is not None and bar.total != progress.rows_total:
+            bar.reset(total=progress.rows_total)  # known once the input check is done
+        bar.n = done if progress.rows_total is None else min(done, progress.rows_total)
+        bar.set_postfix_str(self.status(progress, 1000).strip(), refresh=False)
+        bar.refresh()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.bar is not None:
+            if self.last is not None:
+                self._draw(self.last)
+            self.bar.close()
+            self.bar = None
             self.drawn = False
 
 
@@ -376,6 +432,7 @@ def number(value: float) -> str:
 
 
 __all__ = [
+    "NotebookRenderer",
     "ProgressRenderer",
     "input_line",
     "money",

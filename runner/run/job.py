@@ -9,8 +9,10 @@ What it runs was made ready by runner/run/plan.py (`prepare`, re-exported here w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -20,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
+from anyio.lowlevel import EventLoopToken
 
 from runner.errors import (
     EXIT_FAILED_ROWS,
@@ -133,10 +138,17 @@ async def submit(
     start_simulator: SimulatorStarter | None = None,
     handle_signals: bool = True,
     on_signal: SignalHook | None = None,
+    stop_switch: StopSwitch | None = None,
+    run: RunDir | None = None,
 ) -> Outcome:
-    """Start a new run of a prepared job."""
-    check_writable(runs_dir)
-    run = RunDir.create(runs_dir, prepared.spec.job.name, prepared.spec.text)
+    """Start a new run of a prepared job.
+
+    `run`: a run folder made for this job beforehand (RunDir.create with the spec's text),
+    for an input that must live in the run's own folder (the Python API's DataFrames).
+    """
+    if run is None:
+        check_writable(runs_dir)
+        run = RunDir.create(runs_dir, prepared.spec.job.name, prepared.spec.text)
     run.lock()
     try:
         rows = prepared.check.rows if prepared.check else prepared.source.row_count_hint()
@@ -170,6 +182,7 @@ async def submit(
             start_simulator,
             handle_signals,
             on_signal,
+            stop_switch,
         )
     except UsageError:
         # Bad input or spec found before the first request: nothing was paid, so no run is
@@ -195,6 +208,7 @@ async def resume(
     budget_usd: float | None = None,
     spec_path: Path | None = None,
     on_signal: SignalHook | None = None,
+    stop_switch: StopSwitch | None = None,
 ) -> Outcome:
     """Continue a run: send only what no earlier session settled.
 
@@ -289,6 +303,7 @@ async def resume(
             start_simulator,
             handle_signals,
             on_signal,
+            stop_switch,
         )
     finally:
         run.unlock()
@@ -340,6 +355,7 @@ async def _execute(
     start_simulator: SimulatorStarter | None,
     handle_signals: bool,
     on_signal: SignalHook | None = None,
+    stop_switch: StopSwitch | None = None,
 ) -> Outcome:
     job = prepared.spec.job
     endpoint = job.endpoint
@@ -454,7 +470,9 @@ async def _execute(
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_tick, sink, progress, on_progress, limiters, start_log, pool)
                     tg.start_soon(sink.compactor)
-                    if handle_signals:
+                    if stop_switch is not None:
+                        tg.start_soon(_watch_stops, stop_switch, pool, job.run.grace_s, on_signal)
+                    elif handle_signals:
                         tg.start_soon(_watch_signals, pool, job.run.grace_s, on_signal)
                     if checker is not None:
                         tg.start_soon(checker.run)
@@ -668,6 +686,78 @@ async def _tick(
             on_progress(progress)
 
 
+class StopSwitch:
+    """Asks a session to stop from another thread, as SIGINT does from outside: the first
+    request drains (requests in flight get grace_s), the second stops at once.
+
+    For a session whose event loop runs in a worker thread (the Python API inside Jupyter,
+    whose own loop is taken): signal handlers can only be installed in the main thread, so
+    the thread that waits for the session turns its KeyboardInterrupt into `request()`.
+    Thread-safe (the session's own thread may call it too); a request made before the
+    session starts takes effect when it does.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._token: EventLoopToken | None = None
+        self._wake: anyio.Event | None = None
+        self._thread: int | None = None  # the session loop's thread, while one waits
+
+    @property
+    def requests(self) -> int:
+        """How many stops were asked for so far."""
+        with self._lock:
+            return self._requests
+
+    def request(self) -> None:
+        """Ask the session to stop (drain first; a second request: at once)."""
+        with self._lock:
+            self._requests += 1
+            token, wake, thread = self._token, self._wake, self._thread
+        if token is None or wake is None:
+            return
+        if thread == threading.get_ident():
+            wake.set()  # in the loop's own thread (waiting for itself would never end)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has ended: nothing to stop
+            anyio.from_thread.run_sync(wake.set, token=token)
+
+    async def wait(self, seen: int) -> int:
+        """Until more than `seen` stops were asked for; returns how many were."""
+        while True:
+            with self._lock:
+                if self._requests > seen:
+                    return self._requests
+                self._token = anyio.lowlevel.current_token()
+                self._thread = threading.get_ident()
+                wake = self._wake = anyio.Event()
+            try:
+                await wake.wait()
+            finally:
+                with self._lock:
+                    self._token = self._wake = self._thread = None
+
+
+async def _watch_stops(
+    switch: StopSwitch, pool: Pool, grace_s: float, on_signal: SignalHook | None = None
+) -> None:
+    """What `_watch_signals` does on signals, on the stops asked for through a StopSwitch."""
+    seen = await switch.wait(0)
+    if on_signal:
+        on_signal(True, grace_s)
+    pool.stop()
+    if seen < 2:
+        with anyio.move_on_after(grace_s) as waited:
+            await switch.wait(seen)
+        if waited.cancelled_caught:  # grace_s is over: cut what is still in flight
+            pool.abort()
+            return
+    if on_signal:
+        on_signal(False, grace_s)
+    pool.abort()
+
+
 async def _watch_signals(pool: Pool, grace_s: float, on_signal: SignalHook | None = None) -> None:
     """First SIGINT/SIGTERM: drain for up to grace_s. Second: stop at once. `on_signal`
     hears of each at once (first or not, and the grace time), so a person sees a reply."""
@@ -699,6 +789,7 @@ __all__ = [
     "Interrupted",
     "Outcome",
     "Prepared",
+    "StopSwitch",
     "estimate",
     "prepare",
     "resume",
