@@ -150,7 +150,7 @@ def submit(
         _emit(names, rows, "table")
         return
     if ray_address is not None:
-        driver = _ray_driver()
+        driver = _ray_driver(ray_address)
         options = driver.RayOptions(address=_address(ray_address), shards=shards, store=store)
         # The whole input is checked before it is cut into shards.
         ready = job.prepare(spec, check_whole_file=True)
@@ -162,10 +162,12 @@ def submit(
     _run_session(lambda hooks: job.submit(prepared, runs_dir, **hooks), prepared.spec.job.name)
 
 
-def _ray_driver() -> Any:
+def _ray_driver(address: str) -> Any:
     from runner.cluster import load_driver
 
-    return load_driver()
+    # A Ray of this machine only (started for the run, or on loopback): loopback throughout.
+    host = address.rsplit(":", 1)[0].removeprefix("ray://")
+    return load_driver(local=address == "local" or host in ("127.0.0.1", "localhost"))
 
 
 def _address(value: str) -> str | None:
@@ -214,7 +216,7 @@ def resume(
         from runner import job
 
     if ray_address is not None:
-        driver = _ray_driver()
+        driver = _ray_driver(ray_address)
         options = driver.RayOptions(address=_address(ray_address))
         _run_session(
             lambda hooks: driver.resume(

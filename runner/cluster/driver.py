@@ -372,7 +372,7 @@ async def _drive(
                 attempt = _next_attempt(run, manifest, k)
                 task = ShardTask(
                     run_id=run.run_id,
-                    run_path=str(run.path),
+                    run_path=str(run.path.resolve()),
                     shard=k,
                     attempt=attempt,
                     rows=plan.ranges[k],
