@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from runner.state import RunDir
+from runner.store.state import RunDir
 from tests.conftest import sections, select
 from tests.ray_support import (
     Simulator,

@@ -48,19 +48,22 @@ from typing import Any, Protocol
 import anyio
 
 from runner.errors import RunLocked, RunStopped, StorageFailed
-from runner.job import PART_ROWS, SessionHooks, note_crash, run_session
-from runner.limiter import Limiters
-from runner.objstore import list_files, open_store, read_bytes, write_bytes
-from runner.plan import prepare_loaded
-from runner.pool import Pool
-from runner.pricing import Budget, PriceSource
+from runner.input.source import RowRange
 from runner.records import Progress
-from runner.sink import RunSink, _Sealed, part_name, part_number
-from runner.source import RowRange
+from runner.report.pricing import Budget, PriceSource
+from runner.run.job import PART_ROWS, SessionHooks, note_crash, run_session
+from runner.run.limiter import Limiters
+from runner.run.plan import prepare_loaded
+from runner.run.pool import Pool
 from runner.spec import SIMULATOR, LoadedSpec, RunSpec, parse_spec
-from runner.state import (
+from runner.store.objstore import list_files, open_store, read_bytes, write_bytes
+from runner.store.sink import RunSink, _Sealed, part_name, part_number
+from runner.store.state import (
     ATTEMPT_SPAN,
     DIR_MODE,
+    Counts,
+    InputStamp,
+    Manifest,
     RunDir,
     _write_atomic,
     attempt_name,
@@ -81,6 +84,8 @@ class ShardTask:
     """What a worker needs to run one attempt of one shard: data only, never a key."""
 
     run_id: str
+    job_name: str
+    input: InputStamp  # the run's input as planned (a shard's manifest keeps it)
     run_path: str  # the run's folder (shared POSIX path), where shards/<k>/ lives
     shard: int
     attempt: int
@@ -101,7 +106,7 @@ class ShardResult:
     shard: int
     attempt: int
     state: str  # completed | stopped | failed | superseded
-    counts: dict[str, Any] = field(default_factory=dict)
+    counts: Counts = field(default_factory=lambda: Counts())
     cost_usd: float | None = None
     budget_spent_usd: float = 0.0
     stop_reason: str | None = None
@@ -201,7 +206,7 @@ async def run_shard(
             return ShardResult(task.shard, task.attempt, "superseded")
         alive = shard.last_alive()
         shard.recover()  # a dead attempt's journal (flock held: its writer is gone)
-        manifest = _shard_manifest(shard, task)
+        manifest = _shard_manifest(shard, task, task.input)
         note_crash(shard, manifest, alive)
         adopted = sorted(part_number(p) for p in shard_parts(folder))
         claim = {"attempt": task.attempt, "adopted": adopted, "pid": os.getpid()}
@@ -275,22 +280,23 @@ def _reporting(report: Reporter) -> Callable[[Pool], Coroutine[Any, Any, None]]:
     return reporting
 
 
-def _shard_manifest(shard: RunDir, task: ShardTask) -> dict[str, Any]:
+def _shard_manifest(shard: RunDir, task: ShardTask, stamp: InputStamp) -> Manifest:
     """The shard's manifest (its own sessions and counts), made on its first attempt."""
     if shard.manifest_path.exists():
         return shard.read_manifest()
     rows = task.rows
     return {
         "run_id": shard.run_id,
-        "ray_run_id": task.run_id,
-        "shard": task.shard,
-        "rows": {"start": rows.start, "stop": rows.stop},
+        "job_name": task.job_name,
+        "spec_path": task.spec_path,
+        "spec_hash": "",
+        "input": {**stamp, "rows": rows.stop - rows.start},
         "state": "running",
         "created_at": utc_now(),
         "versions": versions(),
         "counts": {},
         "sessions": [],
-        "input": {"rows": rows.stop - rows.start},
+        "ray": {"run_id": task.run_id, "shard": task.shard, "rows": [rows.start, rows.stop]},
     }
 
 
@@ -301,7 +307,7 @@ class _ShardDir(RunDir):
         super().__init__(path)
         self.store = store
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
+    def write_manifest(self, manifest: Manifest) -> None:
         super().write_manifest(manifest)
         if self.store is not None:
             self.store.put("manifest.json", self.manifest_path.read_bytes())
