@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ pytest.importorskip("ray")
 from runner.store.state import RunDir
 from tests.conftest import sections, select
 from tests.ray_support import (
+    RAY_ENV,
     Simulator,
     journaled,
     ray_cluster,
@@ -213,3 +215,74 @@ def test_resume_after_the_driver_is_killed_finishes_every_row_once(
     manifest = run.read_manifest()
     assert manifest["state"] == "completed"
     assert [s["outcome"] for s in manifest["sessions"]] == ["crashed", "completed"]
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """moto's S3 server on loopback with one bucket; yields a store URI for --store."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    for name, value in RAY_ENV.items():
+        monkeypatch.setenv(name, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        port = server._server.server_address[1]  # type: ignore[union-attr]
+        options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        fs, _ = pafs.FileSystem.from_uri(f"s3://results?{options}&allow_bucket_creation=true")
+        fs.create_dir("results")
+        yield f"s3://results/runs?{options}"
+    finally:
+        server.stop()
+
+
+def test_an_object_store_run_folder_holds_parts_and_manifests(
+    tmp_path: Path, cluster: str, sim_factory: Any, s3: str
+) -> None:
+    """--store s3://...: the shards' parts and manifests, the run's manifest and plan are on
+    the store (moto on loopback); report, status and export read them through pyarrow.fs."""
+    import pyarrow.fs as pafs
+
+    sim = sim_factory()
+    rows = 600
+    write_input(tmp_path / "data.jsonl", rows)
+    (tmp_path / "job.toml").write_text(spec(sim.base_url, concurrency=16))
+    done = runner(
+        tmp_path,
+        "submit",
+        "job.toml",
+        "--runs-dir",
+        "runs",
+        "--shards",
+        "2",
+        "--store",
+        s3,
+        "--ray",
+        cluster,
+    )
+    assert done.returncode == 0, done.stderr
+    run = only_run(tmp_path / "runs")
+    fs, base = pafs.FileSystem.from_uri(s3)
+    listed = fs.get_file_info(pafs.FileSelector(f"{base}/{run.run_id}", recursive=True))
+    names = {
+        info.path.removeprefix(f"{base}/{run.run_id}/")
+        for info in listed
+        if info.type == pafs.FileType.File
+    }
+    assert {"manifest.json", "shards.json", "job.toml"} <= names
+    for shard in ("0", "1"):
+        assert {f"shards/{shard}/manifest.json", f"shards/{shard}/attempt-000001.json"} <= names
+        assert any(n.startswith(f"shards/{shard}/parts/part-") for n in names), names
+    assert not list(run.parts_dir.iterdir())
+    shutil.rmtree(run.path / "shards")  # readers mirror what they need from the store
+    report = runner(tmp_path, "report", run.run_id, "--runs-dir", "runs")
+    assert report.returncode == 0, report.stderr
+    assert "rows ok" in report.stdout and "600" in report.stdout
+    once_each(run, rows)
+    out = runner(tmp_path, "export", run.run_id, "out.parquet", "--runs-dir", "runs")
+    assert out.returncode == 0, out.stderr
+    import pyarrow.parquet as pq
+
+    assert pq.read_metadata(tmp_path / "out.parquet").num_rows == rows
+    assert sim.stats()["requests"] == rows

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -198,6 +199,7 @@ async def run_shard(
         raise StorageFailed(f"cannot create shard folder {folder} ({exc.strerror})") from None
     if not await _take_lease(shard):
         return ShardResult(task.shard, task.attempt, "locked")
+    uploaded = False
     try:
         if store is not None:
             store.download(folder)
@@ -238,6 +240,8 @@ async def run_shard(
         outcome = await run_session(shard, manifest, prepared, settled, first, hooks)
         final = outcome.progress
         counts = manifest.get("counts", {})
+        if store is not None:
+            uploaded = True  # every part and the manifest are on the store now
         return ShardResult(
             task.shard,
             task.attempt,
@@ -253,6 +257,8 @@ async def run_shard(
         )
     finally:
         shard.unlock()
+        if uploaded:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _take_lease(shard: RunDir) -> bool:
