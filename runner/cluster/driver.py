@@ -449,6 +449,7 @@ async def _drive(
         prices={
             m: (price.provenance if (price := prices.price(m)) else "unpriced") for m in models
         },
+        on_ray=True,
     )
 
 

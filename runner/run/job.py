@@ -95,6 +95,7 @@ class Outcome:
     input_rows: int | None = None  # rows of the input file, when known
     cost_usd: float | None = None  # over all sessions (None: some cost is unknown)
     prices: dict[str, str] = field(default_factory=dict)  # model -> price provenance
+    on_ray: bool = False  # a Ray run (runner/cluster): its results are under shards/
 
     @property
     def exit_code(self) -> int:
