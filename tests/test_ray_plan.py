@@ -23,7 +23,7 @@ from runner.input.source import InputFile
 from runner.report.query import RunDB
 from runner.sim.server import SimulatorThread
 from runner.spec import InputSpec
-from runner.store.state import Manifest, RunDir, input_fingerprint, shard_parts
+from runner.store.state import Manifest, RunDir, Session, input_fingerprint, shard_parts
 from tests.conftest import spec_text, write_rows
 
 ROWS = [
@@ -222,3 +222,12 @@ async def test_a_shard_on_a_store_uploads_its_parts_and_readers_mirror_them(
     assert found == [(30, 30)]
     assert (run.path / "shards" / "1" / "manifest.json").exists()  # the mirror
     assert simulator.stats.requests == 30
+    driver = pytest.importorskip("runner.cluster.driver")
+    manifest = run.read_manifest()
+    manifest["ray"]["store"] = store
+    session: Session = {"started_at": "", "started_epoch": 0.0, "pid": 0, "settings": {}}
+    state = driver._finish(run, manifest, session, plan, 1, driver._Session(), None)
+    assert state == "completed"
+    summed = json.loads((tmp_path / "store" / run.run_id / "manifest.json").read_text())
+    assert summed["counts"] == {"total": 30, "ok": 30, "failed": 0, "skipped": 0, "requests": 30}
+    assert driver.store_of("s3://b/runs?scheme=http", "r") == "s3://b/runs/r?scheme=http"
