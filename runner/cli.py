@@ -41,6 +41,19 @@ def _runs_dir_option(func: F) -> F:
     )(func)
 
 
+def _ray_option(func: F) -> F:
+    return click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value="local",
+        default=None,
+        metavar="[ADDRESS]",
+        help="Run across a Ray cluster in shards: alone, a local Ray started for the run; "
+        "'auto', HOST:PORT or ray://... an existing cluster (needs: uv sync --extra ray).",
+    )(func)
+
+
 def _format_option(func: F) -> F:
     return click.option(
         "--format",
@@ -79,6 +92,21 @@ def cli() -> None:
     help="Check the spec and the whole input, print rows, estimated tokens and the cost "
     "range by model; send nothing.",
 )
+@_ray_option
+@click.option(
+    "--shards",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --ray: how many row ranges the input is cut into (default: one per 50,000 "
+    "rows, at least one per CPU).",
+)
+@click.option(
+    "--store",
+    metavar="URI",
+    default=None,
+    help="With --ray: keep the shards' results on an object store (a pyarrow.fs URI such "
+    "as s3://bucket/runs) instead of the runs folder.",
+)
 @click.option(
     "--show",
     type=click.IntRange(min=1),
@@ -86,7 +114,16 @@ def cli() -> None:
     metavar="N",
     help="With --dry-run: also print the first N request bodies as they would be sent.",
 )
-def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool, show: int | None) -> None:
+def submit(
+    spec: Path,
+    runs_dir: Path,
+    no_check: bool,
+    dry_run: bool,
+    show: int | None,
+    ray_address: str | None,
+    shards: int | None,
+    store: str | None,
+) -> None:
     """Start a run of the job spec SPEC (a TOML file).
 
     Ctrl-C stops feeding rows and lets requests in flight finish; a second Ctrl-C stops at
@@ -94,12 +131,16 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool, show: int 
     """
     with tuning.collector_paused():
         from runner import api
+        from runner.api.session import blocking
         from runner.run import job
 
     if show is not None and not dry_run:
         from runner.errors import UsageError
 
         raise UsageError("--show needs --dry-run (it prints requests instead of sending them)")
+    if (shards is not None or store is not None) and ray_address is None:
+        raise click.UsageError("--shards and --store go with --ray")
+
     if dry_run:
         prepared = job.prepare(spec, check_whole_file=True, need_key=False)
         found = job.estimate(prepared)
@@ -126,6 +167,18 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool, show: int 
 
             _show_requests(sample_requests(prepared, show))
         return
+    if ray_address is not None:
+        driver = _ray_driver(ray_address)
+        options = driver.RayOptions(address=_address(ray_address), shards=shards, store=store)
+        # The whole input is checked before it is cut into shards (unless --no-check).
+        ready = job.prepare(spec, check_whole_file=False if no_check else None)
+        _ended(
+            blocking(
+                lambda hooks: driver.submit(ready, runs_dir, options, **hooks),
+                _renderer(spec.stem),
+            )
+        )
+        return
     _ended(api.submit_session(spec, runs_dir, check=not no_check, renderer=_renderer(spec.stem)))
 
 
@@ -136,6 +189,18 @@ def _show_requests(samples: Sequence[tuple[str, str, bytes]]) -> None:
     for row_id, model, body in samples:
         click.echo(f"\n# row {row_id}, model {model}")
         click.echo(orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2).decode())
+
+
+def _ray_driver(address: str) -> Any:
+    from runner.cluster import load_driver
+
+    # A Ray of this machine only (started for the run, or on loopback): loopback throughout.
+    host = address.rsplit(":", 1)[0].removeprefix("ray://")
+    return load_driver(local=address == "local" or host in ("127.0.0.1", "localhost"))
+
+
+def _address(value: str) -> str | None:
+    return None if value == "local" else value
 
 
 @cli.command()
@@ -161,6 +226,7 @@ def _show_requests(samples: Sequence[tuple[str, str, bytes]]) -> None:
     help="An edited job spec: its [endpoint], [run] and [prices] settings are used from now "
     "on (recorded per session); a change to [request] or the prompt settings is refused.",
 )
+@_ray_option
 def resume(
     run: str,
     runs_dir: Path,
@@ -168,6 +234,7 @@ def resume(
     allow_changed_input: bool,
     budget_usd: float | None,
     spec_path: Path | None,
+    ray_address: str | None,
 ) -> None:
     """Continue RUN (a run id, a run folder, or a job name for its latest run).
 
@@ -176,7 +243,27 @@ def resume(
     """
     with tuning.collector_paused():
         from runner import api
+        from runner.api.session import blocking
 
+    if ray_address is not None:
+        driver = _ray_driver(ray_address)
+        options = driver.RayOptions(address=_address(ray_address))
+        _ended(
+            blocking(
+                lambda hooks: driver.resume(
+                    run,
+                    runs_dir,
+                    options,
+                    retry_failed=retry_failed,
+                    allow_changed_input=allow_changed_input,
+                    budget_usd=budget_usd,
+                    spec_path=spec_path,
+                    **hooks,
+                ),
+                _renderer(run),
+            )
+        )
+        return
     session = api.resume_session(
         run,
         runs_dir,
