@@ -327,9 +327,9 @@ class _TableCache:
             return (None,)
         if isinstance(value, list) and len(value) == 4 and all(isinstance(v, str) for v in value):
             with contextlib.suppress(ArithmeticError, ValueError):
-                rates = [Decimal(v) for v in value[:3]]
-                if all(r.is_finite() and r >= 0 for r in rates):
-                    return (ModelPrice(*rates, "price-table", value[3]),)
+                inp, cached, out = (Decimal(v) for v in value[:3])
+                if all(r.is_finite() and r >= 0 for r in (inp, cached, out)):
+                    return (ModelPrice(inp, cached, out, "price-table", value[3]),)
         return None
 
     def put(self, key: str, price: ModelPrice | None) -> None:
