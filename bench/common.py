@@ -53,8 +53,8 @@ def _serving(argv: list[str], cpu: int) -> Iterator[str]:
 
 SIM_SCRIPT = """
 import json, sys
-from runner.sim_http import server_tls
-from runner.simulator import SimulatorConfig, serve
+from runner.sim.http import server_tls
+from runner.sim.server import SimulatorConfig, serve
 config = SimulatorConfig(**json.loads(sys.argv[1]))
 tls = server_tls(sys.argv[2], sys.argv[3]) if len(sys.argv) > 3 else None
 serve("127.0.0.1", 0, config, ready=lambda url: print("listening on", url, flush=True), tls=tls)

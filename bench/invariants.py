@@ -24,7 +24,7 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runner.simulator import SimulatorConfig, SimulatorThread  # noqa: E402
+from runner.sim.server import SimulatorConfig, SimulatorThread  # noqa: E402
 from tests.test_invariants import make_scenario, run_scenario  # noqa: E402
 
 

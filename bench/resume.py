@@ -24,9 +24,9 @@ import urllib.request
 import pyarrow as pa
 from common import OUT, child_script, make_input, make_spec, pinned, simulator
 
-from runner.job import prepare
-from runner.sink import COLUMNS, SCHEMA, write_part
-from runner.state import RunDir, input_fingerprint, utc_now, versions
+from runner.run.job import prepare
+from runner.store.sink import COLUMNS, SCHEMA, write_part
+from runner.store.state import RunDir, input_fingerprint, utc_now, versions
 
 CHILD = child_script("resume")
 PART_ROWS = 10_000

@@ -273,7 +273,7 @@ def help_times(repeats: int = 5) -> dict[str, Any]:
 
 def _tls_files() -> tuple[Path, Path]:
     """A test CA and server certificate under bench/out/tls (made once, with openssl)."""
-    from runner.sim_http import make_test_certificate
+    from runner.sim.http import make_test_certificate
 
     folder = OUT / "tls"
     names = [folder / n for n in ("ca.pem", "server.pem", "server.key")]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import gc
 import io
 import json
 import os
@@ -22,11 +21,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from runner import screens
+from runner import screens, tuning
 from runner.errors import EXIT_INTERNAL, EXIT_STOPPED, EXIT_USAGE, RunnerError
 
 if TYPE_CHECKING:
-    from runner.job import Outcome
+    from runner.run.job import Outcome
+    from runner.store.state import Manifest
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,8 +86,8 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
     Ctrl-C stops feeding rows and lets requests in flight finish; a second Ctrl-C stops at
     once. Either way, `runner resume` continues the run later.
     """
-    with _collector_paused():
-        from runner import job
+    with tuning.collector_paused():
+        from runner.run import job
 
     if dry_run:
         found = job.estimate(job.prepare(spec, check_whole_file=True, need_key=False))
@@ -150,8 +150,8 @@ def resume(
     Sends only what no earlier session settled: answered rows are never requested again.
     Without --spec, the settings are those the run last ran with (its frozen spec).
     """
-    with _collector_paused():
-        from runner import job
+    with tuning.collector_paused():
+        from runner.run import job
 
     _run_session(
         lambda hooks: job.resume(
@@ -182,7 +182,7 @@ def _run_session(start: Callable[[dict[str, Any]], Any], label: str) -> None:
         result: Outcome = await start(hooks)
         return result
 
-    _tune_gc()
+    tuning.tune_gc()
     try:
         outcome = anyio.run(main)
     finally:
@@ -194,7 +194,7 @@ def _run_session(start: Callable[[dict[str, Any]], Any], label: str) -> None:
 @contextlib.contextmanager
 def _simulator_starter(switches: dict[str, Any]) -> Iterator[str]:
     from runner.errors import SpecError
-    from runner.simulator import SimulatorConfig, SimulatorThread
+    from runner.sim.server import SimulatorConfig, SimulatorThread
 
     names = {f.name for f in dataclasses.fields(SimulatorConfig)}
     unknown = sorted(set(switches) - names)
@@ -214,8 +214,8 @@ def _simulator_starter(switches: dict[str, Any]) -> Iterator[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(run: str, runs_dir: Path, as_json: bool) -> None:
     """Show the progress of RUN, running or not (never takes the run's lock)."""
-    from runner import report
-    from runner.state import resolve_run
+    from runner.report import query as report
+    from runner.store.state import resolve_run
 
     target = resolve_run(run, runs_dir)
     info = report.status(target)
@@ -256,7 +256,7 @@ def runs(runs_dir: Path, fmt: str) -> None:
     The table leaves out the job and the start time: the run id begins with the job's
     name and ends with the time it started (UTC); csv and json have them apart.
     """
-    from runner.state import list_runs
+    from runner.store.state import list_runs
 
     header = ["run_id", "job", "state", "ok", "failed", "total", "cost_usd", "created_at"]
     rows = []
@@ -281,14 +281,14 @@ def runs(runs_dir: Path, fmt: str) -> None:
     _emit(header, rows, fmt)
 
 
-def _run_counts(runs_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _run_counts(runs_dir: Path, manifest: Manifest) -> dict[str, Any]:
     """A run's row counts: the manifest's once a session ended, counted from the run's
     files while it runs (or after a crash), when the manifest has none yet."""
-    counts: dict[str, Any] = manifest.get("counts") or {}
+    counts: dict[str, Any] = dict(manifest.get("counts") or {})
     if manifest.get("state") != "running" and "ok" in counts:
         return counts
-    from runner import report
-    from runner.state import RunDir
+    from runner.report import query as report
+    from runner.store.state import RunDir
 
     try:
         live = report.summary(RunDir(runs_dir / str(manifest.get("run_id"))))
@@ -308,7 +308,7 @@ def rm(run_ids: tuple[str, ...], runs_dir: Path, yes: bool) -> None:
     A run that a process is running is refused and kept. Asks first unless --yes.
     """
     from runner.errors import UsageError
-    from runner.state import RunDir
+    from runner.store.state import RunDir
 
     targets: dict[Path, RunDir] = {}
     for ref in run_ids:
@@ -366,8 +366,8 @@ def report(run: str, runs_dir: Path, fmt: str, by: str | None, prices_file: Path
     built-in genai-prices data, and --prices wins over both. Every cost says where it came
     from (provider, override, price-table, free); an unpriced model is shown as unpriced.
     """
-    from runner import report as reports
-    from runner.state import resolve_run
+    from runner.report import query as reports
+    from runner.store.state import resolve_run
 
     target = resolve_run(run, runs_dir)
     sections = reports.report(target, by=by, prices_file=prices_file)
@@ -419,8 +419,8 @@ def query(run: str, sql: str, runs_dir: Path, fmt: str, prices_file: Path | None
     extension) and writes nothing; COPY, ATTACH, SET, PRAGMA, INSTALL and the like are
     refused. `runner export` writes files.
     """
-    from runner import report as reports
-    from runner.state import resolve_run
+    from runner.report import query as reports
+    from runner.store.state import resolve_run
 
     target = resolve_run(run, runs_dir)
     names, rows = reports.query(target, sql, prices=reports.price_rows(target, prices_file))
@@ -438,8 +438,8 @@ def export(run: str, out: Path, runs_dir: Path, overwrite: bool) -> None:
     OUT must not exist unless --overwrite is given; the run's input file and the run's own
     folder are never written.
     """
-    from runner import report as reports
-    from runner.state import resolve_run
+    from runner.report import query as reports
+    from runner.store.state import resolve_run
 
     count = reports.export(resolve_run(run, runs_dir), out, overwrite=overwrite)
     click.echo(f"wrote {count:,} rows to {out}", err=True)
@@ -449,7 +449,7 @@ def export(run: str, out: Path, runs_dir: Path, overwrite: bool) -> None:
 
 
 def _simulator_options(func: F) -> F:
-    from runner.simulator import SimulatorConfig
+    from runner.sim.server import SimulatorConfig
 
     for f in reversed(dataclasses.fields(SimulatorConfig)):
         default = f.default
@@ -472,7 +472,7 @@ def _simulator_options(func: F) -> F:
 @_simulator_options
 def simulate(host: str, port: int, **switches: Any) -> None:
     """Serve the built-in OpenAI-compatible simulator (deterministic answers, fault switches)."""
-    from runner.simulator import SimulatorConfig, serve
+    from runner.sim.server import SimulatorConfig, serve
 
     config = SimulatorConfig(**switches)
 
@@ -500,62 +500,10 @@ def _emit(names: Sequence[str], rows: Sequence[Sequence[Any]], fmt: str) -> None
         click.echo(screens.table(names, rows, width))
 
 
-def _tune_malloc() -> None:
-    """glibc malloc settings that keep peak RSS flat as the input grows (bench/run.py W4).
-
-    - At most two arenas (as MALLOC_ARENA_MAX=2 would): the input check and the part writer
-      run in threads, and each thread's own arena kept its peak.
-    - A fixed mmap threshold of 1 MiB (as MALLOC_MMAP_THRESHOLD_ would set): by default glibc
-      raises the threshold to the size of each large block freed, so after the input check's
-      arrays are freed the next large blocks came from the heap, where freed memory stays
-      mapped. At 1,000,000 rows that kept ~25 MB the rest of the run; blocks of 1 MiB or more
-      are now mapped on their own and given back when freed.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-8, 2)  # M_ARENA_MAX; absent outside glibc
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No garbage collection while the run's modules are imported: they allocate tens of
-    thousands of objects that all stay alive, and the collections they set off cost ~25 ms of
-    a short run's CPU (median of 7, `import runner.cli, runner.job, genai_prices` on one core:
-    0.353 s with the collector, 0.328 s without)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _tune_gc() -> None:
-    """Fewer, cheaper garbage collections during a run (bench/run.py W3, 2,048 connections).
-
-    With the default thresholds the collector ran ~440 times in a 20,000-row W3 run, four
-    of them full collections of 70-140 ms each that stalled the event loop; 220 ms of
-    collection fell in the first wave alone. What is alive when the run starts (the imported
-    modules, the spec) is frozen out of every later collection, and the youngest generation
-    is collected after 10,000 new objects rather than 700.
-    """
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: one clean line per error, tracebacks only with RUNNER_DEBUG=1."""
     debug = os.environ.get("RUNNER_DEBUG") == "1"
-    # pyarrow's default allocator keeps freed memory mapped; after the whole-file input check
-    # that is ~100 MB of peak RSS a long run never gives back. The system allocator returns it.
-    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-    _tune_malloc()
+    tuning.tune_process()
     try:
         cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except click.exceptions.Exit as exc:

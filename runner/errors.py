@@ -18,8 +18,8 @@ Imports nothing from the rest of the package (it is the bottom of the module map
     AttemptError                     one HTTP attempt did not produce an answer (client.py raises)
     ├── HTTPStatusFailure            the server answered with an error status
     │   ├── RateLimited              429 (retryable, pauses the whole pool)
-    │   ├── QuotaFailure             429/402 insufficient_quota, billing: stops the run
-    │   ├── AuthFailure              401, 403: stops the run when it comes first
+    │   ├── QuotaDenied             429/402 insufficient_quota, billing: stops the run
+    │   ├── KeyRejected              401, 403: stops the run when it comes first
     │   ├── ServerFailure            408, 409, 5xx: retryable
     │   └── RequestRejected          400, 404, 422, other 4xx, redirects: the row fails
     │       └── ModelNotFound        404, model_not_found: stops the run when it comes first
@@ -158,11 +158,11 @@ class RateLimited(HTTPStatusFailure):
     retryable = True
 
 
-class QuotaFailure(HTTPStatusFailure):
+class QuotaDenied(HTTPStatusFailure):
     error_type = "insufficient_quota"
 
 
-class AuthFailure(HTTPStatusFailure):
+class KeyRejected(HTTPStatusFailure):
     error_type = "auth_error"
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from runner.job import Outcome
     from runner.records import Progress
-    from runner.state import RunDir
+    from runner.run.job import Outcome
+    from runner.store.state import Manifest, RunDir
 
 PLAIN_EVERY_S = 5.0
 
@@ -157,7 +157,7 @@ class ProgressRenderer:
             self.drawn = False
 
 
-def spec_models(run: RunDir, manifest: dict[str, Any]) -> list[str]:
+def spec_models(run: RunDir, manifest: Manifest) -> list[str]:
     """The models of the spec a run last ran with (read from its frozen copy)."""
     import tomllib
 
@@ -214,7 +214,7 @@ def print_outcome(outcome: Outcome) -> None:
 
 def _top_errors(run: RunDir, width: int | None, top: int = 3) -> list[str]:
     """Why rows failed: the most frequent errors over the run, with their counts."""
-    from runner.report import RunDB
+    from runner.report.query import RunDB
 
     try:
         with RunDB(run, with_input=False) as db:

@@ -364,7 +364,7 @@ class JobSpec(_Strict):
     # Optional only for format = "openai-batch", whose lines carry their own bodies.
     request: RequestSpec | None = None
     run: RunSpec = Field(default_factory=RunSpec)
-    # USD per million tokens by model; validated by runner.pricing.parse_price_table.
+    # USD per million tokens by model; validated by runner.report.pricing.parse_price_table.
     prices: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")

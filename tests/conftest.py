@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runner import job
-from runner.report import RunDB, report
-from runner.simulator import SimulatorConfig, SimulatorThread
-from runner.state import RunDir
+from runner.report.query import RunDB, report
+from runner.run import job
+from runner.sim.server import SimulatorConfig, SimulatorThread
+from runner.store.state import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 

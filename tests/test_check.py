@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from runner.state import RunDir, list_runs
+from runner.store.state import RunDir, list_runs
 
 from .conftest import run_cli, spec_text, write_spec
 

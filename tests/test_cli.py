@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from runner.cli import cli
-from runner.report import RunDB
-from runner.simulator import SimulatorThread
-from runner.state import RunDir, list_runs
+from runner.report.query import RunDB
+from runner.sim.server import SimulatorThread
+from runner.store.state import RunDir, list_runs
 
 from .conftest import run_cli, select, spec_text, write_rows, write_spec
 

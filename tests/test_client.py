@@ -18,23 +18,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.client import ChatClient, Secret, scrub
 from runner.errors import (
     AttemptError,
-    AuthFailure,
     ConnectFailure,
+    KeyRejected,
     MalformedResponse,
     ModelNotFound,
     ProtocolFailure,
-    QuotaFailure,
+    QuotaDenied,
     RateLimited,
     RequestRejected,
     ServerFailure,
     TimeoutFailure,
 )
+from runner.http.client import ChatClient, Secret, scrub
+from runner.http.retry import RetryPolicy, parse_retry_after
 from runner.records import Completion
-from runner.retry import RetryPolicy, parse_retry_after
-from runner.simulator import SimulatorThread
+from runner.sim.server import SimulatorThread
 
 from .conftest import run_cli, spec_text
 
@@ -132,9 +132,9 @@ async def raw_server(
     ("status", "kind"),
     [
         (400, RequestRejected),
-        (401, AuthFailure),
-        (402, QuotaFailure),
-        (403, AuthFailure),
+        (401, KeyRejected),
+        (402, QuotaDenied),
+        (403, KeyRejected),
         (404, ModelNotFound),
         (408, ServerFailure),
         (409, ServerFailure),
@@ -187,7 +187,7 @@ async def test_rate_limit_headers_are_kept(simulator: SimulatorThread) -> None:
 async def test_insufficient_quota_is_a_quota_failure(simulator: SimulatorThread) -> None:
     """A 429 whose code is insufficient_quota stops the run instead of being retried."""
     simulator.set_config(insufficient_quota=True)
-    exc = await fails(simulator.base_url, chat("hi"), QuotaFailure)
+    exc = await fails(simulator.base_url, chat("hi"), QuotaDenied)
     assert exc.status == 429
     assert exc.message.startswith("429 insufficient_quota: You exceeded your current quota")
     assert not RetryPolicy().is_retryable(exc)
@@ -264,7 +264,7 @@ async def test_redirect_is_rejected_and_not_followed(status: int) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("status", "kind"),
-    [(403, AuthFailure), (404, ModelNotFound), (503, ServerFailure), (429, RateLimited)],
+    [(403, KeyRejected), (404, ModelNotFound), (503, ServerFailure), (429, RateLimited)],
 )
 async def test_html_error_page_is_classified_by_status(
     status: int, kind: type[AttemptError]
@@ -438,10 +438,10 @@ async def test_right_key_is_sent_as_bearer(simulator: SimulatorThread) -> None:
 
 @pytest.mark.anyio
 async def test_key_echoed_on_401_is_scrubbed(simulator: SimulatorThread) -> None:
-    """When the provider quotes the wrong key back, the AuthFailure holds no 6+ character
+    """When the provider quotes the wrong key back, the KeyRejected holds no 6+ character
     piece of it."""
     simulator.set_config(api_key="the-right-key-000000", echo_key_on_401=True)
-    exc = await fails(simulator.base_url, chat("hi"), AuthFailure, api_key=Secret(KEY))
+    exc = await fails(simulator.base_url, chat("hi"), KeyRejected, api_key=Secret(KEY))
     assert exc.status == 401
     assert exc.message.startswith("401 invalid_api_key: Incorrect API key provided: ")
     shown = " ".join([str(exc), repr(exc), exc.message, *map(str, exc.args)])

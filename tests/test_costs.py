@@ -12,11 +12,11 @@ import anyio
 import pyarrow.parquet as pq
 import pytest
 
-from runner import job
 from runner.errors import SpecError, UsageError
-from runner.report import price_rows, query
-from runner.simulator import SimulatorConfig, SimulatorThread
-from runner.sink import parts
+from runner.report.query import price_rows, query
+from runner.run import job
+from runner.sim.server import SimulatorConfig, SimulatorThread
+from runner.store.sink import parts
 
 from .conftest import (
     run_cli,

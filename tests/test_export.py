@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from runner.report import GROUPS, query, report, summary
-from runner.state import RunDir
+from runner.report.query import GROUPS, query, report, summary
+from runner.store.state import RunDir
 
 from .conftest import run_cli, select, spec_text, write_rows, write_spec
 

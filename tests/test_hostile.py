@@ -33,7 +33,7 @@ RSS_GROWTH = 40 * 1024 * 1024
 # retryable up to `attempts` times, prints each outcome and its peak RSS before and after.
 CHILD = r"""
 import asyncio, json, resource, sys, time
-from runner.client import ChatClient, Secret
+from runner.http.client import ChatClient, Secret
 from runner.errors import AttemptError
 
 args = json.loads(sys.argv[1])
@@ -570,7 +570,7 @@ def test_a_key_quoted_in_an_answer_never_reaches_the_record(
 ) -> None:
     # Broke: an answer's id, model, content, refusal, fingerprint and raw usage were kept as
     # the server sent them, so a server quoting the key had it written into the results.
-    from runner.client import ChatClient, Secret
+    from runner.http.client import ChatClient, Secret
 
     server = serve(echoes_key)
 

@@ -40,12 +40,12 @@ import anyio
 import pyarrow.parquet as pq
 import pytest
 
-from runner import job
-from runner.journal import SEGMENT_GLOB
-from runner.report import export
-from runner.sim_answers import request_tag
-from runner.simulator import SimulatorConfig, SimulatorThread
-from runner.state import RunDir, list_runs
+from runner.report.query import export
+from runner.run import job
+from runner.sim.answers import request_tag
+from runner.sim.server import SimulatorConfig, SimulatorThread
+from runner.store.journal import SEGMENT_GLOB
+from runner.store.state import RunDir, list_runs
 
 MODELS = ("gpt-4o-mini", "gpt-4o")
 PRICE_PER_MTOK = 1000.0  # every token of every model: spend = tokens served x this / 1e6
@@ -233,7 +233,7 @@ def check_rows(
 ) -> None:
     """Each current row x model at most once in results (exactly once when `whole`), on its
     own row, with the answer to its own prompt; nothing that left the input."""
-    from runner.report import RunDB
+    from runner.report.query import RunDB
 
     with RunDB(run, with_input=False) as db:
         got = db.arrow("SELECT * FROM results").to_pylist()

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.limiter import AIMD, Limiter, Limiters, Ticket, TokenBucket, estimate_tokens
-from runner.rate_headers import (
+from runner.run.limiter import AIMD, Limiter, Limiters, Ticket, TokenBucket, tokens_to_reserve
+from runner.run.rate_headers import (
     RateHeaders,
     parse_go_duration,
     parse_rate_headers,
@@ -793,14 +793,14 @@ def test_limiters_pick_per_model_or_default() -> None:
 @pytest.mark.parametrize(
     ("prompt", "max_tokens", "expected"), [(100, 64, 164), (100, None, 356), (-5, 10, 10)]
 )
-def test_estimate_tokens(prompt: int, max_tokens: int | None, expected: int) -> None:
+def test_tokens_to_reserve(prompt: int, max_tokens: int | None, expected: int) -> None:
     """The reservation is the prompt estimate plus max_tokens, or a default guess."""
-    assert estimate_tokens(prompt, max_tokens) == expected
+    assert tokens_to_reserve(prompt, max_tokens) == expected
 
 
 class SlidingWindowServer:
     """A 1,200 requests/minute sliding window that answers with routeway-style headers
-    (reset: when the oldest request leaves the window), as runner/sim_answers.py does."""
+    (reset: when the oldest request leaves the window), as runner/sim/answers.py does."""
 
     def __init__(self, limit: int = 1200, window_s: float = 60.0) -> None:
         self.limit, self.window_s = limit, window_s

@@ -12,10 +12,10 @@ import anyio.lowlevel
 import pytest
 
 from runner.errors import RequestRejected, ServerFailure
-from runner.limiter import Limiter, Limiters
-from runner.pool import Pool
+from runner.http.retry import RetryPolicy
 from runner.records import Completion, Progress, ResultRecord, WorkItem
-from runner.retry import RetryPolicy
+from runner.run.limiter import Limiter, Limiters
+from runner.run.pool import Pool
 
 
 async def _no_sleep(_: float) -> None:

@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner.errors import SpecError
-from runner.pricing import (
+from runner.records import ResultRecord, WorkItem, untrusted_usage
+from runner.report.pricing import (
     COST_SQL,
     PRICE_COLUMNS,
     Budget,
@@ -33,7 +34,6 @@ from runner.pricing import (
     parse_price_table,
     price_sql_table,
 )
-from runner.records import ResultRecord, WorkItem, untrusted_usage
 
 ROOT = Path(__file__).resolve().parent.parent
 FILE = "jobs/x.toml"
@@ -191,7 +191,7 @@ def test_unknown_models_are_unpriced(model: str) -> None:
 
 def test_lookups_are_cached_per_id(monkeypatch: pytest.MonkeyPatch) -> None:
     """A second lookup of the same id does not go back to the table."""
-    import runner.pricing as pricing
+    import runner.report.pricing as pricing
 
     calls: list[str] = []
     real = pricing._table_price
@@ -500,7 +500,7 @@ def test_table_lookup_makes_no_network_access(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_import_is_lazy_and_offline() -> None:
-    """Importing runner.pricing does not load genai-prices; a first lookup works with no network."""
+    """Importing runner.report.pricing does not load genai-prices; a first lookup is offline."""
     script = textwrap.dedent(
         """
         import socket, sys
@@ -510,9 +510,9 @@ def test_import_is_lazy_and_offline() -> None:
 
         socket.socket.connect = socket.socket.connect_ex = refuse
         socket.create_connection = socket.getaddrinfo = refuse
-        import runner.pricing
+        import runner.report.pricing
         assert "genai_prices" not in sys.modules, "genai_prices imported eagerly"
-        p = runner.pricing.PriceSource().price("gpt-4o-mini")
+        p = runner.report.pricing.PriceSource().price("gpt-4o-mini")
         assert p is not None and p.provenance == "price-table", p
         print("ok")
         """

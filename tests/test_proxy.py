@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from runner.client import ChatClient, Secret, _env_proxy
 from runner.errors import UsageError
-from runner.sim_http import make_test_certificate, server_tls
-from runner.simulator import SimulatorConfig, SimulatorThread
+from runner.http.client import ChatClient, Secret, _env_proxy
+from runner.sim.http import make_test_certificate, server_tls
+from runner.sim.server import SimulatorConfig, SimulatorThread
 
 KEY = "sk-PROXIED-0123456789abcdefXYZ"
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from runner.errors import UsageError
-from runner.report import query
-from runner.state import RunDir
+from runner.report.query import query
+from runner.store.state import RunDir
 
 from .conftest import run_cli, spec_text, write_rows, write_spec
 

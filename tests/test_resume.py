@@ -21,12 +21,12 @@ import anyio
 import pyarrow.parquet as pq
 import pytest
 
-from runner import job
-from runner.journal import SEGMENT_GLOB, segment_name
-from runner.report import RunDB, export
-from runner.sim_answers import request_tag
-from runner.simulator import SimulatorConfig, SimulatorThread
-from runner.state import RunDir, list_runs
+from runner.report.query import RunDB, export
+from runner.run import job
+from runner.sim.answers import request_tag
+from runner.sim.server import SimulatorConfig, SimulatorThread
+from runner.store.journal import SEGMENT_GLOB, segment_name
+from runner.store.state import RunDir, list_runs
 
 from .conftest import (
     run_cli,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from runner.state import RunDir
+from runner.store.state import RunDir
 
 from .conftest import run_cli, select, spec_text, write_rows, write_spec
 

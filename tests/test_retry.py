@@ -12,18 +12,18 @@ from hypothesis import strategies as st
 
 from runner.errors import (
     AttemptError,
-    AuthFailure,
     ConnectFailure,
+    KeyRejected,
     MalformedResponse,
     ProtocolFailure,
-    QuotaFailure,
+    QuotaDenied,
     RateLimited,
     RequestRejected,
     ServerFailure,
     TimeoutFailure,
     UnwantedAnswer,
 )
-from runner.retry import RetryPolicy, parse_retry_after, should_retry_header
+from runner.http.retry import RetryPolicy, parse_retry_after, should_retry_header
 
 NOW = 1_750_000_000.0
 _seconds = st.floats(min_value=0, max_value=1e12, allow_nan=False, allow_infinity=False)
@@ -151,7 +151,7 @@ def test_should_retry_header(value: str | None, expected: bool | None) -> None:
 
 RETRYABLE = [RateLimited, ServerFailure, TimeoutFailure, ConnectFailure, ProtocolFailure,
              MalformedResponse]  # fmt: skip
-FINAL = [RequestRejected, AuthFailure, QuotaFailure]
+FINAL = [RequestRejected, KeyRejected, QuotaDenied]
 
 
 def error(kind: type[AttemptError], headers: dict[str, str] | None = None) -> AttemptError:
@@ -303,8 +303,8 @@ async def test_success_after_retries_returns_the_answer() -> None:
     "exc",
     [
         RequestRejected("400", status=400),
-        AuthFailure("401", status=401),
-        QuotaFailure("quota", status=429),
+        KeyRejected("401", status=401),
+        QuotaDenied("quota", status=429),
         ServerFailure("500", status=500, headers={"x-should-retry": "false"}),
         ValueError("a bug"),
     ],
@@ -372,7 +372,7 @@ async def test_retrier_makes_exactly_max_attempts_and_reports_true_attempt_numbe
 ) -> None:
     """Retrier runs the first attempt bare and the rest in tenacity: same cap, same numbers."""
     from runner.errors import ServerFailure
-    from runner.retry import Retrier
+    from runner.http.retry import Retrier
 
     seen: list[tuple[int, float]] = []
     calls = 0
@@ -405,7 +405,7 @@ async def test_retrier_makes_exactly_max_attempts_and_reports_true_attempt_numbe
 @pytest.mark.anyio
 async def test_retrier_returns_the_first_success_without_retrying() -> None:
     """A first attempt that succeeds is returned as is, with no retry hook called."""
-    from runner.retry import Retrier
+    from runner.http.retry import Retrier
 
     hooks: list[int] = []
 

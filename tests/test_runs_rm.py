@@ -7,7 +7,7 @@ import json
 import signal
 from pathlib import Path
 
-from runner.state import list_runs
+from runner.store.state import list_runs
 
 from .conftest import run_cli, spec_text, start_runner, write_rows, write_spec
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from runner.report import RunDB
-from runner.simulator import SimulatorConfig, SimulatorThread
-from runner.state import RunDir, list_runs
+from runner.report.query import RunDB
+from runner.sim.server import SimulatorConfig, SimulatorThread
+from runner.store.state import RunDir, list_runs
 
 from .conftest import run_cli, spec_text, write_rows, write_spec
 

@@ -22,9 +22,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner import sim_answers, sim_http
-from runner.sim_answers import go_duration
-from runner.simulator import (
+from runner.sim import answers as sim_answers
+from runner.sim import http as sim_http
+from runner.sim.answers import go_duration
+from runner.sim.server import (
     MODELS,
     Simulator,
     SimulatorConfig,
@@ -721,7 +722,7 @@ def test_serve_reports_its_url_and_stops_on_sigterm() -> None:
     """serve() calls ready(base_url) once listening, answers, and exits cleanly on SIGTERM."""
     code = (
         "import sys\n"
-        "from runner.simulator import SimulatorConfig, serve\n"
+        "from runner.sim.server import SimulatorConfig, serve\n"
         "serve('127.0.0.1', 0, SimulatorConfig(), "
         "ready=lambda url: (sys.stdout.write(url + '\\n'), sys.stdout.flush()))\n"
     )

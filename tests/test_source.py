@@ -15,16 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner.errors import InputError
-from runner.records import WorkItem
-from runner.source import (
+from runner.input.source import (
     InputFile,
     RequestBuilder,
     Skip,
     canonical,
     check_input,
     detect_format,
-    estimate_tokens,
+    estimate_prompt_tokens,
 )
+from runner.records import WorkItem
 from runner.spec import parse_spec
 
 from .conftest import spec_text, write_rows
@@ -103,7 +103,7 @@ def test_prompt_column_rows_become_work_items(tmp_path: Path, suffix: str) -> No
         assert isinstance(item, WorkItem)
         assert (item.body, item.request_hash) == canonical(json.loads(item.body))
         assert item.max_tokens == 64
-        assert item.est_prompt_tokens == estimate_tokens(body(item)["messages"])
+        assert item.est_prompt_tokens == estimate_prompt_tokens(body(item)["messages"])
 
 
 def test_one_item_per_model(tmp_path: Path) -> None:
@@ -544,9 +544,9 @@ def test_request_fields_change_the_hash(tmp_path: Path) -> None:
         ([{"role": "system", "content": "abcdefgh"}, {"role": "user", "content": None}], 10),
     ],
 )
-def test_estimate_tokens(messages: list[dict[str, Any]], expected: int) -> None:
+def test_estimate_prompt_tokens(messages: list[dict[str, Any]], expected: int) -> None:
     """Estimates are UTF-8 bytes / 4 plus 4 per message, text parts included, at least 1."""
-    assert estimate_tokens(messages) == expected
+    assert estimate_prompt_tokens(messages) == expected
 
 
 @settings(max_examples=150, deadline=None)
@@ -564,7 +564,7 @@ def test_repeated_values_are_exactly_those_occurring_twice(
     import collections
     from array import array
 
-    from runner import source
+    from runner.input import source
 
     bits = 63 if typecode == "q" else 64
     lowest = -(2**63) if typecode == "q" else 0

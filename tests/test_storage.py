@@ -17,10 +17,11 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from runner import job, journal
-from runner.client import ChatClient
-from runner.simulator import SimulatorConfig, SimulatorThread
-from runner.state import RunDir, list_runs
+from runner.http.client import ChatClient
+from runner.run import job
+from runner.sim.server import SimulatorConfig, SimulatorThread
+from runner.store import journal
+from runner.store.state import RunDir, list_runs
 
 from .conftest import run_cli, select, spec_text, start_runner, write_rows, write_spec
 

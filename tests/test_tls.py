@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from runner.client import ChatClient
 from runner.errors import ConnectFailure
-from runner.sim_http import make_test_certificate, server_tls
-from runner.simulator import SimulatorConfig, SimulatorThread
+from runner.http.client import ChatClient
+from runner.sim.http import make_test_certificate, server_tls
+from runner.sim.server import SimulatorConfig, SimulatorThread
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})

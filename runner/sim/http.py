@@ -2,7 +2,7 @@
 
 Keep-alive and pipelining, one parse per read buffer, one write per read buffer, latency through
 `loop.call_later` (no task per request), and the ways an answer can fail on the wire: dropped,
-cut short, or dripped slowly. What a request gets is the Host's business (runner/simulator.py).
+cut short, or dripped slowly. What a request gets is the Host's business (runner/sim/server.py).
 """
 
 from __future__ import annotations

@@ -24,20 +24,20 @@ import anyio.lowlevel
 from runner.errors import (
     AttemptError,
     AuthFailed,
-    AuthFailure,
     ConnectFailure,
+    KeyRejected,
     ModelNotFound,
     ModelRefused,
+    QuotaDenied,
     QuotaExhausted,
-    QuotaFailure,
     RateLimited,
     UnwantedAnswer,
     primary,
 )
-from runner.limiter import Limiters, Outcome, estimate_tokens
+from runner.http.retry import Retrier, RetryPolicy
+from runner.input.source import Skip
 from runner.records import Completion, Progress, ResultRecord, WorkItem, hash_key
-from runner.retry import Retrier, RetryPolicy
-from runner.source import Skip
+from runner.run.limiter import Limiters, PacingSignal, tokens_to_reserve
 
 
 class Completer(Protocol):
@@ -331,12 +331,12 @@ class Pool:
         progress = self.progress
 
         limiter = self.limiters.for_model(item.model)
-        estimate = estimate_tokens(item.est_prompt_tokens, item.max_tokens)
+        estimate = tokens_to_reserve(item.est_prompt_tokens, item.max_tokens)
 
         async def attempt() -> Completion:
             current.attempts += 1
             ticket = await limiter.acquire(estimate)
-            outcome: Outcome = "error"
+            outcome: PacingSignal = "error"
             used: int | None = None  # unknown: the reservation stays counted as spent
             headers: Mapping[str, str] | None = None
             current.attempt_started = time.perf_counter()
@@ -377,9 +377,9 @@ class Pool:
         except UnwantedAnswer as exc:
             assert isinstance(exc.answer, Completion)
             answer = exc.answer  # attempts ran out: keep the last paid answer
-        except (AuthFailure, QuotaFailure, ConnectFailure) as exc:
+        except (KeyRejected, QuotaDenied, ConnectFailure) as exc:
             self._note_failure(exc)
-            if isinstance(exc, QuotaFailure):
+            if isinstance(exc, QuotaDenied):
                 raise QuotaExhausted(f"the provider refused for lack of quota: {exc}") from None
             if isinstance(exc, ConnectFailure):
                 raise AuthFailed(f"endpoint unreachable: {exc}") from None
@@ -399,7 +399,7 @@ class Pool:
 
     def _row_refusal(self, exc: AttemptError) -> bool:
         """A 403 after the key was accepted: the row's own answer."""
-        return isinstance(exc, AuthFailure) and exc.status == 403 and self._successes > 0
+        return isinstance(exc, KeyRejected) and exc.status == 403 and self._successes > 0
 
     def _stop_at_budget(self) -> None:
         if self.stop_reason is None and self.spender is not None:
@@ -416,13 +416,13 @@ class Pool:
         A 403 once the key has been accepted (an answer seen) is that row's answer (content
         refused for it), not the key's: it never counts. A 401 is always the key's.
         """
-        if isinstance(exc, QuotaFailure):
+        if isinstance(exc, QuotaDenied):
             raise QuotaExhausted(f"the provider refused for lack of quota: {exc}")
-        if not isinstance(exc, AuthFailure | ConnectFailure) or self._row_refusal(exc):
+        if not isinstance(exc, KeyRejected | ConnectFailure) or self._row_refusal(exc):
             return
         self._blocking_failures += 1
         if self._blocking_failures >= self.startup_failures_to_stop:
-            what = "credentials refused" if isinstance(exc, AuthFailure) else "endpoint unreachable"
+            what = "credentials refused" if isinstance(exc, KeyRejected) else "endpoint unreachable"
             raise AuthFailed(f"{what}: {exc}")
 
 

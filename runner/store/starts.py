@@ -12,7 +12,7 @@ from pathlib import Path
 
 import orjson
 
-from runner.journal import storage_error
+from runner.store.journal import storage_error
 
 START_GLOB = "starts-*.log"  # not *.jsonl: that is what journal readers glob
 

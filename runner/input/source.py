@@ -339,7 +339,7 @@ def _needed_columns(spec: InputSpec) -> list[str]:
 # -- requests --------------------------------------------------------------------------------
 
 
-def estimate_tokens(messages: list[dict[str, Any]]) -> int:
+def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     """UTF-8 bytes / 4 plus a few per message: within ~0.9-1.3x of real counts."""
     total = 0
     for message in messages:
@@ -383,7 +383,7 @@ class RequestBuilder:
             for model in self.models:
                 yield Skip(row.index, row_id, model, "empty_prompt", "empty prompt", False)
             return
-        est = estimate_tokens(messages)
+        est = estimate_prompt_tokens(messages)
         limit = self.spec.max_prompt_tokens
         for model in self.models:
             if limit is not None and est > limit:
@@ -498,7 +498,7 @@ class RequestBuilder:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return Skip(row.index, custom_id, model, "empty_prompt", "empty messages", False)
-        est = estimate_tokens(messages)
+        est = estimate_prompt_tokens(messages)
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
         data, digest = canonical(body)
         return WorkItem(

@@ -9,7 +9,7 @@ whatever segments are left. Owns pyarrow writing; knows nothing of HTTP or the p
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from pathlib import Path
@@ -19,8 +19,8 @@ import anyio
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from runner.journal import Journal, read_segment, segment_number, segments, storage_error
 from runner.records import ResultRecord
+from runner.store.journal import Journal, read_segment, segment_number, segments, storage_error
 
 PART_GLOB = "part-*.parquet"
 
@@ -244,8 +244,3 @@ class RunSink:
         self._journal.close()
         self._journal.path.unlink(missing_ok=True)
         await self._compact_sealed()
-
-
-def iter_tables(parts_dir: Path, columns: Iterable[str] | None = None) -> Iterable[pa.Table]:
-    for path in parts(parts_dir):
-        yield pq.read_table(path, columns=list(columns) if columns else None)

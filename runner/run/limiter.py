@@ -2,7 +2,7 @@
 
 Owns the decision of *when* the next request may start. Knows nothing of HTTP or results;
 the pool tells it what happened (an outcome, the tokens used, the response headers), and
-runner/rate_headers.py reads those headers. Imports only anyio, the standard library and
+runner/run/rate_headers.py reads those headers. Imports only anyio, the standard library and
 that module. Waits are
 computed deadlines or wake-ups, never polling loops; every time-based piece takes an
 injected clock (and the limiter an injected sleep) so tests need no real sleeps.
@@ -24,9 +24,9 @@ from typing import Literal
 
 import anyio
 
-from runner.rate_headers import RateHeaders, parse_rate_headers
+from runner.run.rate_headers import RateHeaders, parse_rate_headers
 
-Outcome = Literal["ok", "rate_limited", "error"]
+PacingSignal = Literal["ok", "rate_limited", "error"]
 _OUTCOMES = frozenset(("ok", "rate_limited", "error"))
 
 # 429s without rate-limit headers count as a rate limit (halve the concurrency, pause the
@@ -238,7 +238,7 @@ class Ticket:
     released: bool = False
 
 
-def estimate_tokens(prompt_tokens: int, max_tokens: int | None, *, completion: int = 256) -> int:
+def tokens_to_reserve(prompt_tokens: int, max_tokens: int | None, *, completion: int = 256) -> int:
     """Tokens to reserve for a request: the prompt estimate plus `max_tokens` (else a guess).
 
     Providers count `max_tokens` against a token limit when the request arrives, so reserve
@@ -380,7 +380,7 @@ class Limiter:
     async def acquire(self, est_tokens: int = 0) -> Ticket:
         """Wait for a slot, the pause, and room in both buckets; then take them, all at once.
 
-        `est_tokens` is reserved from the token bucket (see `estimate_tokens`). The checks
+        `est_tokens` is reserved from the token bucket (see `tokens_to_reserve`). The checks
         and the debit happen in one synchronous step, so no other worker can slip in between.
         """
         ticket = Ticket(est_tokens=max(int(est_tokens), 0))
@@ -408,7 +408,7 @@ class Limiter:
         self,
         ticket: Ticket,
         *,
-        outcome: Outcome,
+        outcome: PacingSignal,
         used_tokens: int | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:

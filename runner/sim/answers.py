@@ -1,7 +1,7 @@
 """The simulator's answers: deterministic completions and usage, and sliding rate-limit windows.
 
 An answer is a pure function of the request, so a re-sent body gets the same bytes (which is
-how runner/simulator.py counts answers paid for twice).
+how runner/sim/server.py counts answers paid for twice).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from runner.sim_http import Success
+from runner.sim.http import Success
 
 CREATED = 1_700_000_000
 WINDOW_S = 60.0

@@ -94,10 +94,6 @@ class Journal:
         except OSError as exc:
             raise storage_error("create journal segment", self.path, exc) from None
 
-    @property
-    def dirty(self) -> bool:
-        return self._unsynced > 0
-
     def append(self, records: Sequence[ResultRecord]) -> None:
         """Write records as JSON lines in one system call; fsync when the group is due."""
         if self._fd is None:

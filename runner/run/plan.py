@@ -3,7 +3,7 @@
 `prepare` validates before any spending (the spec, the key's presence, the input's columns and,
 unless deferred, every row); `estimate` is the dry run; `resumed_spec` picks the spec a resume
 runs with (the run's frozen one, or an edited one that changes only what a resume may take).
-runner/job.py runs what this prepares.
+runner/run/job.py runs what this prepares.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import SpecError, StorageFailed, UsageError
-from runner.pricing import PriceSource, estimate_range, parse_price_table
-from runner.source import CheckResult, InputFile, RequestBuilder, check_input
+from runner.input.source import CheckResult, InputFile, RequestBuilder, check_input
+from runner.report.pricing import PriceSource, estimate_range, parse_price_table
 from runner.spec import (
     LoadedSpec,
     check_environment,
@@ -23,7 +23,7 @@ from runner.spec import (
     parse_spec,
     sent_fields_changed,
 )
-from runner.state import RunDir
+from runner.store.state import Manifest, RunDir
 
 
 @dataclass(slots=True)
@@ -145,7 +145,7 @@ def check_resumable(frozen: LoadedSpec, new: LoadedSpec, run_id: str) -> None:
         )
 
 
-def resumed_spec(run: RunDir, manifest: dict[str, Any], spec_path: Path | None) -> LoadedSpec:
+def resumed_spec(run: RunDir, manifest: Manifest, spec_path: Path | None) -> LoadedSpec:
     """The spec this session runs with: the latest frozen one, or `spec_path` when its
     changes are ones a resume may take (then frozen beside the first as job.<n>.toml)."""
     frozen_file = run.path / manifest.get("spec_file", run.spec_path.name)
@@ -182,7 +182,7 @@ def resumed_spec(run: RunDir, manifest: dict[str, Any], spec_path: Path | None) 
     return spec
 
 
-def _original_spec(manifest: dict[str, Any]) -> LoadedSpec | None:
+def _original_spec(manifest: Manifest) -> LoadedSpec | None:
     """The spec file the run's latest copy was frozen from, if it is still what was frozen."""
     path = Path(manifest["spec_path"])
     try:

@@ -45,13 +45,13 @@ from aiohttp.tracing import Trace
 
 from runner.errors import (
     AttemptError,
-    AuthFailure,
     ConnectFailure,
+    KeyRejected,
     MalformedResponse,
     ModelNotFound,
     OversizedResponse,
     ProtocolFailure,
-    QuotaFailure,
+    QuotaDenied,
     RateLimited,
     RequestRejected,
     ServerFailure,
@@ -465,13 +465,13 @@ class ChatClient:
             message = self._clean(f"{status} redirect to {location} not followed")
             error = RequestRejected
         elif code in _QUOTA_CODES or status == 402:
-            error = QuotaFailure
+            error = QuotaDenied
         elif status == 404 or code == "model_not_found":
             error = ModelNotFound
         elif status == 429:
             error = RateLimited
         elif status in (401, 403):
-            error = AuthFailure
+            error = KeyRejected
         elif status in (408, 409) or status >= 500:
             error = ServerFailure
         else:

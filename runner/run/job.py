@@ -4,7 +4,7 @@ The library entry points the CLI calls (async; only `cli` starts the event loop)
 run's life cycle: validate before spending, create or reopen the run folder under its lock,
 feed only unsettled rows, handle SIGINT/SIGTERM (drain, then stop), and always leave the
 folder consistent (shielded, time-bounded cleanup). Knows nothing of terminals or argv.
-What it runs was made ready by runner/plan.py (`prepare`, re-exported here with `estimate`).
+What it runs was made ready by runner/run/plan.py (`prepare`, re-exported here with `estimate`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 
 import anyio
 
-from runner.client import ChatClient, Secret
 from runner.errors import (
     EXIT_FAILED_ROWS,
     EXIT_OK,
@@ -35,8 +34,13 @@ from runner.errors import (
     UsageError,
     primary,
 )
-from runner.limiter import Limiter, Limiters
-from runner.plan import (
+from runner.http.client import ChatClient, Secret
+from runner.http.retry import RetryPolicy
+from runner.input.source import RequestBuilder, Skip, check_input
+from runner.records import Progress, WorkItem
+from runner.report.pricing import Budget, spent_before
+from runner.run.limiter import Limiter, Limiters
+from runner.run.plan import (
     Estimate,
     Prepared,
     estimate,
@@ -46,16 +50,14 @@ from runner.plan import (
     session_settings,
     shown,
 )
-from runner.pool import Pool
-from runner.pricing import Budget, spent_before
-from runner.records import Progress, WorkItem
-from runner.retry import RetryPolicy
-from runner.sink import RunSink
-from runner.source import RequestBuilder, Skip, check_input
+from runner.run.pool import Pool
 from runner.spec import SIMULATOR, RunSpec, check_environment
-from runner.starts import StartLog
-from runner.state import (
+from runner.store.sink import RunSink
+from runner.store.starts import StartLog
+from runner.store.state import (
+    Manifest,
     RunDir,
+    Session,
     Settled,
     check_writable,
     input_fingerprint,
@@ -137,7 +139,7 @@ async def submit(
     run.lock()
     try:
         rows = prepared.check.rows if prepared.check else prepared.source.row_count_hint()
-        manifest: dict[str, Any] = {
+        manifest: Manifest = {
             "run_id": run.run_id,
             "job_name": prepared.spec.job.name,
             "spec_path": str(prepared.spec.path),
@@ -281,7 +283,7 @@ async def resume(
         run.unlock()
 
 
-def _unanswered_worst(manifest: dict[str, Any]) -> float:
+def _unanswered_worst(manifest: Manifest) -> float:
     """The worst case of every request crashed sessions had on the wire without a record."""
     total = 0.0
     for session in manifest.get("sessions", []):
@@ -319,7 +321,7 @@ def _items(prepared: Prepared, settled: Settled) -> Iterator[WorkItem | Skip]:
 
 async def _execute(
     run: RunDir,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     prepared: Prepared,
     settled: Settled,
     next_segment: int,
@@ -340,7 +342,7 @@ async def _execute(
     elif (known := manifest.get("counts", {}).get("total")) is not None:
         total = known
     progress = Progress(rows_total=total, rows_done_before=settled.count)
-    session: dict[str, Any] = {
+    session: Session = {
         "started_at": utc_now(),
         "started_epoch": time.time(),
         "pid": os.getpid(),
@@ -514,7 +516,7 @@ class _Checker:
         pool: Pool,
         progress: Progress,
         run: RunDir,
-        manifest: dict[str, Any],
+        manifest: Manifest,
     ) -> None:
         self.prepared = prepared
         self.pool = pool
@@ -552,8 +554,8 @@ class _Checker:
 
 async def _finish(
     run: RunDir,
-    manifest: dict[str, Any],
-    session: dict[str, Any],
+    manifest: Manifest,
+    session: Session,
     sink: RunSink,
     progress: Progress,
     settled: Settled,
@@ -612,16 +614,14 @@ async def _finish(
         "skipped": settled.skipped + progress.skipped,
         "requests": manifest.get("counts", {}).get("requests", 0) + progress.requests,
     }
-    session.update(
-        ended_at=utc_now(),
-        ended_epoch=time.time(),
-        outcome=manifest["state"],
-        stop_reason=stop_reason or ("interrupted" if interrupted else None),
-        requests_started=sent,
-        ok=progress.ok,
-        failed=progress.failed,
-        requests=progress.requests,
-    )
+    session["ended_at"] = utc_now()
+    session["ended_epoch"] = time.time()
+    session["outcome"] = manifest["state"]
+    session["stop_reason"] = stop_reason or ("interrupted" if interrupted else None)
+    session["requests_started"] = sent
+    session["ok"] = progress.ok
+    session["failed"] = progress.failed
+    session["requests"] = progress.requests
     try:
         run.write_manifest(manifest)
     except StorageFailed as exc:

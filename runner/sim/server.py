@@ -3,7 +3,7 @@
 Owns: routing and auth, per-row directives and random fault switches, real sliding-window
 RPM/TPM limits with OpenAI- and routeway-style headers, and the counters tests measure clients
 with (above all `resent_after_ok`: requests that were paid for twice). The HTTP/1.1 side is
-runner/sim_http.py; the answers and the rate windows are runner/sim_answers.py.
+runner/sim/http.py; the answers and the rate windows are runner/sim/answers.py.
 
 Must not import anyio, an HTTP library or any runner module but those two: only the standard
 library and orjson, so it serves any client under test and starts fast in a bare subprocess.
@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from runner.sim_answers import (
+from runner.sim.answers import (
     CREATED,
     DIRECTIVE_RE,
     Entry,
@@ -48,7 +48,7 @@ from runner.sim_answers import (
     invalid_reason,
     text_of,
 )
-from runner.sim_http import DRIP, DROP, FULL, HTML, PARTIAL, Connection, Reply, Success, error_reply
+from runner.sim.http import DRIP, DROP, FULL, HTML, PARTIAL, Connection, Reply, Success, error_reply
 
 __all__ = ["MODELS", "Simulator", "SimulatorConfig", "SimulatorStats", "SimulatorThread", "serve"]
 

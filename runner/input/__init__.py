@@ -1,0 +1,1 @@
+"""Input: reading datasets (Parquet, JSONL, CSV, OpenAI Batch) and building requests from rows."""

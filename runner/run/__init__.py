@@ -1,0 +1,1 @@
+"""Running a job: the worker pool, pacing (limiter, rate headers), the budget, submit and resume."""
