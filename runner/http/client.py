@@ -59,7 +59,7 @@ from runner.errors import (
     UndecodableResponse,
     UsageError,
 )
-from runner.records import Completion, token_count, untrusted_usage, usage_cost
+from runner.records import MAX_TOKENS, Completion, untrusted_usage, usage_cost
 from runner.spec import is_loopback_url
 
 # Response headers kept for the retry policy and the limiter.
@@ -509,27 +509,28 @@ class ChatClient:
             detail = self._clean(str(error.get("message"))) if isinstance(error, dict) else ""
             raise MalformedResponse(f"200 without choices {detail}".strip(), status=200)
         choice = choices[0]
-        message = _dict(choice.get("message"))
-        usage = _dict(data.get("usage"))
-        prompt_details = _dict(usage.get("prompt_tokens_details"))
-        completion_details = _dict(usage.get("completion_tokens_details"))
+        message = choice.get("message")
+        if type(message) is not dict:
+            message = {}
+        text = message.get("content")
         tool_calls = message.get("tool_calls")
+        prompt, completion, total, cached, reasoning, cost, raw = _usage(data.get("usage"))
         answer = Completion(
-            content=_text(message.get("content")),
+            content=text if type(text) is str else _text(text),
             refusal=_str(message.get("refusal")),
             tool_calls=orjson.dumps(tool_calls).decode() if tool_calls else None,
             finish_reason=_str(choice.get("finish_reason")),
             response_model=_str(data.get("model")),
             response_id=_str(data.get("id")),
             system_fingerprint=_str(data.get("system_fingerprint")),
-            prompt_tokens=_int(usage.get("prompt_tokens")),
-            completion_tokens=_int(usage.get("completion_tokens")),
-            total_tokens=_int(usage.get("total_tokens")),
-            cached_tokens=_int(prompt_details.get("cached_tokens")),
-            reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
-            provider_cost=_float(usage.get("cost")),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=total,
+            cached_tokens=cached,
+            reasoning_tokens=reasoning,
+            provider_cost=cost,
             headers=headers or None,
-            usage_raw=untrusted_usage(data.get("usage")),
+            usage_raw=raw,
         )
         return self._redacted(answer)
 
@@ -708,10 +709,6 @@ def _rate_headers(headers: Mapping[str, str], also: tuple[str, ...] = ()) -> dic
     return kept
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -723,9 +720,50 @@ def _text(value: Any) -> str | None:
     return _str(value)
 
 
-def _int(value: Any) -> int | None:
-    return token_count(value)  # negative, > int64, float, string, bool: unknown
+def _count(value: Any) -> int | None:
+    """A count from parsed JSON as `token_count` takes it (JSON gives plain ints only):
+    negative, past int64, float, string, bool: unknown."""
+    return value if type(value) is int and 0 <= value <= MAX_TOKENS else None
 
 
-def _float(value: Any) -> float | None:
-    return usage_cost(value)  # negative, NaN, infinite: unknown
+_UsageFields = tuple[
+    int | None, int | None, int | None, int | None, int | None, float | None, str | None
+]
+
+
+def _usage(usage: Any) -> _UsageFields:
+    """(prompt, completion, total, cached, reasoning tokens, cost, raw usage) of an answer.
+
+    Each count passes `token_count` and the cost `usage_cost`, else it is None; the raw usage
+    (`untrusted_usage`) is kept only when some part of it did not pass. One pass over the
+    usual answer's usage, no JSON text made for it.
+    """
+    if type(usage) is not dict:
+        return None, None, None, None, None, None, untrusted_usage(usage)
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens"))
+    total = _count(usage.get("total_tokens"))
+    clean = (
+        prompt is not None
+        and completion is not None
+        and (total is not None or "total_tokens" not in usage)
+    )
+    cached = reasoning = None
+    details = usage.get("prompt_tokens_details")
+    if type(details) is dict:
+        cached = _count(details.get("cached_tokens"))
+        clean = clean and (cached is not None or "cached_tokens" not in details)
+    elif details is not None:
+        clean = False
+    details = usage.get("completion_tokens_details")
+    if type(details) is dict:
+        reasoning = _count(details.get("reasoning_tokens"))
+        clean = clean and (reasoning is not None or "reasoning_tokens" not in details)
+    elif details is not None:
+        clean = False
+    cost = usage.get("cost")
+    if cost is not None:
+        cost = usage_cost(cost)
+        clean = clean and cost is not None
+    raw = None if clean else untrusted_usage(usage)
+    return prompt, completion, total, cached, reasoning, cost, raw
