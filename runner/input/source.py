@@ -23,7 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from runner.errors import InputError
-from runner.records import WorkItem, hash_key
+from runner.records import WorkItem, hash_key, record
 from runner.spec import InputSpec, JobSpec
 
 BATCH_ROWS = 8192
@@ -34,7 +34,7 @@ SMALL_SET = 1 << 16
 _TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view())
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Row:
     """One input row: its position, where it sits in the file, and the columns we need."""
 
@@ -43,7 +43,7 @@ class Row:
     values: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Skip:
     """A row that is not sent: counted, and journaled with this reason."""
 
