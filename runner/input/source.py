@@ -373,6 +373,11 @@ class RequestBuilder:
         self.batch = source.format == "openai-batch"
         self._prompt: Callable[[Row], list[dict[str, Any]] | None] = self._pick_prompt()
 
+    def messages(self, row: Row) -> list[dict[str, Any]] | None:
+        """The messages of a row's requests (None: an empty prompt, not sent); InputError for
+        a row that cannot give them."""
+        return self._prompt(row)
+
     def build(self, row: Row) -> Iterator[WorkItem | Skip]:
         if self.batch:
             yield self._batch_item(row)
@@ -593,6 +598,8 @@ def check_input(
 
 def _check(source: InputFile, builder: RequestBuilder, keys: _KeyWriter | None) -> CheckResult:
     source.check_columns()
+    if keys is None and not builder.batch:
+        return _check_prompts(source, builder)
     # 8 bytes a row: a set of Python ints would cost ~60 and grow the run's memory with input.
     hashes = array("q")
     requests = array("Q")  # hash_key() of every request: 8 bytes each
@@ -625,6 +632,77 @@ def _check(source: InputFile, builder: RequestBuilder, keys: _KeyWriter | None) 
     del hashes
     repeated = _repeated_values(requests)
     return CheckResult(rows, items, skipped, tokens, by_model, repeated)
+
+
+def _check_prompts(source: InputFile, builder: RequestBuilder) -> CheckResult:
+    """`_check` without building each request: for inputs whose rows give the messages (a
+    prompt column, a messages column or a template) and no row keys to write.
+
+    Every row is read and its id and messages made (and refused) as `build` does; but a
+    request's body is the spec's fields, the model and the messages, so equal requests have
+    equal (model, messages as canonical JSON). Those are hashed in-process to find the
+    requests that may repeat; only rows holding one are built, in a second pass, for the
+    exact request hashes. Run alongside the first requests, the check built every request
+    the pool builds too (~5 us a row, ~3 here).
+    """
+    hashes = array("q")
+    requests = array("q")  # hash((model, messages)) of every request: 8 bytes each
+    ids_can_repeat = builder.spec.id_column is not None
+    models = builder.models
+    limit = builder.spec.max_prompt_tokens
+    cap = builder.cap
+    prompt = builder.messages
+    dumps, sort = orjson.dumps, orjson.OPT_SORT_KEYS
+    rows = items = skipped = tokens = 0
+    by_model: dict[str, list[int]] = {}
+    for row in source.rows():
+        rows += 1
+        row_id = builder.row_id(row)
+        messages = prompt(row)
+        if ids_can_repeat:
+            hashes.append(hash(row_id))
+        if messages is None:
+            skipped += len(models)
+            continue
+        est = estimate_prompt_tokens(messages)
+        if limit is not None and est > limit:
+            skipped += len(models)
+            continue
+        text = dumps(messages, option=sort)
+        for model in models:
+            items += 1
+            tokens += est
+            requests.append(hash((model, text)))
+            acc = by_model.setdefault(model, [0, 0, 0])
+            acc[0] += 1
+            acc[1] += est
+            if acc[2] >= 0:
+                acc[2] = -1 if cap is None else acc[2] + cap
+    suspects = _repeated_values(hashes)
+    if suspects:
+        _find_duplicate(source, builder, suspects)
+    del hashes
+    maybe = _repeated_values(requests)
+    del requests
+    repeated = _exact_repeats(source, builder, maybe) if maybe else set()
+    return CheckResult(rows, items, skipped, tokens, by_model, repeated)
+
+
+def _exact_repeats(source: InputFile, builder: RequestBuilder, maybe: set[int]) -> set[int]:
+    """hash_key() of the requests that occur more than once, among the rows whose (model,
+    messages) hash is in `maybe` (built in full: equal hashes may be a collision)."""
+    found = array("Q")
+    for row in source.rows():
+        messages = builder.messages(row)
+        if messages is None:
+            continue
+        text = orjson.dumps(messages, option=orjson.OPT_SORT_KEYS)
+        if not any(hash((model, text)) in maybe for model in builder.models):
+            continue
+        for item in builder.build(row):
+            if isinstance(item, WorkItem) and hash((item.model, text)) in maybe:
+                found.append(hash_key(item.request_hash))
+    return _repeated_values(found)
 
 
 def _repeated_values(values: array[int]) -> set[int]:
