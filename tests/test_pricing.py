@@ -526,7 +526,7 @@ def test_import_is_lazy_and_offline() -> None:
 
 _LOOKUP = """
 import json, sys
-from runner.pricing import PriceSource
+from runner.report.pricing import PriceSource
 models = sys.argv[1:]
 prices = [PriceSource().price(m) for m in models]
 print(json.dumps({"imported": "genai_prices" in sys.modules,

@@ -542,10 +542,11 @@ class Budget:
             worst = ZERO  # only possible without a budget: prepare refuses unpriced models
         else:
             cap = item.max_tokens if item.max_tokens is not None else self.default_completion
-            # The high end of estimate_range alone: one Decimal cost a row, not two.
-            tokens = item.est_prompt_tokens
-            high = cost(price, prompt_tokens=tokens, completion_tokens=cap, cached_tokens=None)
-            worst = high or ZERO  # known token counts always give a cost
+            # The high end of estimate_range alone (`cost` with nothing cached), inline: one
+            # Decimal cost a row, not two, and no call.
+            worst = (
+                item.est_prompt_tokens * price.input_per_mtok + cap * price.output_per_mtok
+            ) / MTOK
         if self.limit is not None and self.spent + self.reserved + worst > self.limit:
             return None
         self.reserved += worst
@@ -559,7 +560,24 @@ class Budget:
         """
         assert isinstance(reservation, Decimal)
         self.reserved -= reservation
-        actual = self._actual(record, reservation)
+        prompt, completion = record.prompt_tokens, record.completion_tokens
+        if (
+            record.status == "ok"
+            and not record.reused
+            and record.provider_cost is None
+            and prompt is not None
+            and completion is not None
+            and (price := self.prices.price(record.model)) is not None
+        ):
+            # The usual answer: `_actual`'s last case (`cost`), inline.
+            cached = min(max(record.cached_tokens or 0, 0), prompt)
+            actual: Decimal | None = (
+                (prompt - cached) * price.input_per_mtok
+                + cached * price.cached_input_per_mtok
+                + completion * price.output_per_mtok
+            ) / MTOK
+        else:
+            actual = self._actual(record, reservation)
         if actual is None:
             self.unknown += 1
             self.spent += reservation
