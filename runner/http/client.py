@@ -517,12 +517,14 @@ class ChatClient:
         prompt, completion, total, cached, reasoning, cost, raw = _usage(data.get("usage"))
         answer = Completion(
             content=text if type(text) is str else _text(text),
-            refusal=_str(message.get("refusal")),
+            refusal=refusal if type(refusal := message.get("refusal")) is str else None,
             tool_calls=orjson.dumps(tool_calls).decode() if tool_calls else None,
-            finish_reason=_str(choice.get("finish_reason")),
-            response_model=_str(data.get("model")),
-            response_id=_str(data.get("id")),
-            system_fingerprint=_str(data.get("system_fingerprint")),
+            finish_reason=reason if type(reason := choice.get("finish_reason")) is str else None,
+            response_model=model if type(model := data.get("model")) is str else None,
+            response_id=answer_id if type(answer_id := data.get("id")) is str else None,
+            system_fingerprint=(
+                print_ if type(print_ := data.get("system_fingerprint")) is str else None
+            ),
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=total,

@@ -378,25 +378,32 @@ class RequestBuilder:
         a row that cannot give them."""
         return self._prompt(row)
 
-    def build(self, row: Row) -> Iterator[WorkItem | Skip]:
+    def build(self, row: Row) -> list[WorkItem | Skip]:
+        """The row's work items (one per model) or skips; a list, not a generator: it is
+        called once a row on the way of every request."""
         if self.batch:
-            yield self._batch_item(row)
-            return
+            return [self._batch_item(row)]
         row_id = self.row_id(row)
         messages = self._prompt(row)
         if messages is None:
-            for model in self.models:
-                yield Skip(row.index, row_id, model, "empty_prompt", "empty prompt", False)
-            return
+            return [
+                Skip(row.index, row_id, model, "empty_prompt", "empty prompt", False)
+                for model in self.models
+            ]
         est = estimate_prompt_tokens(messages)
         limit = self.spec.max_prompt_tokens
+        if limit is not None and est > limit:
+            message = f"prompt of ~{est} tokens is over input.max_prompt_tokens = {limit}"
+            return [
+                Skip(row.index, row_id, model, "prompt_too_long", message, True)
+                for model in self.models
+            ]
+        fields, cap, index = self.fields, self.cap, row.index
+        built: list[WorkItem | Skip] = []
         for model in self.models:
-            if limit is not None and est > limit:
-                message = f"prompt of ~{est} tokens is over input.max_prompt_tokens = {limit}"
-                yield Skip(row.index, row_id, model, "prompt_too_long", message, True)
-                continue
-            body, digest = canonical({**self.fields, "model": model, "messages": messages})
-            yield WorkItem(row.index, row_id, model, body, digest, est, self.cap)
+            body, digest = canonical({**fields, "model": model, "messages": messages})
+            built.append(WorkItem(index, row_id, model, body, digest, est, cap))
+        return built
 
     def row_id(self, row: Row) -> str:
         if self.batch:
