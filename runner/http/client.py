@@ -28,7 +28,7 @@ import resource
 import ssl
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from contextvars import ContextVar
 from functools import cache, partial
 from importlib import metadata
@@ -42,6 +42,7 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from runner.errors import (
     AttemptError,
@@ -207,10 +208,14 @@ class _Connector(aiohttp.TCPConnector):
         super().__init__(**options)
         self._factory = partial(_Handler, loop=self._loop)  # type: ignore[assignment]
 
-    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+    def _get(
+        self, key: ConnectionKey, traces: list[Trace]
+    ) -> Coroutine[Any, Any, Connection | None]:
+        # Not a coroutine of its own: aiohttp's, or one that finds no idle connection (a
+        # request that must go out on a new one). One coroutine a request fewer.
         if _FRESH.get():
-            return None
-        return await super()._get(key, traces)
+            return _no_connection()
+        return super()._get(key, traces)
 
     def _release(
         self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False
@@ -239,6 +244,10 @@ class _Connector(aiohttp.TCPConnector):
             else:
                 super()._release(key, protocol)
                 protocol.idle = True
+
+
+async def _no_connection() -> Connection | None:
+    return None
 
 
 class _Stale(Exception):
@@ -277,7 +286,8 @@ class ChatClient:
         sent.setdefault("user-agent", f"runner/{_version()}")
         if api_key is not None:
             sent["authorization"] = f"Bearer {api_key.reveal()}"
-        self._headers = sent
+        # aiohttp turns a plain dict into a CIMultiDict on every request: made once here.
+        self._headers = CIMultiDictProxy(CIMultiDict(sent))
         # The environment's proxy, read here rather than by aiohttp's trust_env, which would
         # also look up ~/.netrc on every request and send what it finds. A loopback endpoint
         # never goes through a proxy: the variables are meant for the outside world.
