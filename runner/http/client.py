@@ -369,7 +369,17 @@ class ChatClient:
                 status = response.status
                 headers = response.headers
                 kept = _rate_headers(headers, KEPT_HEADERS)
-                if status == 200:
+                length = response.content_length
+                if (
+                    status == 200
+                    and length is not None
+                    and length <= self._max_bytes
+                    and "content-encoding" not in headers
+                ):
+                    # `_body`'s usual case, without a coroutine of its own: a plain body of
+                    # an announced length within the bound (the parser holds it to that).
+                    content = await response.read()
+                elif status == 200:
                     content = await self._body(response, status)
                 else:
                     content = await _error_body(response)

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -117,7 +115,7 @@ class PriceOverride(BaseModel):
     """One `[prices."model"]` entry: USD per million tokens; cached_input defaults to input."""
 
     # extra="forbid" turns a typo (`ouput`) into an error instead of an ignored key.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     input: Rate
     output: Rate
@@ -184,6 +182,8 @@ def _first_error(exc: ValidationError, path: str, where: str) -> SpecError:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
+        import difflib  # an error message's only: not on every run's start-up
+
         close = difflib.get_close_matches(name, list(PriceOverride.model_fields), n=1)
         known = f"did you mean {close[0]!r}?" if close else "known: input, cached_input, output"
         message = f"unknown key ({known})"
@@ -347,6 +347,8 @@ class _TableCache:
         while len(self.entries) > self.LIMIT:
             del self.entries[next(iter(self.entries))]
         data = json.dumps({"identity": self.identity, "prices": self.entries}).encode()
+        import tempfile  # ~5 ms of start-up, for a lookup the cache did not know only
+
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".prices-", suffix=".tmp")
