@@ -23,6 +23,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from runner.errors import InputError
+from runner.input.tokens import estimate_prompt_tokens as estimate_prompt_tokens  # re-exported
+from runner.input.tokens import estimate_request_tokens, fixed_tokens
 from runner.records import WorkItem, hash_key, record
 from runner.spec import InputSpec, JobSpec
 
@@ -339,21 +341,6 @@ def _needed_columns(spec: InputSpec) -> list[str]:
 # -- requests --------------------------------------------------------------------------------
 
 
-def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """UTF-8 bytes / 4 plus a few per message: within ~0.9-1.3x of real counts."""
-    total = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            total += len(content.encode()) // 4
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    total += len(part["text"].encode()) // 4
-        total += 4
-    return max(total, 1)
-
-
 def canonical(body: dict[str, Any]) -> tuple[bytes, str]:
     """The request body as sent (sorted keys) and its hash: equal requests, equal hashes."""
     data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
@@ -369,6 +356,8 @@ class RequestBuilder:
         self.models = job.request.models if job.request else []
         self.fields = job.request.body_fields() if job.request else {}
         self.cap = job.request.answer_cap if job.request else None
+        # Tool definitions and the response schema: the same tokens in every request.
+        self.fixed_tokens = fixed_tokens(self.fields)
         self.shown = source.shown
         self.batch = source.format == "openai-batch"
         self._prompt: Callable[[Row], list[dict[str, Any]] | None] = self._pick_prompt()
@@ -390,7 +379,7 @@ class RequestBuilder:
                 Skip(row.index, row_id, model, "empty_prompt", "empty prompt", False)
                 for model in self.models
             ]
-        est = estimate_prompt_tokens(messages)
+        est = estimate_prompt_tokens(messages) + self.fixed_tokens
         limit = self.spec.max_prompt_tokens
         if limit is not None and est > limit:
             message = f"prompt of ~{est} tokens is over input.max_prompt_tokens = {limit}"
@@ -510,7 +499,7 @@ class RequestBuilder:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return Skip(row.index, custom_id, model, "empty_prompt", "empty messages", False)
-        est = estimate_prompt_tokens(messages)
+        est = estimate_request_tokens(body)
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
         data, digest = canonical(body)
         return WorkItem(
@@ -658,6 +647,7 @@ def _check_prompts(source: InputFile, builder: RequestBuilder) -> CheckResult:
     models = builder.models
     limit = builder.spec.max_prompt_tokens
     cap = builder.cap
+    fixed = builder.fixed_tokens
     prompt = builder.messages
     dumps, sort = orjson.dumps, orjson.OPT_SORT_KEYS
     rows = items = skipped = tokens = 0
@@ -671,7 +661,7 @@ def _check_prompts(source: InputFile, builder: RequestBuilder) -> CheckResult:
         if messages is None:
             skipped += len(models)
             continue
-        est = estimate_prompt_tokens(messages)
+        est = estimate_prompt_tokens(messages) + fixed
         if limit is not None and est > limit:
             skipped += len(models)
             continue
