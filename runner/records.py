@@ -1,7 +1,8 @@
 """The small records that flow through a run: work items, answers, results, progress.
 
-Frozen, slotted dataclasses, so one row costs one small object on the hot path and orjson
-serialises a result straight into a journal line. Imports only `errors`.
+Slotted dataclasses, frozen to the type checker (see `record`), so one row costs one small
+object on the hot path and orjson serialises a result straight into a journal line. Imports
+only `errors`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar, dataclass_transform
+
+_T = TypeVar("_T")
 
 # Token counts are stored as int64: a count past it is as untrustworthy as a negative one.
 MAX_TOKENS = 2**63 - 1
@@ -20,6 +24,16 @@ _DETAILS = (
     ("prompt_tokens_details", "cached_tokens"),
     ("completion_tokens_details", "reasoning_tokens"),
 )
+
+
+@dataclass_transform(frozen_default=True)
+def record(cls: type[_T]) -> type[_T]:
+    """A slotted dataclass, frozen to the type checker only: mypy refuses any assignment to
+    its fields, as for `@dataclass(frozen=True)`; at run time it is a plain slotted dataclass
+    (and hashable, as a frozen one is). A frozen one sets each field through
+    object.__setattr__: building a 30-field ResultRecord cost ~4 us instead of ~0.4 us, and a
+    run builds several of these a row."""
+    return dataclass(slots=True, unsafe_hash=True)(cls)
 
 
 def work_key(row_id: str, model: str, request_hash: str) -> int:
@@ -76,7 +90,7 @@ def untrusted_usage(usage: object) -> str | None:
     return text if len(text) <= _RAW_USAGE_CHARS else text[:_RAW_USAGE_CHARS] + "..."
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WorkItem:
     """One request to make: an input row for one model."""
 
@@ -89,7 +103,7 @@ class WorkItem:
     max_tokens: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Completion:
     """What a successful (HTTP 200, parseable) chat-completion answer holds."""
 
@@ -114,7 +128,7 @@ class Completion:
     usage_raw: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ResultRecord:
     """One finished attempt, as journaled and as stored in Parquet parts.
 

@@ -26,7 +26,11 @@ def start_runner(
 ) -> subprocess.Popen[str]:
     """`runner ARGS --runs-dir tmp_path/runs` as a child process in tmp_path, without RUNNER_*
     variables; stderr is piped, so that crash tests can read its first line and kill it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RUNNER_") or k == "RUNNER_CACHE_DIR"
+    }
     return subprocess.Popen(
         [sys.executable, *entry, *args, "--runs-dir", str(tmp_path / "runs")],
         cwd=tmp_path,
@@ -53,6 +57,15 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             or upper in ("NO_PROXY", "SSL_CERT_FILE")
         ):
             monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The price cache of tests lives in a folder of the session's own, never ~/.cache/runner
+    (children started with the test's environment inherit it)."""
+    monkeypatch.setenv("RUNNER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 @pytest.fixture
@@ -127,7 +140,11 @@ def run_cli(
     *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 90
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m runner ARGS` as a real process."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RUNNER_") or k == "RUNNER_CACHE_DIR"
+    }
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "runner", *args],

@@ -525,3 +525,92 @@ def test_a_submit_stopped_with_connections_open_prints_no_traceback(
     assert simulator.stats.requests >= 64  # connections were open when it stopped
     assert "Traceback" not in done.stderr and "Error:" not in done.stderr, done.stderr
     assert "data.jsonl:301" in done.stderr
+
+
+_GOOD_COUNT = st.integers(min_value=0, max_value=10**6)
+_COUNT_VALUES = st.one_of(
+    _GOOD_COUNT,
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-3, max_value=3),
+    st.sampled_from([2**63 - 1, 2**63, -(2**63), 10**30]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.lists(st.integers(), max_size=2),
+)
+_DETAILS = st.one_of(
+    st.none(),
+    st.integers(),
+    st.text(max_size=2),
+    st.dictionaries(
+        st.sampled_from(["cached_tokens", "reasoning_tokens", "audio_tokens"]), _COUNT_VALUES
+    ),
+)
+_USAGE_FIELDS = {
+    "total_tokens": _COUNT_VALUES,
+    "prompt_tokens_details": _DETAILS,
+    "completion_tokens_details": _DETAILS,
+    "cost": st.one_of(st.none(), st.floats(min_value=0, max_value=1), _COUNT_VALUES),
+    "other": _COUNT_VALUES,
+}
+_USAGE = st.one_of(
+    st.none(),
+    st.integers(),
+    st.text(max_size=3),
+    st.lists(st.integers(), max_size=2),
+    st.fixed_dictionaries(
+        {},
+        optional={"prompt_tokens": _COUNT_VALUES, "completion_tokens": _COUNT_VALUES}
+        | _USAGE_FIELDS,
+    ),
+    # The usual answer: good prompt and completion counts, the rest drawn.
+    st.fixed_dictionaries(
+        {"prompt_tokens": _GOOD_COUNT, "completion_tokens": _GOOD_COUNT}, optional=_USAGE_FIELDS
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(usage=_USAGE)
+def test_answer_usage_is_read_as_the_record_rules_say(usage: Any) -> None:
+    """The client's one-pass reading of `usage` keeps exactly the counts `token_count` and
+    the cost `usage_cost` trust, and the raw usage exactly when `untrusted_usage` keeps it."""
+    from runner.records import token_count, untrusted_usage, usage_cost
+
+    body = {"id": "x", "choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}
+    if usage is not None:
+        body["usage"] = usage
+    try:
+        content = json.dumps(body, allow_nan=True).encode()
+    except ValueError:
+        return
+    client = ChatClient(
+        base_url="http://127.0.0.1:1/v1",
+        api_key=None,
+        timeout_s=5,
+        connect_timeout_s=5,
+        concurrency=1,
+    )
+    answer = client._completion(content, {})
+    import orjson
+
+    try:
+        parsed = orjson.loads(content)  # as the client reads it (orjson's numbers)
+    except orjson.JSONDecodeError:
+        parsed = json.loads(content)
+    read = parsed.get("usage")
+    fields = read if isinstance(read, dict) else {}
+    prompt_details = fields.get("prompt_tokens_details")
+    completion_details = fields.get("completion_tokens_details")
+    prompt_details = prompt_details if isinstance(prompt_details, dict) else {}
+    completion_details = completion_details if isinstance(completion_details, dict) else {}
+    assert answer.prompt_tokens == token_count(fields.get("prompt_tokens"))
+    assert answer.completion_tokens == token_count(fields.get("completion_tokens"))
+    assert answer.total_tokens == token_count(fields.get("total_tokens"))
+    assert answer.cached_tokens == token_count(prompt_details.get("cached_tokens"))
+    assert answer.reasoning_tokens == token_count(completion_details.get("reasoning_tokens"))
+    expected_cost = usage_cost(fields.get("cost"))
+    assert answer.provider_cost == expected_cost or (
+        answer.provider_cost is not None and expected_cost is not None
+    )
+    assert answer.usage_raw == untrusted_usage(read)

@@ -4,8 +4,11 @@ the twin fails exactly one waiter takes over while the others wait on it."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -16,6 +19,8 @@ from runner.http.retry import RetryPolicy
 from runner.records import Completion, Progress, ResultRecord, WorkItem
 from runner.run.limiter import Limiter, Limiters
 from runner.run.pool import Pool
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def _no_sleep(_: float) -> None:
@@ -136,3 +141,86 @@ async def test_all_failing_twins_each_send_in_turn() -> None:
     finals = [r for r in sink.records if r.final]
     assert len(finals) == 60
     assert all(r.status == "failed" for r in finals)
+
+
+@pytest.mark.parametrize("raw", [None, '{"prompt_tokens": -1}'])
+def test_an_answer_record_carries_every_answer_field(raw: str | None) -> None:
+    """An ok record holds what the answer said, each column from its own field (the usual
+    answer's record is built in one call, apart from the general path); usage that was not
+    trustworthy keeps no count, only the raw text."""
+    import dataclasses
+
+    from runner.run.pool import _answer_fields, _Current
+
+    answer = Completion(
+        content="c",
+        refusal="r",
+        tool_calls="[]",
+        finish_reason="stop",
+        response_model="m2",
+        response_id="id-1",
+        system_fingerprint="fp",
+        prompt_tokens=11,
+        completion_tokens=12,
+        total_tokens=23,
+        cached_tokens=4,
+        reasoning_tokens=5,
+        provider_cost=0.25,
+        http_status=203,
+        usage_raw=raw,
+    )
+    item = WorkItem(7, "row-7", "m", b"{}", "ab" * 16, 10, 64)
+    current = _Current()
+    current.start(item)
+    current.attempts = 2
+    record = current.success(answer)
+    expected = _answer_fields(answer)
+    assert expected["content"] == "c" and (expected["prompt_tokens"] == 11) == (raw is None)
+    assert {name: getattr(record, name) for name in expected} == expected
+    unset = {f.name for f in dataclasses.fields(ResultRecord)} - set(expected)
+    others = {name: getattr(record, name) for name in unset}
+    assert others.pop("finished_at") >= others.pop("started_at") > 0
+    assert others.pop("latency_ms") >= 0
+    row = {
+        "row_id": "row-7",
+        "row_index": 7,
+        "model": "m",
+        "request_hash": "ab" * 16,
+        "status": "ok",
+        "final": True,
+        "attempts": 2,
+    }
+    assert {name: others.pop(name) for name in row} == row
+    defaults = {f.name: f.default for f in dataclasses.fields(ResultRecord)}
+    assert others == {name: defaults[name] for name in others}  # the rest as a record's default
+
+
+def test_records_are_frozen_to_the_type_checker_and_hashable(tmp_path: Path) -> None:
+    """Work items, answers and results are built without a frozen dataclass's per-field
+    object.__setattr__ (the hot path builds several a row), yet mypy refuses any assignment to
+    their fields, and they hash and compare by value as frozen ones do."""
+    item = WorkItem(1, "r", "m", b"{}", "ab" * 16, 3, None)
+    twin = WorkItem(1, "r", "m", b"{}", "ab" * 16, 3, None)
+    assert item == twin and hash(item) == hash(twin) and len({item, twin}) == 1
+    first = ResultRecord("r", 1, "m", "h", "ok", True, 1, 0.0, 1.0, 2.0)
+    assert hash(first) == hash(ResultRecord("r", 1, "m", "h", "ok", True, 1, 0.0, 1.0, 2.0))
+    snippet = tmp_path / "assign.py"
+    snippet.write_text(
+        "from runner.records import Completion, ResultRecord, WorkItem\n"
+        "from runner.input.source import Row, Skip\n"
+        "def f(i: WorkItem, c: Completion, r: ResultRecord, w: Row, s: Skip) -> None:\n"
+        "    i.model = 'x'\n"
+        "    c.content = 'x'\n"
+        "    r.status = 'x'\n"
+        "    w.index = 1\n"
+        "    s.row_id = 'x'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", str(snippet)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    refused = [line for line in done.stdout.splitlines() if "is read-only" in line]
+    assert len(refused) == 5, done.stdout

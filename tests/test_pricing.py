@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -520,6 +522,86 @@ def test_import_is_lazy_and_offline() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+_LOOKUP = """
+import json, sys
+from runner.report.pricing import PriceSource
+models = sys.argv[1:]
+prices = [PriceSource().price(m) for m in models]
+print(json.dumps({"imported": "genai_prices" in sys.modules,
+                  "prices": [p and [str(p.input_per_mtok), str(p.cached_input_per_mtok),
+                                    str(p.output_per_mtok), p.provenance, p.table_ref]
+                             for p in prices]}))
+"""
+
+
+def _lookup(cache: Path, *models: str) -> dict[str, Any]:
+    """Prices of `models` in a fresh process whose price cache is `cache`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNNER_")}
+    env["RUNNER_CACHE_DIR"] = str(cache)
+    done = subprocess.run(
+        [sys.executable, "-c", _LOOKUP, *models],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def test_table_prices_are_cached_across_processes(tmp_path: Path) -> None:
+    """A second process prices the same models without importing genai-prices (~100 ms of
+    start-up): the first one's lookups, unpriced ids included, are kept on disk."""
+    models = ("gpt-4o-mini", "openai/gpt-4o", "no-such-model-q")
+    first = _lookup(tmp_path, *models)
+    assert first["imported"]
+    assert first["prices"][0] == ["0.15", "0.075", "0.6", "price-table", "openai/gpt-4o-mini"]
+    assert first["prices"][2] is None
+    second = _lookup(tmp_path, *models)
+    assert not second["imported"]
+    assert second["prices"] == first["prices"]
+
+
+def test_price_cache_of_another_table_or_garbled_is_ignored(tmp_path: Path) -> None:
+    """The cache is used only for the genai-prices (and runner) it was made with; a file
+    that is not a cache, or entries that are not prices, are looked up in the table again."""
+    _lookup(tmp_path, "gpt-4o-mini")
+    path = tmp_path / "prices.json"
+    data = json.loads(path.read_text())
+    (key,) = data["prices"]
+    data["prices"][key] = ["9", "9", "9", "made/up"]
+    path.write_text(json.dumps(data))
+    used = _lookup(tmp_path, "gpt-4o-mini")
+    assert not used["imported"] and used["prices"][0] == ["9", "9", "9", "price-table", "made/up"]
+    for garbled in (
+        {**data, "identity": data["identity"] + "x"},  # another genai-prices or runner
+        {**data, "prices": {key: ["-1", "1", "1", "x"]}},
+        {**data, "prices": {key: ["NaN", "1", "1", "x"]}},
+        {**data, "prices": {key: [1, 2, 3, "x"]}},
+        {**data, "prices": {key: "0.15"}},
+        {**data, "prices": []},
+        [],
+    ):
+        path.write_text(json.dumps(garbled))
+        again = _lookup(tmp_path, "gpt-4o-mini")
+        assert again["imported"], garbled
+        assert again["prices"][0] == ["0.15", "0.075", "0.6", "price-table", "openai/gpt-4o-mini"]
+    path.write_bytes(b"\xff not json")
+    assert _lookup(tmp_path, "gpt-4o-mini")["prices"][0][0] == "0.15"
+    json.loads(path.read_text())  # rewritten whole
+
+
+def test_an_unwritable_price_cache_is_no_error(tmp_path: Path) -> None:
+    """A cache folder that cannot be made (a file is in the way) only costs the lookup."""
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    for _ in range(2):
+        found = _lookup(blocked / "cache", "gpt-4o-mini")
+        assert found["imported"] and found["prices"][0][0] == "0.15"
 
 
 def _item() -> WorkItem:

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner.errors import InputError
+from runner.input import source as source_module
 from runner.input.source import (
     InputFile,
     RequestBuilder,
@@ -581,3 +582,53 @@ def test_repeated_values_are_exactly_those_occurring_twice(
     finally:
         source.SORT_SLICE, source.SMALL_SET = old
     assert found == expected
+
+
+@pytest.mark.parametrize(
+    "input_extra",
+    [
+        'id_column = "id"\nprompt_column = "text"',
+        'id_column = "id"\nprompt_column = "text"\nsystem = "Be brief."\nmax_prompt_tokens = 14',
+        'template = "Q: {text} ({n})"',
+        'id_column = "id"\nmessages_column = "msgs"',
+    ],
+)
+def test_check_finds_exactly_the_repeated_requests(
+    tmp_path: Path, input_extra: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole-input check hashes each row's messages instead of building its requests;
+    what it reports (counts, estimates, repeated requests) is what building every request
+    says, including when unequal requests share that hash (a collision, forced here)."""
+    texts = ["same", "other", "same", None, "a much longer prompt, past fourteen", "other", ""]
+    rows = [
+        {
+            "id": f"r{i}",
+            "text": text,
+            "n": i % 2,
+            "msgs": None if text is None else [{"role": "user", "content": text}],
+        }
+        for i, text in enumerate(texts)
+    ]
+    path = write_rows(tmp_path / "data.jsonl", rows)
+    source, builder = open_input(path, input_extra=input_extra, model='["m1", "m2"]')
+    items = build_all(source, builder)
+    sent = [i for i in items if isinstance(i, WorkItem)]
+    keys = [int(i.request_hash[:16], 16) for i in sent]
+    expected = {k for k in keys if keys.count(k) > 1}
+    by_model: dict[str, list[int]] = {}
+    for item in sent:
+        acc = by_model.setdefault(item.model, [0, 0, 0])
+        acc[0], acc[1], acc[2] = acc[0] + 1, acc[1] + item.est_prompt_tokens, acc[2] + 64
+    for collide in (False, True):
+        if collide:  # every (model, messages) hash equal: the exact pass must sort them out
+            monkeypatch.setattr(source_module, "hash", lambda value: 7, raising=False)
+        check = check_input(source, builder)
+        assert (check.rows, check.items, check.skipped) == (
+            len(rows),
+            len(sent),
+            len(items) - len(sent),
+        )
+        assert check.est_prompt_tokens == sum(i.est_prompt_tokens for i in sent)
+        assert check.by_model == by_model
+        assert check.repeated == expected
+    assert expected  # the input does repeat requests

@@ -285,3 +285,76 @@ def test_a_damaged_part_file_is_the_users_error_not_an_internal_one(tmp_path: Pa
         (line,) = done.stderr.strip().splitlines()
         assert line.startswith(f"error: {run / 'parts'}: the run's results cannot be read"), line
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_start_log_entries_survive_kill_9_without_a_close(tmp_path: Path) -> None:
+    """An entry written to the start log's memory map is on disk for the next process once
+    `started` returns, though the process is killed before anything is closed or synced."""
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from runner.store.starts import StartLog\n"
+        "log = StartLog(Path(sys.argv[1]))\n"
+        "for n in range(300):\n"
+        "    log.started((f'r{n}', 'm', 1), 0.5)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, timeout=60
+    )
+    assert done.returncode == -signal.SIGKILL
+    from runner.store.starts import StartLog
+
+    [path] = tmp_path.glob("starts-*.log")
+    assert StartLog.read(path) == {(f"r{n}", "m", 1): 0.5 for n in range(300)}
+
+
+def test_a_full_start_log_file_moves_to_a_larger_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a file's mapped room is used up, every entry since the last rotation goes on in a
+    new file (the old one is deleted only then): nothing logged is lost."""
+    from runner.store import starts
+
+    monkeypatch.setattr(starts, "MAPPED_BYTES", 100)
+    log = starts.StartLog(tmp_path)
+    for n in range(40):
+        log.started((f"r{n}", "m", 1), 0.25)
+        [path] = tmp_path.glob("starts-*.log")
+        assert starts.StartLog.read(path) == {(f"r{i}", "m", 1): 0.25 for i in range(n + 1)}
+    assert int(path.stem.split("-")[1]) > 2  # it did move, more than once
+    log.rotate({("r39", "m", 1)})
+    [path] = tmp_path.glob("starts-*.log")
+    assert starts.StartLog.read(path) == {("r39", "m", 1): 0.25}
+    log.close()
+
+
+def test_start_log_without_a_memory_map_writes_each_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that cannot map the file gets one write per entry; a disk that is full
+    when a file is made stops the run with a one-line storage error."""
+    from runner.errors import StorageFailed
+    from runner.store import starts
+
+    def no_map(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(starts.mmap, "mmap", no_map)
+    log = starts.StartLog(tmp_path)
+    for n in range(3):
+        log.started((f"r{n}", "m", 2), 1.0)
+    [path] = tmp_path.glob("starts-*.log")
+    assert path.read_bytes().count(b"\n") == 3  # no zero bytes: written, not mapped
+    assert starts.StartLog.read(path) == {(f"r{n}", "m", 2): 1.0 for n in range(3)}
+    log.close()
+
+    def full(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(starts.os, "posix_fallocate", full)
+    other = starts.StartLog(tmp_path / "journal")
+    (tmp_path / "journal").mkdir()
+    with pytest.raises(StorageFailed, match="the disk is full"):
+        other.started(("r", "m", 1))
+    assert not list((tmp_path / "journal").glob("starts-*.log"))  # no empty file left

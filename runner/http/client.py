@@ -28,7 +28,7 @@ import resource
 import ssl
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from contextvars import ContextVar
 from functools import cache, partial
 from importlib import metadata
@@ -42,6 +42,7 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from runner.errors import (
     AttemptError,
@@ -59,7 +60,7 @@ from runner.errors import (
     UndecodableResponse,
     UsageError,
 )
-from runner.records import Completion, token_count, untrusted_usage, usage_cost
+from runner.records import MAX_TOKENS, Completion, untrusted_usage, usage_cost
 from runner.spec import is_loopback_url
 
 # Response headers kept for the retry policy and the limiter.
@@ -207,10 +208,14 @@ class _Connector(aiohttp.TCPConnector):
         super().__init__(**options)
         self._factory = partial(_Handler, loop=self._loop)  # type: ignore[assignment]
 
-    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+    def _get(
+        self, key: ConnectionKey, traces: list[Trace]
+    ) -> Coroutine[Any, Any, Connection | None]:
+        # Not a coroutine of its own: aiohttp's, or one that finds no idle connection (a
+        # request that must go out on a new one). One coroutine a request fewer.
         if _FRESH.get():
-            return None
-        return await super()._get(key, traces)
+            return _no_connection()
+        return super()._get(key, traces)
 
     def _release(
         self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False
@@ -239,6 +244,10 @@ class _Connector(aiohttp.TCPConnector):
             else:
                 super()._release(key, protocol)
                 protocol.idle = True
+
+
+async def _no_connection() -> Connection | None:
+    return None
 
 
 class _Stale(Exception):
@@ -277,7 +286,8 @@ class ChatClient:
         sent.setdefault("user-agent", f"runner/{_version()}")
         if api_key is not None:
             sent["authorization"] = f"Bearer {api_key.reveal()}"
-        self._headers = sent
+        # aiohttp turns a plain dict into a CIMultiDict on every request: made once here.
+        self._headers = CIMultiDictProxy(CIMultiDict(sent))
         # The environment's proxy, read here rather than by aiohttp's trust_env, which would
         # also look up ~/.netrc on every request and send what it finds. A loopback endpoint
         # never goes through a proxy: the variables are meant for the outside world.
@@ -359,7 +369,17 @@ class ChatClient:
                 status = response.status
                 headers = response.headers
                 kept = _rate_headers(headers, KEPT_HEADERS)
-                if status == 200:
+                length = response.content_length
+                if (
+                    status == 200
+                    and length is not None
+                    and length <= self._max_bytes
+                    and "content-encoding" not in headers
+                ):
+                    # `_body`'s usual case, without a coroutine of its own: a plain body of
+                    # an announced length within the bound (the parser holds it to that).
+                    content = await response.read()
+                elif status == 200:
                     content = await self._body(response, status)
                 else:
                     content = await _error_body(response)
@@ -509,27 +529,30 @@ class ChatClient:
             detail = self._clean(str(error.get("message"))) if isinstance(error, dict) else ""
             raise MalformedResponse(f"200 without choices {detail}".strip(), status=200)
         choice = choices[0]
-        message = _dict(choice.get("message"))
-        usage = _dict(data.get("usage"))
-        prompt_details = _dict(usage.get("prompt_tokens_details"))
-        completion_details = _dict(usage.get("completion_tokens_details"))
+        message = choice.get("message")
+        if type(message) is not dict:
+            message = {}
+        text = message.get("content")
         tool_calls = message.get("tool_calls")
+        prompt, completion, total, cached, reasoning, cost, raw = _usage(data.get("usage"))
         answer = Completion(
-            content=_text(message.get("content")),
-            refusal=_str(message.get("refusal")),
+            content=text if type(text) is str else _text(text),
+            refusal=refusal if type(refusal := message.get("refusal")) is str else None,
             tool_calls=orjson.dumps(tool_calls).decode() if tool_calls else None,
-            finish_reason=_str(choice.get("finish_reason")),
-            response_model=_str(data.get("model")),
-            response_id=_str(data.get("id")),
-            system_fingerprint=_str(data.get("system_fingerprint")),
-            prompt_tokens=_int(usage.get("prompt_tokens")),
-            completion_tokens=_int(usage.get("completion_tokens")),
-            total_tokens=_int(usage.get("total_tokens")),
-            cached_tokens=_int(prompt_details.get("cached_tokens")),
-            reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
-            provider_cost=_float(usage.get("cost")),
+            finish_reason=reason if type(reason := choice.get("finish_reason")) is str else None,
+            response_model=model if type(model := data.get("model")) is str else None,
+            response_id=answer_id if type(answer_id := data.get("id")) is str else None,
+            system_fingerprint=(
+                print_ if type(print_ := data.get("system_fingerprint")) is str else None
+            ),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=total,
+            cached_tokens=cached,
+            reasoning_tokens=reasoning,
+            provider_cost=cost,
             headers=headers or None,
-            usage_raw=untrusted_usage(data.get("usage")),
+            usage_raw=raw,
         )
         return self._redacted(answer)
 
@@ -708,10 +731,6 @@ def _rate_headers(headers: Mapping[str, str], also: tuple[str, ...] = ()) -> dic
     return kept
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
 def _str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -723,9 +742,50 @@ def _text(value: Any) -> str | None:
     return _str(value)
 
 
-def _int(value: Any) -> int | None:
-    return token_count(value)  # negative, > int64, float, string, bool: unknown
+def _count(value: Any) -> int | None:
+    """A count from parsed JSON as `token_count` takes it (JSON gives plain ints only):
+    negative, past int64, float, string, bool: unknown."""
+    return value if type(value) is int and 0 <= value <= MAX_TOKENS else None
 
 
-def _float(value: Any) -> float | None:
-    return usage_cost(value)  # negative, NaN, infinite: unknown
+_UsageFields = tuple[
+    int | None, int | None, int | None, int | None, int | None, float | None, str | None
+]
+
+
+def _usage(usage: Any) -> _UsageFields:
+    """(prompt, completion, total, cached, reasoning tokens, cost, raw usage) of an answer.
+
+    Each count passes `token_count` and the cost `usage_cost`, else it is None; the raw usage
+    (`untrusted_usage`) is kept only when some part of it did not pass. One pass over the
+    usual answer's usage, no JSON text made for it.
+    """
+    if type(usage) is not dict:
+        return None, None, None, None, None, None, untrusted_usage(usage)
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens"))
+    total = _count(usage.get("total_tokens"))
+    clean = (
+        prompt is not None
+        and completion is not None
+        and (total is not None or "total_tokens" not in usage)
+    )
+    cached = reasoning = None
+    details = usage.get("prompt_tokens_details")
+    if type(details) is dict:
+        cached = _count(details.get("cached_tokens"))
+        clean = clean and (cached is not None or "cached_tokens" not in details)
+    elif details is not None:
+        clean = False
+    details = usage.get("completion_tokens_details")
+    if type(details) is dict:
+        reasoning = _count(details.get("reasoning_tokens"))
+        clean = clean and (reasoning is not None or "reasoning_tokens" not in details)
+    elif details is not None:
+        clean = False
+    cost = usage.get("cost")
+    if cost is not None:
+        cost = usage_cost(cost)
+        clean = clean and cost is not None
+    raw = None if clean else untrusted_usage(usage)
+    return prompt, completion, total, cached, reasoning, cost, raw

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from runner.errors import InputError
 from runner.input.tokens import estimate_prompt_tokens as estimate_prompt_tokens  # re-exported
 from runner.input.tokens import estimate_request_tokens, fixed_tokens
-from runner.records import WorkItem, hash_key
+from runner.records import WorkItem, hash_key, record
 from runner.spec import InputSpec, JobSpec
 
 BATCH_ROWS = 8192
@@ -36,7 +36,7 @@ SMALL_SET = 1 << 16
 _TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view())
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Row:
     """One input row: its position, where it sits in the file, and the columns we need."""
 
@@ -62,7 +62,7 @@ class RowRange:
     line: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Skip:
     """A row that is not sent: counted, and journaled with this reason."""
 
@@ -418,25 +418,37 @@ class RequestBuilder:
         self.batch = source.format == "openai-batch"
         self._prompt: Callable[[Row], list[dict[str, Any]] | None] = self._pick_prompt()
 
-    def build(self, row: Row) -> Iterator[WorkItem | Skip]:
+    def messages(self, row: Row) -> list[dict[str, Any]] | None:
+        """The messages of a row's requests (None: an empty prompt, not sent); InputError for
+        a row that cannot give them."""
+        return self._prompt(row)
+
+    def build(self, row: Row) -> list[WorkItem | Skip]:
+        """The row's work items (one per model) or skips; a list, not a generator: it is
+        called once a row on the way of every request."""
         if self.batch:
-            yield self._batch_item(row)
-            return
+            return [self._batch_item(row)]
         row_id = self.row_id(row)
         messages = self._prompt(row)
         if messages is None:
-            for model in self.models:
-                yield Skip(row.index, row_id, model, "empty_prompt", "empty prompt", False)
-            return
+            return [
+                Skip(row.index, row_id, model, "empty_prompt", "empty prompt", False)
+                for model in self.models
+            ]
         est = estimate_prompt_tokens(messages) + self.fixed_tokens
         limit = self.spec.max_prompt_tokens
+        if limit is not None and est > limit:
+            message = f"prompt of ~{est} tokens is over input.max_prompt_tokens = {limit}"
+            return [
+                Skip(row.index, row_id, model, "prompt_too_long", message, True)
+                for model in self.models
+            ]
+        fields, cap, index = self.fields, self.cap, row.index
+        built: list[WorkItem | Skip] = []
         for model in self.models:
-            if limit is not None and est > limit:
-                message = f"prompt of ~{est} tokens is over input.max_prompt_tokens = {limit}"
-                yield Skip(row.index, row_id, model, "prompt_too_long", message, True)
-                continue
-            body, digest = canonical({**self.fields, "model": model, "messages": messages})
-            yield WorkItem(row.index, row_id, model, body, digest, est, self.cap)
+            body, digest = canonical({**fields, "model": model, "messages": messages})
+            built.append(WorkItem(index, row_id, model, body, digest, est, cap))
+        return built
 
     def row_id(self, row: Row) -> str:
         if self.batch:
@@ -638,6 +650,8 @@ def check_input(
 
 def _check(source: InputFile, builder: RequestBuilder, keys: _KeyWriter | None) -> CheckResult:
     source.check_columns()
+    if keys is None and not builder.batch:
+        return _check_prompts(source, builder)
     # 8 bytes a row: a set of Python ints would cost ~60 and grow the run's memory with input.
     hashes = array("q")
     requests = array("Q")  # hash_key() of every request: 8 bytes each
@@ -670,6 +684,78 @@ def _check(source: InputFile, builder: RequestBuilder, keys: _KeyWriter | None) 
     del hashes
     repeated = _repeated_values(requests)
     return CheckResult(rows, items, skipped, tokens, by_model, repeated)
+
+
+def _check_prompts(source: InputFile, builder: RequestBuilder) -> CheckResult:
+    """`_check` without building each request: for inputs whose rows give the messages (a
+    prompt column, a messages column or a template) and no row keys to write.
+
+    Every row is read and its id and messages made (and refused) as `build` does; but a
+    request's body is the spec's fields, the model and the messages, so equal requests have
+    equal (model, messages as canonical JSON). Those are hashed in-process to find the
+    requests that may repeat; only rows holding one are built, in a second pass, for the
+    exact request hashes. Run alongside the first requests, the check built every request
+    the pool builds too (~5 us a row, ~3 here).
+    """
+    hashes = array("q")
+    requests = array("q")  # hash((model, messages)) of every request: 8 bytes each
+    ids_can_repeat = builder.spec.id_column is not None
+    models = builder.models
+    limit = builder.spec.max_prompt_tokens
+    cap = builder.cap
+    fixed = builder.fixed_tokens
+    prompt = builder.messages
+    dumps, sort = orjson.dumps, orjson.OPT_SORT_KEYS
+    rows = items = skipped = tokens = 0
+    by_model: dict[str, list[int]] = {}
+    for row in source.rows():
+        rows += 1
+        row_id = builder.row_id(row)
+        messages = prompt(row)
+        if ids_can_repeat:
+            hashes.append(hash(row_id))
+        if messages is None:
+            skipped += len(models)
+            continue
+        est = estimate_prompt_tokens(messages) + fixed
+        if limit is not None and est > limit:
+            skipped += len(models)
+            continue
+        text = dumps(messages, option=sort)
+        for model in models:
+            items += 1
+            tokens += est
+            requests.append(hash((model, text)))
+            acc = by_model.setdefault(model, [0, 0, 0])
+            acc[0] += 1
+            acc[1] += est
+            if acc[2] >= 0:
+                acc[2] = -1 if cap is None else acc[2] + cap
+    suspects = _repeated_values(hashes)
+    if suspects:
+        _find_duplicate(source, builder, suspects)
+    del hashes
+    maybe = _repeated_values(requests)
+    del requests
+    repeated = _exact_repeats(source, builder, maybe) if maybe else set()
+    return CheckResult(rows, items, skipped, tokens, by_model, repeated)
+
+
+def _exact_repeats(source: InputFile, builder: RequestBuilder, maybe: set[int]) -> set[int]:
+    """hash_key() of the requests that occur more than once, among the rows whose (model,
+    messages) hash is in `maybe` (built in full: equal hashes may be a collision)."""
+    found = array("Q")
+    for row in source.rows():
+        messages = builder.messages(row)
+        if messages is None:
+            continue
+        text = orjson.dumps(messages, option=orjson.OPT_SORT_KEYS)
+        if not any(hash((model, text)) in maybe for model in builder.models):
+            continue
+        for item in builder.build(row):
+            if isinstance(item, WorkItem) and hash((item.model, text)) in maybe:
+                found.append(hash_key(item.request_hash))
+    return _repeated_values(found)
 
 
 def _repeated_values(values: array[int]) -> set[int]:

@@ -5,10 +5,11 @@ A rate comes from, in order: the override table (`[prices."model"]` in a spec or
 file), zero for `:free` ids, then the genai-prices bundled snapshot. A model found nowhere is
 *unpriced* (None), never $0; so is a row whose usage is unknown.
 
-This module is the one home of genai-prices, which is imported lazily (it costs ~200 ms) and
-only ever reads its bundled snapshot: nothing here updates prices or touches the network.
-Validates override entries with pydantic, as `spec` does specs. Imports only `errors` from the
-package.
+This module is the one home of genai-prices, which is imported lazily (with its first lookup it
+costs ~100 ms) and only ever reads its bundled snapshot: nothing here updates prices or touches
+the network. What a lookup found is kept in a small per-user cache (`_TableCache`), so that a
+run whose models were priced before does not import genai-prices at all. Validates override
+entries with pydantic, as `spec` does specs. Imports only `errors` from the package.
 
 Simplifications of the table's rates (one rate per model, so SQL can join on it):
 - the base tier of tiered prices: long-prompt surcharges (e.g. above 200k prompt tokens on
@@ -21,9 +22,10 @@ Simplifications of the table's rates (one rate per model, so SQL can join on it)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import difflib
 import json
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -113,7 +115,7 @@ class PriceOverride(BaseModel):
     """One `[prices."model"]` entry: USD per million tokens; cached_input defaults to input."""
 
     # extra="forbid" turns a typo (`ouput`) into an error instead of an ignored key.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     input: Rate
     output: Rate
@@ -180,6 +182,8 @@ def _first_error(exc: ValidationError, path: str, where: str) -> SpecError:
     kind = err["type"]
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
+        import difflib  # an error message's only: not on every run's start-up
+
         close = difflib.get_close_matches(name, list(PriceOverride.model_fields), n=1)
         known = f"did you mean {close[0]!r}?" if close else "known: input, cached_input, output"
         message = f"unknown key ({known})"
@@ -270,7 +274,118 @@ def _candidates(prefix: str | None, base: str) -> list[tuple[str | None, str]]:
 def _table_price(prefix: str | None, base: str, now: datetime) -> ModelPrice | None:
     if not base:
         return None
-    import genai_prices  # ~200 ms: only when a report needs a price from the table
+    cache = _TableCache.open()
+    key = f"{now.astimezone(UTC).date().isoformat()}|{prefix or ''}|{base}"
+    if cache is not None and (known := cache.get(key)) is not None:
+        return known[0]
+    found = _price_from_table(prefix, base, now)
+    if cache is not None:
+        cache.put(key, found)
+    return found
+
+
+class _TableCache:
+    """Prices already resolved from genai-prices, kept in a small JSON file per user.
+
+    Importing genai-prices (and httpx2 with it) and its first lookup cost ~100 ms of every
+    short run's start-up; the answer only changes with the table, the day and this module.
+    So a lookup's result (a price, or none) is kept under the UTC day and the id asked for,
+    in `$RUNNER_CACHE_DIR/prices.json` (default: `$XDG_CACHE_HOME/runner`, else
+    `~/.cache/runner`), with the identity of the installed genai-prices and of this module
+    (path, size and mtime of their files, found without importing genai-prices): another
+    version of either starts afresh. A cache that cannot be read or written is ignored.
+    """
+
+    LIMIT = 512  # entries kept; the oldest go first
+
+    def __init__(self, path: Path, identity: str, entries: dict[str, object]) -> None:
+        self.path = path
+        self.identity = identity
+        self.entries = entries
+
+    @classmethod
+    def open(cls) -> _TableCache | None:
+        identity = _table_identity()
+        if identity is None:
+            return None
+        folder = os.environ.get("RUNNER_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "runner"
+        )
+        path = Path(folder) / "prices.json"
+        entries: dict[str, object] = {}
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(path.read_bytes())
+            if isinstance(data, dict) and data.get("identity") == identity:
+                kept = data.get("prices")
+                entries = kept if isinstance(kept, dict) else {}
+        return cls(path, identity, entries)
+
+    def get(self, key: str) -> tuple[ModelPrice | None] | None:
+        """(the price or None for unpriced,), or None when the cache does not know."""
+        value = self.entries.get(key, ())
+        if value is None:
+            return (None,)
+        if isinstance(value, list) and len(value) == 4 and all(isinstance(v, str) for v in value):
+            with contextlib.suppress(ArithmeticError, ValueError):
+                inp, cached, out = (Decimal(v) for v in value[:3])
+                if all(r.is_finite() and r >= 0 for r in (inp, cached, out)):
+                    return (ModelPrice(inp, cached, out, "price-table", value[3]),)
+        return None
+
+    def put(self, key: str, price: ModelPrice | None) -> None:
+        self.entries.pop(key, None)
+        self.entries[key] = (
+            None
+            if price is None
+            else [
+                str(price.input_per_mtok),
+                str(price.cached_input_per_mtok),
+                str(price.output_per_mtok),
+                price.table_ref or "",
+            ]
+        )
+        while len(self.entries) > self.LIMIT:
+            del self.entries[next(iter(self.entries))]
+        data = json.dumps({"identity": self.identity, "prices": self.entries}).encode()
+        import tempfile  # ~5 ms of start-up, for a lookup the cache did not know only
+
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".prices-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                os.replace(tmp, self.path)
+            except OSError:
+                os.unlink(tmp)
+                raise
+
+
+def _table_identity() -> str | None:
+    """The installed genai-prices and this module, as files on disk (none if not found)."""
+    from importlib.util import find_spec
+
+    try:
+        spec = find_spec("genai_prices")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    package = Path(spec.origin).parent
+    parts = [str(package)]
+    try:
+        for path in (package / "__init__.py", package / "data.py", package / "types.py"):
+            stat = path.stat()
+            parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+        stat = Path(__file__).stat()
+    except OSError:
+        return None
+    parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def _price_from_table(prefix: str | None, base: str, now: datetime) -> ModelPrice | None:
+    import genai_prices  # ~100 ms with its first lookup: only when the cache does not know
 
     usage = genai_prices.Usage(input_tokens=0, output_tokens=0)
     for provider_id, ref in _candidates(prefix, base):
@@ -429,10 +544,11 @@ class Budget:
             worst = ZERO  # only possible without a budget: prepare refuses unpriced models
         else:
             cap = item.max_tokens if item.max_tokens is not None else self.default_completion
-            # The high end of estimate_range alone: one Decimal cost a row, not two.
-            tokens = item.est_prompt_tokens
-            high = cost(price, prompt_tokens=tokens, completion_tokens=cap, cached_tokens=None)
-            worst = high or ZERO  # known token counts always give a cost
+            # The high end of estimate_range alone (`cost` with nothing cached), inline: one
+            # Decimal cost a row, not two, and no call.
+            worst = (
+                item.est_prompt_tokens * price.input_per_mtok + cap * price.output_per_mtok
+            ) / MTOK
         if self.limit is not None and self.spent + self.reserved + worst > self.limit:
             return None
         self.reserved += worst
@@ -446,7 +562,24 @@ class Budget:
         """
         assert isinstance(reservation, Decimal)
         self.reserved -= reservation
-        actual = self._actual(record, reservation)
+        prompt, completion = record.prompt_tokens, record.completion_tokens
+        if (
+            record.status == "ok"
+            and not record.reused
+            and record.provider_cost is None
+            and prompt is not None
+            and completion is not None
+            and (price := self.prices.price(record.model)) is not None
+        ):
+            # The usual answer: `_actual`'s last case (`cost`), inline.
+            cached = min(max(record.cached_tokens or 0, 0), prompt)
+            actual: Decimal | None = (
+                (prompt - cached) * price.input_per_mtok
+                + cached * price.cached_input_per_mtok
+                + completion * price.output_per_mtok
+            ) / MTOK
+        else:
+            actual = self._actual(record, reservation)
         if actual is None:
             self.unknown += 1
             self.spent += reservation

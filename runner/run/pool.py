@@ -584,8 +584,38 @@ class _Current:
         )
 
     def success(self, answer: Completion) -> ResultRecord:
-        return self._record(
-            status="ok", final=True, attempts=self.attempts, **_answer_fields(answer)
+        if answer.usage_raw is not None:
+            return self._record(
+                status="ok", final=True, attempts=self.attempts, **_answer_fields(answer)
+            )
+        # The usual answer, built in one call (the dicts of _answer_fields cost ~40 % of it).
+        item = self.item
+        assert item is not None
+        return ResultRecord(
+            row_id=item.row_id,
+            row_index=item.row_index,
+            model=item.model,
+            request_hash=item.request_hash,
+            status="ok",
+            final=True,
+            attempts=self.attempts,
+            started_at=self.started,
+            finished_at=time.time(),
+            latency_ms=round((time.perf_counter() - self.attempt_started) * 1000, 3),
+            http_status=answer.http_status,
+            content=answer.content,
+            refusal=answer.refusal,
+            tool_calls=answer.tool_calls,
+            finish_reason=answer.finish_reason,
+            response_model=answer.response_model,
+            response_id=answer.response_id,
+            system_fingerprint=answer.system_fingerprint,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            total_tokens=answer.total_tokens,
+            cached_tokens=answer.cached_tokens,
+            reasoning_tokens=answer.reasoning_tokens,
+            provider_cost=answer.provider_cost,
         )
 
     def paid_attempt(self, record: ResultRecord, answer: Completion) -> ResultRecord:

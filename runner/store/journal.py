@@ -100,7 +100,8 @@ class Journal:
             raise RuntimeError("journal segment is closed")
         if self._syncing is not None and self._syncing.done():
             self._collect()  # a failed fsync stops the run before more is written
-        data = b"".join(orjson.dumps(r) + b"\n" for r in records)
+        dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
+        data = b"".join([dumps(r, option=newline) for r in records])
         view = memoryview(data)
         try:
             while view:
