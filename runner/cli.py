@@ -41,6 +41,19 @@ def _runs_dir_option(func: F) -> F:
     )(func)
 
 
+def _ray_option(func: F) -> F:
+    return click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value="local",
+        default=None,
+        metavar="[ADDRESS]",
+        help="Run across a Ray cluster in shards: alone, a local Ray started for the run; "
+        "'auto', HOST:PORT or ray://... an existing cluster (needs: uv sync --extra ray).",
+    )(func)
+
+
 def _format_option(func: F) -> F:
     return click.option(
         "--format",
@@ -79,7 +92,30 @@ def cli() -> None:
     help="Check the spec and the whole input, print rows, estimated tokens and the cost "
     "range by model; send nothing.",
 )
-def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
+@_ray_option
+@click.option(
+    "--shards",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --ray: how many row ranges the input is cut into (default: one per 50,000 "
+    "rows, at least one per CPU).",
+)
+@click.option(
+    "--store",
+    metavar="URI",
+    default=None,
+    help="With --ray: keep the shards' results on an object store (a pyarrow.fs URI such "
+    "as s3://bucket/runs) instead of the runs folder.",
+)
+def submit(
+    spec: Path,
+    runs_dir: Path,
+    no_check: bool,
+    dry_run: bool,
+    ray_address: str | None,
+    shards: int | None,
+    store: str | None,
+) -> None:
     """Start a run of the job spec SPEC (a TOML file).
 
     Ctrl-C stops feeding rows and lets requests in flight finish; a second Ctrl-C stops at
@@ -87,6 +123,9 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
     """
     with tuning.collector_paused():
         from runner.run import job
+
+    if (shards is not None or store is not None) and ray_address is None:
+        raise click.UsageError("--shards and --store go with --ray")
 
     if dry_run:
         found = job.estimate(job.prepare(spec, check_whole_file=True, need_key=False))
@@ -109,8 +148,27 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
         ]
         _emit(names, rows, "table")
         return
+    if ray_address is not None:
+        driver = _ray_driver()
+        options = driver.RayOptions(address=_address(ray_address), shards=shards, store=store)
+        # The whole input is checked before it is cut into shards.
+        ready = job.prepare(spec, check_whole_file=True)
+        _run_session(
+            lambda hooks: driver.submit(ready, runs_dir, options, **hooks), ready.spec.job.name
+        )
+        return
     prepared = job.prepare(spec, check_whole_file=False if no_check else None, check_alongside=True)
     _run_session(lambda hooks: job.submit(prepared, runs_dir, **hooks), prepared.spec.job.name)
+
+
+def _ray_driver() -> Any:
+    from runner.cluster import load_driver
+
+    return load_driver()
+
+
+def _address(value: str) -> str | None:
+    return None if value == "local" else value
 
 
 @cli.command()
@@ -136,6 +194,7 @@ def submit(spec: Path, runs_dir: Path, no_check: bool, dry_run: bool) -> None:
     help="An edited job spec: its [endpoint], [run] and [prices] settings are used from now "
     "on (recorded per session); a change to [request] or the prompt settings is refused.",
 )
+@_ray_option
 def resume(
     run: str,
     runs_dir: Path,
@@ -143,6 +202,7 @@ def resume(
     allow_changed_input: bool,
     budget_usd: float | None,
     spec_path: Path | None,
+    ray_address: str | None,
 ) -> None:
     """Continue RUN (a run id, a run folder, or a job name for its latest run).
 
@@ -152,6 +212,23 @@ def resume(
     with tuning.collector_paused():
         from runner.run import job
 
+    if ray_address is not None:
+        driver = _ray_driver()
+        options = driver.RayOptions(address=_address(ray_address))
+        _run_session(
+            lambda hooks: driver.resume(
+                run,
+                runs_dir,
+                options,
+                retry_failed=retry_failed,
+                allow_changed_input=allow_changed_input,
+                budget_usd=budget_usd,
+                spec_path=spec_path,
+                **hooks,
+            ),
+            run,
+        )
+        return
     _run_session(
         lambda hooks: job.resume(
             run,

@@ -44,6 +44,23 @@ class Row:
 
 
 @dataclass(frozen=True, slots=True)
+class RowRange:
+    """A contiguous slice of the input's data rows, [start, stop) (a shard of a Ray run).
+
+    Parquet slices are whole row groups (`row_groups`); JSONL slices start at a line's first
+    byte (`byte_start`, `line`: its 1-based number) and end before `byte_stop`; CSV slices
+    are read by row number (a quoted value may hold a newline, so bytes cannot split it).
+    """
+
+    start: int
+    stop: int
+    row_groups: tuple[int, ...] | None = None
+    byte_start: int | None = None
+    byte_stop: int | None = None
+    line: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Skip:
     """A row that is not sent: counted, and journaled with this reason."""
 
@@ -71,8 +88,16 @@ def detect_format(path: Path, declared: str) -> str:
 class InputFile:
     """A readable input file with a known format and the columns the job needs."""
 
-    def __init__(self, path: Path, spec: InputSpec, *, shown: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        spec: InputSpec,
+        *,
+        shown: str | None = None,
+        rows_range: RowRange | None = None,
+    ) -> None:
         self.path = path
+        self.rows_range = rows_range  # only these rows (a shard); None: every row
         self.spec = spec
         self.shown = shown or str(path)
         if not path.exists():
@@ -99,7 +124,9 @@ class InputFile:
         return []
 
     def row_count_hint(self) -> int | None:
-        """Row count when the file says it for free (Parquet metadata)."""
+        """Row count when the file says it for free (Parquet metadata, or a row range)."""
+        if self.rows_range is not None:
+            return self.rows_range.stop - self.rows_range.start
         return self._parquet().metadata.num_rows if self.format == "parquet" else None
 
     def rows(self) -> Iterator[Row]:
@@ -108,6 +135,18 @@ class InputFile:
         if self.format == "csv":
             return self._csv_rows()
         return self._jsonl_rows()
+
+    def _in_range(self, rows: Iterator[Row]) -> Iterator[Row]:
+        """Rows of the range only, for a format read from its start (CSV)."""
+        span = self.rows_range
+        if span is None:
+            yield from rows
+            return
+        for row in rows:
+            if row.index >= span.stop:
+                return
+            if row.index >= span.start:
+                yield row
 
     def check_columns(self) -> None:
         """Fail before any spending when a needed column is missing or of the wrong type."""
@@ -155,11 +194,15 @@ class InputFile:
         pf = self._parquet()
         names = set(pf.schema_arrow.names)
         wanted = [c for c in self.needed if c in names]
-        index = 0
+        span = self.rows_range
+        index = 0 if span is None else span.start
+        groups = None if span is None or span.row_groups is None else list(span.row_groups)
         # Decoded in the calling thread: Arrow's own pool started its threads on the first
         # batch, which held up the first request by ~30 ms, and rows become Python objects
         # one at a time here anyway.
-        batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted or None, use_threads=False)
+        batches = pf.iter_batches(
+            batch_size=BATCH_ROWS, row_groups=groups, columns=wanted or None, use_threads=False
+        )
         for batch in batches:
             yield from self._batch_rows(batch, wanted, index)
             index += batch.num_rows
@@ -235,6 +278,9 @@ class InputFile:
             raise InputError(self.shown, None, f"CSV error after row {index} ({exc})") from None
 
     def _csv_rows(self) -> Iterator[Row]:
+        yield from self._in_range(self._all_csv_rows())
+
+    def _all_csv_rows(self) -> Iterator[Row]:
         header = self._csv_header()
         wanted = [c for c in self.needed if c in header]
         index = 0
@@ -243,13 +289,23 @@ class InputFile:
             index += batch.num_rows
 
     def _jsonl_rows(self) -> Iterator[Row]:
-        index = 0
+        span = self.rows_range
+        index, first, left = 0, 1, -1  # left: bytes of the range still to read (-1: all)
         try:
             handle = self.path.open("rb")
         except OSError as exc:
             raise InputError(self.shown, None, f"cannot be read ({exc.strerror})") from None
         with handle:
-            for number, raw in enumerate(handle, start=1):
+            if span is not None and span.byte_start is not None:
+                handle.seek(span.byte_start)
+                index, first = span.start, span.line or 1
+                if span.byte_stop is not None:
+                    left = span.byte_stop - span.byte_start
+            for number, raw in enumerate(handle, start=first):
+                if left >= 0:
+                    if left == 0:
+                        return
+                    left -= len(raw)
                 if not raw.strip():
                     continue
                 try:

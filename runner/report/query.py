@@ -41,8 +41,8 @@ from runner.report.pricing import (
     price_sql_table,
 )
 from runner.spec import InputSpec, input_spec_of
-from runner.store.journal import read_segment, segments
-from runner.store.sink import ANSWER_COLUMNS, COLUMNS, REUSED_COLUMNS, SCHEMA, parts, to_table
+from runner.store.journal import read_segment
+from runner.store.sink import ANSWER_COLUMNS, COLUMNS, REUSED_COLUMNS, SCHEMA, to_table
 from runner.store.state import RunDir, input_fingerprint
 
 _TOKEN_COLUMNS = (
@@ -109,9 +109,9 @@ class RunDB:
         self._files: list[str] = []
         # DuckDB draws its own progress bar on long queries; this module never prints.
         self.con.execute("SET enable_progress_bar = false")
-        files = [str(p) for p in parts(run.parts_dir)]
+        files = [str(p) for p in run.part_paths()]
         self._files.extend(files)
-        journal = [r for s in segments(run.journal_dir) for r in read_segment(s)]
+        journal = [r for s in run.journal_paths() for r in read_segment(s)]
         self._journal = to_table(journal) if journal else SCHEMA.empty_table()
         self.con.register("journal_records", self._journal)
         if files:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,7 +38,7 @@ from runner.http.client import ChatClient, Secret
 from runner.http.retry import RetryPolicy
 from runner.input.source import RequestBuilder, Skip, check_input
 from runner.records import Progress, WorkItem
-from runner.report.pricing import Budget, spent_before
+from runner.report.pricing import Budget, PriceSource, spent_before
 from runner.run.limiter import Limiter, Limiters
 from runner.run.plan import (
     Estimate,
@@ -55,6 +55,7 @@ from runner.spec import SIMULATOR, RunSpec, check_environment
 from runner.store.sink import RunSink
 from runner.store.starts import StartLog
 from runner.store.state import (
+    SHARD_PLAN,
     RunDir,
     Settled,
     check_writable,
@@ -98,6 +99,23 @@ class Outcome:
         if self.state != "completed":
             return EXIT_STOPPED
         return EXIT_FAILED_ROWS if self.progress.failed else EXIT_OK
+
+
+@dataclass(slots=True)
+class SessionHooks:
+    """What a session swaps in when it is not a whole run on this machine (a shard of a Ray
+    run, runner/cluster); each left None keeps the local runner's own.
+
+    `limiters`: the pacing (RPM/TPM, concurrency) the pool waits on; `budget`: makes the
+    Spender from (prices, the session's limit in USD, what earlier sessions spent);
+    `sink`: makes the sink from (run folder, first segment number); `background`: tasks
+    run beside the pool (given it, e.g. to stop it) and cancelled when it ends.
+    """
+
+    limiters: Limiters | None = None
+    budget: Callable[[PriceSource, float | None, float], Budget] | None = None
+    sink: Callable[[RunDir, int], RunSink] | None = None
+    background: Sequence[Callable[[Pool], Coroutine[Any, Any, None]]] = ()
 
 
 def _limiters(run: RunSpec) -> Limiters:
@@ -197,6 +215,8 @@ async def resume(
     settings this session and later ones use; a change to what is sent is refused.
     """
     run = resolve_run(ref, runs_dir)
+    if (run.path / SHARD_PLAN).exists():
+        raise UsageError(f"run {run.run_id} ran on Ray: resume it with --ray [ADDRESS]")
     run.lock()
     try:
         manifest = run.read_manifest()
@@ -238,21 +258,7 @@ async def resume(
         if changed:
             manifest["input"] = {**now, "rows": prepared.check.rows if prepared.check else None}
         next_segment = run.recover()
-        if manifest.get("state") == "running" and manifest.get("sessions"):
-            # The last session crashed: count what it had on the wire and never heard back,
-            # and end it at its last trace on disk (not now: wall time is the real span).
-            crashed = manifest["sessions"][-1]
-            unanswered = run.unanswered_requests()
-            crashed["unanswered_at_crash"] = len(unanswered)
-            # Possibly billed without a record: the budget counts them at their worst case.
-            crashed["unanswered_worst_usd"] = sum(unanswered.values())
-            crashed["outcome"] = "crashed"
-            if not isinstance(crashed.get("ended_epoch"), int | float):
-                ended = max(alive or 0.0, crashed.get("started_epoch") or 0.0)
-                crashed["ended_epoch"] = ended
-                crashed["ended_at"] = datetime.fromtimestamp(ended, UTC).strftime(
-                    "%Y-%m-%dT%H:%M:%SZ"
-                )
+        note_crash(run, manifest, alive)
         repeated = prepared.check.repeated if prepared.check else run.read_repeated()
         if prepared.check is not None:
             run.write_repeated(prepared.check.repeated)
@@ -279,6 +285,24 @@ async def resume(
         )
     finally:
         run.unlock()
+
+
+def note_crash(run: RunDir, manifest: dict[str, Any], alive: float | None) -> None:
+    """When the last session crashed (its manifest still says running), count what it had on
+    the wire and never heard back, and end it at its last trace on disk (`alive`, taken
+    before recovery; not now: wall time is the real span). Call after `run.recover()`."""
+    if manifest.get("state") != "running" or not manifest.get("sessions"):
+        return
+    crashed = manifest["sessions"][-1]
+    unanswered = run.unanswered_requests()
+    crashed["unanswered_at_crash"] = len(unanswered)
+    # Possibly billed without a record: the budget counts them at their worst case.
+    crashed["unanswered_worst_usd"] = sum(unanswered.values())
+    crashed["outcome"] = "crashed"
+    if not isinstance(crashed.get("ended_epoch"), int | float):
+        ended = max(alive or 0.0, crashed.get("started_epoch") or 0.0)
+        crashed["ended_epoch"] = ended
+        crashed["ended_at"] = datetime.fromtimestamp(ended, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _unanswered_worst(manifest: dict[str, Any]) -> float:
@@ -327,7 +351,9 @@ async def _execute(
     start_simulator: SimulatorStarter | None,
     handle_signals: bool,
     on_signal: SignalHook | None = None,
+    hooks: SessionHooks | None = None,
 ) -> Outcome:
+    hooks = hooks or SessionHooks()
     job = prepared.spec.job
     endpoint = job.endpoint
     total = None
@@ -359,7 +385,12 @@ async def _execute(
     else:
         simulator = nullcontext(endpoint.base_url)
 
-    sink = RunSink(run.journal_dir, run.parts_dir, next_number=next_segment, part_rows=PART_ROWS)
+    if hooks.sink is not None:
+        sink = hooks.sink(run, next_segment)
+    else:
+        sink = RunSink(
+            run.journal_dir, run.parts_dir, next_number=next_segment, part_rows=PART_ROWS
+        )
     start_log = run.start_log()
     started = time.monotonic()
     stop_reason: str | None = None
@@ -388,27 +419,22 @@ async def _execute(
                 max_delay_s=job.run.backoff_max_s,
                 max_retry_after_s=job.run.max_retry_after_s,
             )
-            limiters = _limiters(job.run)
+            limiters = hooks.limiters or _limiters(job.run)
             prices = prepared.prices
-            budget = Budget(
-                prices,
-                limit_usd=job.run.budget_usd,
-                # Answers of unknown usage count at their worst case (journaled with each
-                # record as charged_usd), and so do requests a crashed session had on the
-                # wire without a record (they may have been billed): a kill -9 forgets
-                # nothing. A clean session's own figure includes all of these.
-                spent_usd=max(
-                    spent_before(
-                        prices,
-                        {
-                            m: (int(u[0]), int(u[1]), int(u[2]), u[3])
-                            for m, u in settled.usage.items()
-                        },
-                    )
-                    + _unanswered_worst(manifest),
-                    float(manifest.get("budget_spent_usd") or 0.0),
-                ),
+            # Answers of unknown usage count at their worst case (journaled with each record
+            # as charged_usd), and so do requests a crashed session had on the wire without
+            # a record (they may have been billed): a kill -9 forgets nothing. A clean
+            # session's own figure includes all of these.
+            spent_usd = max(
+                spent_before(
+                    prices,
+                    {m: (int(u[0]), int(u[1]), int(u[2]), u[3]) for m, u in settled.usage.items()},
+                )
+                + _unanswered_worst(manifest),
+                float(manifest.get("budget_spent_usd") or 0.0),
             )
+            make_budget = hooks.budget or _budget
+            budget = make_budget(prices, job.run.budget_usd, spent_usd)
             progress.cost_usd = 0.0 if _all_priced(prepared) else None
             progress.concurrency = limiters.default.concurrency_limit
             pool = Pool(
@@ -439,6 +465,8 @@ async def _execute(
                         tg.start_soon(_watch_signals, pool, job.run.grace_s, on_signal)
                     if checker is not None:
                         tg.start_soon(checker.run)
+                    for task in hooks.background:
+                        tg.start_soon(task, pool)
                     await pool.run(_items(prepared, settled))
                     if checker is not None and not pool.stopping:
                         await checker.done.wait()  # the run is complete once its input passed
@@ -496,6 +524,28 @@ async def _execute(
             m: (price.provenance if (price := prepared.prices.price(m)) else "unpriced")
             for m in names
         },
+    )
+
+
+def _budget(prices: PriceSource, limit_usd: float | None, spent_usd: float) -> Budget:
+    return Budget(prices, limit_usd=limit_usd, spent_usd=spent_usd)
+
+
+async def run_session(
+    run: RunDir,
+    manifest: dict[str, Any],
+    prepared: Prepared,
+    settled: Settled,
+    next_segment: int,
+    hooks: SessionHooks,
+    *,
+    on_progress: ProgressHook | None = None,
+) -> Outcome:
+    """One session of a run folder whose lock the caller holds, recovered and with its
+    settled work known (a shard of a Ray run): the same pipeline as submit and resume,
+    without signal handling (the caller stops it through a background hook)."""
+    return await _execute(
+        run, manifest, prepared, settled, next_segment, on_progress, None, False, None, hooks
     )
 
 
@@ -679,8 +729,11 @@ __all__ = [
     "Interrupted",
     "Outcome",
     "Prepared",
+    "SessionHooks",
     "estimate",
+    "note_crash",
     "prepare",
     "resume",
+    "run_session",
     "submit",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import SpecError, StorageFailed, UsageError
-from runner.input.source import CheckResult, InputFile, RequestBuilder, check_input
+from runner.input.source import CheckResult, InputFile, RequestBuilder, RowRange, check_input
 from runner.report.pricing import PriceSource, estimate_range, parse_price_table
 from runner.spec import (
     LoadedSpec,
@@ -55,13 +55,18 @@ def prepare(
 
 
 def prepare_loaded(
-    spec: LoadedSpec, check_whole_file: bool | None, check_alongside: bool = False
+    spec: LoadedSpec,
+    check_whole_file: bool | None,
+    check_alongside: bool = False,
+    rows_range: RowRange | None = None,
 ) -> Prepared:
     job = spec.job
     prices = PriceSource(parse_price_table(job.prices, path=str(spec.path)))
     if job.run.budget_usd is not None and job.request is not None:
         _check_budgetable(spec, prices)
-    source = InputFile(spec.input_path, job.input, shown=shown(spec.input_path))
+    source = InputFile(
+        spec.input_path, job.input, shown=shown(spec.input_path), rows_range=rows_range
+    )
     builder = RequestBuilder(job, source)
     source.check_columns()
     whole = job.input.check_whole_file if check_whole_file is None else check_whole_file

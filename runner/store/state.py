@@ -6,6 +6,12 @@
       lock            flock'd by the one process running this run
       journal/        append-only JSONL segments
       parts/          immutable part-NNNNNN.parquet
+      shards.json     (a Ray run) the row ranges of its shards, planned once
+      shards/<k>/     (a Ray run) each shard a run folder of its own: lock, manifest.json,
+                      journal/, parts/, attempt-NNNNNN.json (see `shard_parts`)
+
+A Ray run's results are those of its shards: `part_paths` and `journal_paths` list them
+for readers as one run (runner/cluster writes them).
 
 Owns resume bookkeeping (which row keys are settled). Readers (status, report) never take
 the lock. Uses journal and sink for the files; knows nothing of HTTP or the pool.
@@ -33,8 +39,8 @@ import pyarrow.parquet as pq
 
 from runner.errors import RunLocked, RunNotFound, StorageFailed, UsageError
 from runner.records import hash_key, work_key
-from runner.store.journal import read_segment, segments, storage_error
-from runner.store.sink import SCHEMA, compact_leftovers, fsync_dir, parts
+from runner.store.journal import read_segment, segment_number, segments, storage_error
+from runner.store.sink import SCHEMA, compact_leftovers, fsync_dir, part_number, parts
 from runner.store.starts import START_GLOB, StartLog
 
 DIR_MODE = 0o700
@@ -43,6 +49,51 @@ DIR_MODE = 0o700
 # a kill). The manifest's own word is kept for the states a session writes as it ends.
 ENDED_STATES = ("stopped", "completed", "failed")
 _FINGERPRINT_BYTES = 1 << 20
+
+
+# A shard's attempt A numbers its journal segments and parts from A * ATTEMPT_SPAN + 1.
+ATTEMPT_SPAN = 1_000_000
+ATTEMPT_GLOB = "attempt-*.json"
+SHARDS = "shards"
+SHARD_PLAN = "shards.json"
+STORE_FILE = "store.json"  # a Ray run whose shards write to an object store: its URI
+
+
+def attempt_name(attempt: int) -> str:
+    return f"attempt-{attempt:06d}.json"
+
+
+def current_attempt(folder: Path) -> tuple[int, set[int]] | None:
+    """The attempt that holds a shard's lease (the highest attempt file) and the part
+    numbers of earlier attempts it adopted; None for a folder with no attempt file."""
+    found = sorted(folder.glob(ATTEMPT_GLOB))
+    for path in reversed(found):
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            data = json.loads(path.read_text())
+            return int(data["attempt"]), {int(n) for n in data.get("adopted", [])}
+    return None
+
+
+def shard_parts(folder: Path) -> list[Path]:
+    """A run folder's valid parts: all of them, or for a shard those of the attempt holding
+    its lease and those it adopted; a stale attempt's later parts (a zombie's) are ignored."""
+    found = parts(folder / "parts")
+    lease = current_attempt(folder)
+    if lease is None:
+        return found
+    attempt, adopted = lease
+    return [
+        p for p in found if part_number(p) in adopted or part_number(p) // ATTEMPT_SPAN == attempt
+    ]
+
+
+def shard_segments(folder: Path) -> list[Path]:
+    """A run folder's journal segments (for a shard, only the current attempt's)."""
+    found = list(segments(folder / "journal"))
+    lease = current_attempt(folder)
+    if lease is None:
+        return found
+    return [s for s in found if segment_number(s) // ATTEMPT_SPAN == lease[0]]
 
 
 def default_runs_dir() -> Path:
@@ -149,6 +200,30 @@ class RunDir:
         self.parts_dir = path / "parts"
         self.sending_path = path / "journal" / "sending.json"
         self._lock_fd: int | None = None
+
+    # -- results of the run (its own, or every shard's) ---------------------------------------
+
+    def result_folders(self) -> list[Path]:
+        """Folders holding the run's results: the run's, then each shard's (a Ray run's);
+        a run whose shards write to an object store has them mirrored here first."""
+        store = self.path / STORE_FILE
+        if store.is_file():
+            from runner.store.objstore import mirror_shards  # pyarrow.fs only for such runs
+
+            mirror_shards(json.loads(store.read_text())["uri"], self.path)
+        shards = self.path / SHARDS
+        if not shards.is_dir():
+            return [self.path]
+        numbered = [d for d in shards.iterdir() if d.is_dir() and d.name.isdigit()]
+        return [self.path, *sorted(numbered, key=lambda d: int(d.name))]
+
+    def part_paths(self) -> list[Path]:
+        """Every valid part of the run, in the order written (shard by shard)."""
+        return [p for folder in self.result_folders() for p in shard_parts(folder)]
+
+    def journal_paths(self) -> list[Path]:
+        """Every journal segment of the run not compacted yet."""
+        return [s for folder in self.result_folders() for s in shard_segments(folder)]
 
     # -- creation and locking --------------------------------------------------------------
 
@@ -365,7 +440,7 @@ class RunDir:
         import pyarrow.compute as pc  # ~30 ms: not on a submit's way to its first request
 
         ids = pa.array(sorted({r for r, _, _ in wanted}))
-        for path in parts(self.parts_dir):
+        for path in self.part_paths():
             table = pq.read_table(path, columns=["row_id", "model", "attempts"])
             table = table.filter(pc.is_in(table.column("row_id"), value_set=ids))
             for row in table.to_pylist():
@@ -414,7 +489,7 @@ class RunDir:
         result = Settled(retry_failed=retry_failed, reusable=reusable)
         latest: dict[int, int] | None = {} if by_request else None
         columns = ["row_index", "row_id", "model", "request_hash", "status", "reused"]
-        for path in parts(self.parts_dir):
+        for path in self.part_paths():
             table = pq.read_table(path, columns=[*columns, "final"])
             table = table.filter(pc.field("final"))
             values = [table.column(c).to_pylist() for c in columns]
