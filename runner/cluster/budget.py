@@ -32,6 +32,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -81,7 +82,9 @@ class BudgetActor:
         spent_usd: Mapping[str, float],
         checkpoint: str | None,
     ) -> None:
-        self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray 2.60 reads its own deprecated actor_id here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         self.ledger = Ledger(
             {scope: Limits(*pair) for scope, pair in limits.items()},
             window_s=window_s,
@@ -182,7 +185,7 @@ def open_budget(
     }
     here = ray.get_runtime_context().get_node_id()
     actor_class: Any = ray.remote(BudgetActor)
-    actor_class.options(
+    actor = actor_class.options(
         name=name,
         get_if_exists=True,
         max_restarts=-1,
@@ -190,8 +193,7 @@ def open_budget(
         num_cpus=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
     ).remote(limits, window_s, run.budget_usd, dict(spent_usd or {}), str(checkpoint))
-    namespace = ray.get_runtime_context().namespace
-    return PacingFactory(name, namespace)
+    return PacingFactory(name, actor)
 
 
 class ShardLike(Protocol):
@@ -204,14 +206,15 @@ class ShardLike(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PacingFactory:
-    """Picklable: sent with each shard's task, it finds the actor by name on the worker."""
+    """Sent with each shard's task (pickled with the actor's handle). The driver holds it
+    for the session: a named actor that is not detached lives as long as a handle does, so
+    the budget ends with the run's driver."""
 
     name: str
-    namespace: str | None = None
+    actor: Any
 
     def __call__(self, task: ShardLike) -> ClusterPacing:
-        actor = ray.get_actor(self.name, namespace=self.namespace)
-        return ClusterPacing(actor, holder=str(task.shard), attempt=task.attempt)
+        return ClusterPacing(self.actor, holder=str(task.shard), attempt=task.attempt)
 
 
 class _Link:
