@@ -26,6 +26,7 @@ from runner.errors import EXIT_INTERNAL, EXIT_STOPPED, EXIT_USAGE, RunnerError
 
 if TYPE_CHECKING:
     from runner.run.job import Outcome
+    from runner.store.state import Manifest
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -149,7 +150,7 @@ def submit(
         _emit(names, rows, "table")
         return
     if ray_address is not None:
-        driver = _ray_driver()
+        driver = _ray_driver(ray_address)
         options = driver.RayOptions(address=_address(ray_address), shards=shards, store=store)
         # The whole input is checked before it is cut into shards.
         ready = job.prepare(spec, check_whole_file=True)
@@ -161,10 +162,12 @@ def submit(
     _run_session(lambda hooks: job.submit(prepared, runs_dir, **hooks), prepared.spec.job.name)
 
 
-def _ray_driver() -> Any:
+def _ray_driver(address: str) -> Any:
     from runner.cluster import load_driver
 
-    return load_driver()
+    # A Ray of this machine only (started for the run, or on loopback): loopback throughout.
+    host = address.rsplit(":", 1)[0].removeprefix("ray://")
+    return load_driver(local=address == "local" or host in ("127.0.0.1", "localhost"))
 
 
 def _address(value: str) -> str | None:
@@ -213,7 +216,7 @@ def resume(
         from runner.run import job
 
     if ray_address is not None:
-        driver = _ray_driver()
+        driver = _ray_driver(ray_address)
         options = driver.RayOptions(address=_address(ray_address))
         _run_session(
             lambda hooks: driver.resume(
@@ -357,10 +360,10 @@ def runs(runs_dir: Path, fmt: str) -> None:
     _emit(header, rows, fmt)
 
 
-def _run_counts(runs_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def _run_counts(runs_dir: Path, manifest: Manifest) -> dict[str, Any]:
     """A run's row counts: the manifest's once a session ended, counted from the run's
     files while it runs (or after a crash), when the manifest has none yet."""
-    counts: dict[str, Any] = manifest.get("counts") or {}
+    counts: dict[str, Any] = dict(manifest.get("counts") or {})
     if manifest.get("state") != "running" and "ok" in counts:
         return counts
     from runner.report import query as report

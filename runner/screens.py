@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from runner.records import Progress
     from runner.run.job import Outcome
-    from runner.store.state import RunDir
+    from runner.store.state import Manifest, RunDir
 
 PLAIN_EVERY_S = 5.0
 
@@ -157,7 +157,7 @@ class ProgressRenderer:
             self.drawn = False
 
 
-def spec_models(run: RunDir, manifest: dict[str, Any]) -> list[str]:
+def spec_models(run: RunDir, manifest: Manifest) -> list[str]:
     """The models of the spec a run last ran with (read from its frozen copy)."""
     import tomllib
 
@@ -197,14 +197,14 @@ def print_outcome(outcome: Outcome) -> None:
     lines.append("  cost      " + _cost_line(outcome))
     if p.failed:
         lines.extend(_top_errors(run, terminal_width() - 1 if sys.stderr.isatty() else None))
-    lines.append(f"  results   {run.parts_dir}")
+    lines.append(f"  results   {run.path / 'shards' if outcome.on_ray else run.parts_dir}")
     lines.append(f"  next      runner report {run.run_id}")
     lines.append(f"            runner export {run.run_id} out.parquet")
     _err("\n".join(lines))
     if outcome.state != "completed":
         shown = f"{total:,}" if total is not None else "?"
         reason = f" ({outcome.stop_reason})" if outcome.stop_reason else ""
-        how = f"runner resume {run.run_id}"
+        how = f"runner resume {run.run_id}" + (" --ray [ADDRESS]" if outcome.on_ray else "")
         if outcome.stopped_by_endpoint:
             how += " --spec FILE (FILE: the spec with [endpoint] fixed)"
         if outcome.refused_model is not None:

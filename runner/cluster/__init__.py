@@ -26,13 +26,16 @@ from runner.errors import UsageError
 INSTALL_HINT = "uv sync --extra ray, or pip install 'runner[ray]'"
 
 
-def load_driver() -> ModuleType:
-    """runner.cluster.driver, or a UsageError naming how to install Ray."""
+def load_driver(*, local: bool = False) -> ModuleType:
+    """runner.cluster.driver, or a UsageError naming how to install Ray. `local`: a Ray
+    started for the run, which listens on loopback only (no other node joins it)."""
     # Read by ray when it is imported. No usage statistics sent anywhere. Under `uv run`,
     # Ray would package the working folder and start each worker through uv (~10 s a
     # worker): workers use this interpreter and its installed packages instead.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if local:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         from runner.cluster import driver
     except ImportError as exc:

@@ -43,7 +43,10 @@ from runner.spec import SIMULATOR, LoadedSpec, check_environment
 from runner.store.objstore import open_store, write_bytes
 from runner.store.state import (
     STORE_FILE,
+    Counts,
+    Manifest,
     RunDir,
+    Session,
     _write_atomic,
     check_writable,
     current_attempt,
@@ -150,7 +153,7 @@ async def submit(
         plan = plan_shards(prepared.source, count, fingerprint)
         fingerprint["rows"] = plan.rows
         models = len(prepared.spec.job.request.models) if prepared.spec.job.request else 1
-        manifest: dict[str, Any] = {
+        manifest: Manifest = {
             "run_id": run.run_id,
             "job_name": prepared.spec.job.name,
             "spec_path": str(prepared.spec.path),
@@ -264,7 +267,7 @@ def store_of(store: str, run_id: str) -> str:
     return f"{where.rstrip('/')}/{run_id}" + (f"?{query}" if query else "")
 
 
-def _end_crashed_session(manifest: dict[str, Any], alive: float | None) -> None:
+def _end_crashed_session(manifest: Manifest, alive: float | None) -> None:
     """The driver of the last session died (its manifest still says running)."""
     if manifest.get("state") != "running" or not manifest.get("sessions"):
         return
@@ -328,7 +331,7 @@ def _ray_session(options: RayOptions) -> Iterator[None]:
 
 async def _drive(
     run: RunDir,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     spec: LoadedSpec,
     plan: ShardPlan,
     options: RayOptions,
@@ -342,12 +345,12 @@ async def _drive(
     job = spec.job
     models = job.request.models if job.request is not None else []
     per_row = max(len(models), 1)
-    session: dict[str, Any] = {
+    session: Session = {
         "started_at": utc_now(),
         "started_epoch": time.time(),
         "pid": os.getpid(),
-        "ray": options.address or "local",
         "settings": session_settings(spec, manifest.get("spec_file", "job.toml")),
+        "ray": {"address": options.address or "local"},
     }
     manifest.setdefault("sessions", []).append(session)
     manifest["state"] = "running"
@@ -388,7 +391,9 @@ async def _drive(
                 attempt = _next_attempt(run, manifest, k)
                 task = ShardTask(
                     run_id=run.run_id,
-                    run_path=str(run.path),
+                    job_name=job.name,
+                    input=manifest["input"],
+                    run_path=str(run.path.resolve()),
                     shard=k,
                     attempt=attempt,
                     rows=plan.ranges[k],
@@ -460,10 +465,11 @@ async def _drive(
         prices={
             m: (price.provenance if (price := prices.price(m)) else "unpriced") for m in models
         },
+        on_ray=True,
     )
 
 
-def _next_attempt(run: RunDir, manifest: dict[str, Any], shard: int) -> int:
+def _next_attempt(run: RunDir, manifest: Manifest, shard: int) -> int:
     """One more than any attempt of the shard launched or seen; recorded in the manifest."""
     attempts = manifest["ray"].setdefault("attempts", {})
     seen = current_attempt(run.path / "shards" / str(shard))
@@ -508,8 +514,8 @@ def _sum_progress(progress: Progress, snapshot: dict[tuple[int, int], dict[str, 
 
 def _finish(
     run: RunDir,
-    manifest: dict[str, Any],
-    session: dict[str, Any],
+    manifest: Manifest,
+    session: Session,
     plan: ShardPlan,
     per_row: int,
     state: _Session,
@@ -517,13 +523,21 @@ def _finish(
 ) -> str:
     """The run's manifest from its shards' (counts, cost, state); returns the state."""
     shards = _shard_manifests(run, len(plan.ranges))
-    counts = {"total": plan.rows * per_row, "ok": 0, "failed": 0, "skipped": 0, "requests": 0}
+    counts: Counts = {
+        "total": plan.rows * per_row,
+        "ok": 0,
+        "failed": 0,
+        "skipped": 0,
+        "requests": 0,
+    }
     cost: float | None = 0.0
     spent = 0.0
     for data in shards.values():
         found = data.get("counts") or {}
-        for name in ("ok", "failed", "skipped", "requests"):
-            counts[name] += int(found.get(name) or 0)
+        counts["ok"] += int(found.get("ok") or 0)
+        counts["failed"] += int(found.get("failed") or 0)
+        counts["skipped"] += int(found.get("skipped") or 0)
+        counts["requests"] += int(found.get("requests") or 0)
         shard_cost = data.get("cost_usd")
         cost = None if cost is None or shard_cost is None else cost + float(shard_cost)
         spent += float(data.get("budget_spent_usd") or 0.0)
@@ -542,18 +556,18 @@ def _finish(
         manifest["error"] = str(state.error)
     else:
         manifest.pop("error", None)
-    session.update(
-        ended_at=utc_now(),
-        ended_epoch=time.time(),
-        outcome=manifest["state"],
-        stop_reason=stop_reason,
-        shards={str(k): r.state for k, r in sorted(state.results.items())},
-    )
+    session["ended_at"] = utc_now()
+    session["ended_epoch"] = time.time()
+    session["outcome"] = manifest["state"]
+    session["stop_reason"] = stop_reason
+    session.setdefault("ray", {})["shards"] = {
+        str(k): r.state for k, r in sorted(state.results.items())
+    }
     _write_manifest(run, manifest)
     return str(manifest["state"])
 
 
-def _write_manifest(run: RunDir, manifest: dict[str, Any]) -> None:
+def _write_manifest(run: RunDir, manifest: Manifest) -> None:
     run.write_manifest(manifest)
     uri = manifest.get("ray", {}).get("store")
     if uri:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -61,6 +62,9 @@ from runner.store.sink import RunSink, _Sealed, part_name, part_number
 from runner.store.state import (
     ATTEMPT_SPAN,
     DIR_MODE,
+    Counts,
+    InputStamp,
+    Manifest,
     RunDir,
     _write_atomic,
     attempt_name,
@@ -81,6 +85,8 @@ class ShardTask:
     """What a worker needs to run one attempt of one shard: data only, never a key."""
 
     run_id: str
+    job_name: str
+    input: InputStamp  # the run's input as planned (a shard's manifest keeps it)
     run_path: str  # the run's folder (shared POSIX path), where shards/<k>/ lives
     shard: int
     attempt: int
@@ -101,7 +107,7 @@ class ShardResult:
     shard: int
     attempt: int
     state: str  # completed | stopped | failed | superseded
-    counts: dict[str, Any] = field(default_factory=dict)
+    counts: Counts = field(default_factory=lambda: Counts())
     cost_usd: float | None = None
     budget_spent_usd: float = 0.0
     stop_reason: str | None = None
@@ -193,6 +199,7 @@ async def run_shard(
         raise StorageFailed(f"cannot create shard folder {folder} ({exc.strerror})") from None
     if not await _take_lease(shard):
         return ShardResult(task.shard, task.attempt, "locked")
+    uploaded = False
     try:
         if store is not None:
             store.download(folder)
@@ -201,7 +208,7 @@ async def run_shard(
             return ShardResult(task.shard, task.attempt, "superseded")
         alive = shard.last_alive()
         shard.recover()  # a dead attempt's journal (flock held: its writer is gone)
-        manifest = _shard_manifest(shard, task)
+        manifest = _shard_manifest(shard, task, task.input)
         note_crash(shard, manifest, alive)
         adopted = sorted(part_number(p) for p in shard_parts(folder))
         claim = {"attempt": task.attempt, "adopted": adopted, "pid": os.getpid()}
@@ -233,6 +240,8 @@ async def run_shard(
         outcome = await run_session(shard, manifest, prepared, settled, first, hooks)
         final = outcome.progress
         counts = manifest.get("counts", {})
+        if store is not None:
+            uploaded = True  # every part and the manifest are on the store now
         return ShardResult(
             task.shard,
             task.attempt,
@@ -248,6 +257,8 @@ async def run_shard(
         )
     finally:
         shard.unlock()
+        if uploaded:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 async def _take_lease(shard: RunDir) -> bool:
@@ -275,22 +286,23 @@ def _reporting(report: Reporter) -> Callable[[Pool], Coroutine[Any, Any, None]]:
     return reporting
 
 
-def _shard_manifest(shard: RunDir, task: ShardTask) -> dict[str, Any]:
+def _shard_manifest(shard: RunDir, task: ShardTask, stamp: InputStamp) -> Manifest:
     """The shard's manifest (its own sessions and counts), made on its first attempt."""
     if shard.manifest_path.exists():
         return shard.read_manifest()
     rows = task.rows
     return {
         "run_id": shard.run_id,
-        "ray_run_id": task.run_id,
-        "shard": task.shard,
-        "rows": {"start": rows.start, "stop": rows.stop},
+        "job_name": task.job_name,
+        "spec_path": task.spec_path,
+        "spec_hash": "",
+        "input": {**stamp, "rows": rows.stop - rows.start},
         "state": "running",
         "created_at": utc_now(),
         "versions": versions(),
         "counts": {},
         "sessions": [],
-        "input": {"rows": rows.stop - rows.start},
+        "ray": {"run_id": task.run_id, "shard": task.shard, "rows": [rows.start, rows.stop]},
     }
 
 
@@ -301,7 +313,7 @@ class _ShardDir(RunDir):
         super().__init__(path)
         self.store = store
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
+    def write_manifest(self, manifest: Manifest) -> None:
         super().write_manifest(manifest)
         if self.store is not None:
             self.store.put("manifest.json", self.manifest_path.read_bytes())

@@ -13,11 +13,10 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from runner.errors import UsageError
 from runner.input.source import InputFile, RowRange
-from runner.store.state import SHARD_PLAN, RunDir, _write_atomic
+from runner.store.state import SHARD_PLAN, InputStamp, RunDir, _write_atomic
 
 SHARDS_FILE = SHARD_PLAN
 _SCAN_BLOCK = 1 << 20
@@ -29,14 +28,14 @@ class ShardPlan:
 
     rows: int
     ranges: tuple[RowRange, ...]
-    input: dict[str, Any]  # the input's fingerprint when planned
+    input: InputStamp  # the input's fingerprint when planned
 
     def share(self, shard: int) -> float:
         span = self.ranges[shard]
         return (span.stop - span.start) / self.rows if self.rows else 1.0 / len(self.ranges)
 
 
-def plan_shards(source: InputFile, count: int, fingerprint: dict[str, Any]) -> ShardPlan:
+def plan_shards(source: InputFile, count: int, fingerprint: InputStamp) -> ShardPlan:
     """Cut the input into at most `count` shards of about equal rows (never an empty one)."""
     if source.format == "parquet":
         ranges = _parquet_ranges(source, count)
@@ -120,7 +119,7 @@ def read_plan(run: RunDir) -> ShardPlan:
             groups = entry.get("row_groups")
             entry["row_groups"] = tuple(groups) if groups is not None else None
             ranges.append(RowRange(**entry))
-        return ShardPlan(int(data["rows"]), tuple(ranges), dict(data.get("input") or {}))
+        return ShardPlan(int(data["rows"]), tuple(ranges), data["input"])
     except FileNotFoundError:
         raise UsageError(f"run {run.run_id} has no shard plan ({path}): not a Ray run") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:

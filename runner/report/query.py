@@ -43,7 +43,7 @@ from runner.report.pricing import (
 from runner.spec import InputSpec, input_spec_of
 from runner.store.journal import read_segment
 from runner.store.sink import ANSWER_COLUMNS, COLUMNS, REUSED_COLUMNS, SCHEMA, to_table
-from runner.store.state import RunDir, input_fingerprint
+from runner.store.state import Manifest, RunDir, input_fingerprint
 
 _TOKEN_COLUMNS = (
     "prompt_tokens",
@@ -531,7 +531,7 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def _state(run: RunDir, manifest: dict[str, Any]) -> str:
+def _state(run: RunDir, manifest: Manifest) -> str:
     return run.state(manifest)
 
 
@@ -636,7 +636,7 @@ def export(run: RunDir, out: Path, *, overwrite: bool = False) -> int:
         return int(count[0][0])
 
 
-def _check_same_input(run: RunDir, manifest: dict[str, Any], path: Path) -> None:
+def _check_same_input(run: RunDir, manifest: Manifest, path: Path) -> None:
     """Refuse to pair answers with an input file the run has not seen (edited since)."""
     seen = manifest.get("input", {})
     now = input_fingerprint(path, None)

@@ -56,7 +56,9 @@ from runner.store.sink import RunSink
 from runner.store.starts import StartLog
 from runner.store.state import (
     SHARD_PLAN,
+    Manifest,
     RunDir,
+    Session,
     Settled,
     check_writable,
     input_fingerprint,
@@ -93,6 +95,7 @@ class Outcome:
     input_rows: int | None = None  # rows of the input file, when known
     cost_usd: float | None = None  # over all sessions (None: some cost is unknown)
     prices: dict[str, str] = field(default_factory=dict)  # model -> price provenance
+    on_ray: bool = False  # a Ray run (runner/cluster): its results are under shards/
 
     @property
     def exit_code(self) -> int:
@@ -155,7 +158,7 @@ async def submit(
     run.lock()
     try:
         rows = prepared.check.rows if prepared.check else prepared.source.row_count_hint()
-        manifest: dict[str, Any] = {
+        manifest: Manifest = {
             "run_id": run.run_id,
             "job_name": prepared.spec.job.name,
             "spec_path": str(prepared.spec.path),
@@ -287,7 +290,7 @@ async def resume(
         run.unlock()
 
 
-def note_crash(run: RunDir, manifest: dict[str, Any], alive: float | None) -> None:
+def note_crash(run: RunDir, manifest: Manifest, alive: float | None) -> None:
     """When the last session crashed (its manifest still says running), count what it had on
     the wire and never heard back, and end it at its last trace on disk (`alive`, taken
     before recovery; not now: wall time is the real span). Call after `run.recover()`."""
@@ -305,7 +308,7 @@ def note_crash(run: RunDir, manifest: dict[str, Any], alive: float | None) -> No
         crashed["ended_at"] = datetime.fromtimestamp(ended, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _unanswered_worst(manifest: dict[str, Any]) -> float:
+def _unanswered_worst(manifest: Manifest) -> float:
     """The worst case of every request crashed sessions had on the wire without a record."""
     total = 0.0
     for session in manifest.get("sessions", []):
@@ -343,7 +346,7 @@ def _items(prepared: Prepared, settled: Settled) -> Iterator[WorkItem | Skip]:
 
 async def _execute(
     run: RunDir,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     prepared: Prepared,
     settled: Settled,
     next_segment: int,
@@ -366,7 +369,7 @@ async def _execute(
     elif (known := manifest.get("counts", {}).get("total")) is not None:
         total = known
     progress = Progress(rows_total=total, rows_done_before=settled.count)
-    session: dict[str, Any] = {
+    session: Session = {
         "started_at": utc_now(),
         "started_epoch": time.time(),
         "pid": os.getpid(),
@@ -533,7 +536,7 @@ def _budget(prices: PriceSource, limit_usd: float | None, spent_usd: float) -> B
 
 async def run_session(
     run: RunDir,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     prepared: Prepared,
     settled: Settled,
     next_segment: int,
@@ -564,7 +567,7 @@ class _Checker:
         pool: Pool,
         progress: Progress,
         run: RunDir,
-        manifest: dict[str, Any],
+        manifest: Manifest,
     ) -> None:
         self.prepared = prepared
         self.pool = pool
@@ -602,8 +605,8 @@ class _Checker:
 
 async def _finish(
     run: RunDir,
-    manifest: dict[str, Any],
-    session: dict[str, Any],
+    manifest: Manifest,
+    session: Session,
     sink: RunSink,
     progress: Progress,
     settled: Settled,
@@ -662,16 +665,14 @@ async def _finish(
         "skipped": settled.skipped + progress.skipped,
         "requests": manifest.get("counts", {}).get("requests", 0) + progress.requests,
     }
-    session.update(
-        ended_at=utc_now(),
-        ended_epoch=time.time(),
-        outcome=manifest["state"],
-        stop_reason=stop_reason or ("interrupted" if interrupted else None),
-        requests_started=sent,
-        ok=progress.ok,
-        failed=progress.failed,
-        requests=progress.requests,
-    )
+    session["ended_at"] = utc_now()
+    session["ended_epoch"] = time.time()
+    session["outcome"] = manifest["state"]
+    session["stop_reason"] = stop_reason or ("interrupted" if interrupted else None)
+    session["requests_started"] = sent
+    session["ok"] = progress.ok
+    session["failed"] = progress.failed
+    session["requests"] = progress.requests
     try:
         run.write_manifest(manifest)
     except StorageFailed as exc:

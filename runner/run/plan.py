@@ -23,7 +23,7 @@ from runner.spec import (
     parse_spec,
     sent_fields_changed,
 )
-from runner.store.state import RunDir
+from runner.store.state import Manifest, RunDir
 
 
 @dataclass(slots=True)
@@ -150,7 +150,7 @@ def check_resumable(frozen: LoadedSpec, new: LoadedSpec, run_id: str) -> None:
         )
 
 
-def resumed_spec(run: RunDir, manifest: dict[str, Any], spec_path: Path | None) -> LoadedSpec:
+def resumed_spec(run: RunDir, manifest: Manifest, spec_path: Path | None) -> LoadedSpec:
     """The spec this session runs with: the latest frozen one, or `spec_path` when its
     changes are ones a resume may take (then frozen beside the first as job.<n>.toml)."""
     frozen_file = run.path / manifest.get("spec_file", run.spec_path.name)
@@ -187,7 +187,7 @@ def resumed_spec(run: RunDir, manifest: dict[str, Any], spec_path: Path | None) 
     return spec
 
 
-def _original_spec(manifest: dict[str, Any]) -> LoadedSpec | None:
+def _original_spec(manifest: Manifest) -> LoadedSpec | None:
     """The spec file the run's latest copy was frozen from, if it is still what was frozen."""
     path = Path(manifest["spec_path"])
     try:

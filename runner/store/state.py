@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,7 +48,85 @@ DIR_MODE = 0o700
 # come from the lock (held: running; not held and the run not ended: interrupted, a crash or
 # a kill). The manifest's own word is kept for the states a session writes as it ends.
 ENDED_STATES = ("stopped", "completed", "failed")
+
+
+class InputStamp(TypedDict):
+    """The input a run was made from: cheap to take, and it catches edits between sessions."""
+
+    path: str
+    size: int
+    mtime: float
+    hash: str  # sha256 of the first and last MiB
+    rows: int | None
+
+
+class Counts(TypedDict, total=False):
+    """Rows by outcome over every session, and requests sent (attempts, re-asks included)."""
+
+    total: int | None
+    ok: int
+    failed: int
+    skipped: int
+    requests: int
+
+
+class Session(TypedDict):
+    """One session (a submit or a resume): written as it starts, completed as it ends."""
+
+    started_at: str
+    started_epoch: float
+    pid: int
+    settings: dict[str, Any]  # what this session ran with (run/plan.py session_settings)
+    ended_at: NotRequired[str]
+    ended_epoch: NotRequired[float]
+    outcome: NotRequired[str]  # completed, stopped, failed, or crashed (found by a resume)
+    stop_reason: NotRequired[str | None]
+    requests_started: NotRequired[int]
+    ok: NotRequired[int]
+    failed: NotRequired[int]
+    requests: NotRequired[int]
+    # Set by the resume that found the session crashed: requests it had on the wire with no
+    # record, and their worst-case cost (the budget counts them).
+    unanswered_at_crash: NotRequired[int]
+    unanswered_worst_usd: NotRequired[float]
+    ray: NotRequired[dict[str, Any]]  # a Ray run's session: cluster address, shards' ends
+
+
+class Manifest(TypedDict):
+    """manifest.json: the run's identity, state and totals (replaced atomically)."""
+
+    run_id: str
+    job_name: str
+    spec_path: str  # the spec file as submitted (the frozen copy is job.toml)
+    spec_hash: str
+    input: InputStamp
+    state: str  # the word the last session wrote; readers use RunDir.state()
+    created_at: str
+    versions: dict[str, str]
+    counts: Counts
+    sessions: list[Session]
+    updated_at: NotRequired[str]
+    spec_file: NotRequired[str]  # the frozen spec in force (job.N.toml after resume --spec)
+    input_check: NotRequired[str]  # "pending" until the whole-input check finished once
+    budget_usd: NotRequired[float | None]  # set by `resume --budget-usd`
+    budget_spent_usd: NotRequired[float]
+    cost_usd: NotRequired[float | None]  # None once any part of the cost is unknown
+    error: NotRequired[str]  # why the run failed
+    nothing_sent: NotRequired[bool]  # the only session ended before sending anything
+    # A Ray run: {"shards": n, "attempts": {shard: last attempt launched}, "store": URI};
+    # a shard's own manifest: {"run_id": the Ray run's id, "shard": k, "rows": range}.
+    ray: NotRequired[dict[str, Any]]
+
+
 _FINGERPRINT_BYTES = 1 << 20
+# What a manifest must hold for readers to trust the rest of it.
+_MANIFEST_SHAPE = (
+    ("run_id", str),
+    ("state", str),
+    ("input", dict),
+    ("counts", dict),
+    ("sessions", list),
+)
 
 
 # A shard's attempt A numbers its journal segments and parts from A * ATTEMPT_SPAN + 1.
@@ -112,7 +190,7 @@ def versions() -> dict[str, str]:
     return found
 
 
-def input_fingerprint(path: Path, rows: int | None) -> dict[str, Any]:
+def input_fingerprint(path: Path, rows: int | None) -> InputStamp:
     """Size, mtime and hashes of the first and last MiB: cheap, and catches edits."""
     stat = path.stat()
     digest = hashlib.sha256()
@@ -181,7 +259,7 @@ class Settled:
 ROW_KEYS = "row_keys.parquet"
 
 
-def row_keys_stamp(fingerprint: dict[str, Any]) -> dict[bytes, bytes]:
+def row_keys_stamp(fingerprint: InputStamp) -> dict[bytes, bytes]:
     """The input a row_keys.parquet was made from, kept in the file's own metadata."""
     seen = {k: fingerprint.get(k) for k in ("size", "mtime", "hash")}
     return {b"input": json.dumps(seen, sort_keys=True).encode()}
@@ -318,7 +396,7 @@ class RunDir:
         """Remove the run folder (only for a run that sent nothing: nothing paid is lost)."""
         shutil.rmtree(self.path, ignore_errors=True)
 
-    def state(self, manifest: dict[str, Any] | None = None) -> str:
+    def state(self, manifest: Manifest | None = None) -> str:
         """The run's state for readers; see STATES (derived from the lock, not a stored word)."""
         if self.holder_pid() is not None:
             return "running"
@@ -332,18 +410,20 @@ class RunDir:
 
     # -- manifest ----------------------------------------------------------------------------
 
-    def read_manifest(self) -> dict[str, Any]:
+    def read_manifest(self) -> Manifest:
         try:
             data = json.loads(self.manifest_path.read_text())
         except FileNotFoundError:
             raise RunNotFound(f"{self.path}: not a run folder (no manifest.json)") from None
         except (OSError, ValueError) as exc:
             raise UsageError(f"{self.manifest_path}: unreadable ({exc})") from None
-        if not isinstance(data, dict):
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(key), kind) for key, kind in _MANIFEST_SHAPE
+        ):
             raise UsageError(f"{self.manifest_path}: not a manifest")
-        return data
+        return cast(Manifest, data)
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
+    def write_manifest(self, manifest: Manifest) -> None:
         manifest["updated_at"] = utc_now()
         try:
             _write_atomic(self.manifest_path, json.dumps(manifest, indent=2).encode())
@@ -393,7 +473,7 @@ class RunDir:
                     newest = mtime if newest is None else max(newest, mtime)
         return newest
 
-    def wall_seconds(self, manifest: dict[str, Any]) -> float:
+    def wall_seconds(self, manifest: Manifest) -> float:
         """Time the sessions ran, summed over each one's own start and end.
 
         A session with no recorded end is still running (counted until now) while the lock is
@@ -462,7 +542,7 @@ class RunDir:
         """The keys of the current input's rows, written once the input has changed."""
         return self.path / ROW_KEYS
 
-    def row_keys_fresh(self, fingerprint: dict[str, Any]) -> bool:
+    def row_keys_fresh(self, fingerprint: InputStamp) -> bool:
         """Whether row_keys.parquet was made from the input with this fingerprint."""
         try:
             metadata = pq.read_schema(self.row_keys_path).metadata or {}
@@ -680,20 +760,20 @@ def manifest_says_nothing_sent(run: RunDir) -> bool:
         return False
 
 
-def list_runs(runs_dir: Path) -> list[dict[str, Any]]:
+def list_runs(runs_dir: Path) -> list[Manifest]:
     """Manifests of every run under runs_dir, oldest first; `state` as readers show it
     (RunDir.state: running and interrupted come from the lock)."""
-    found: list[dict[str, Any]] = []
+    found: list[Manifest] = []
     if not runs_dir.is_dir():
         return found
     for child in runs_dir.iterdir():
         path = child / "manifest.json"
         if path.is_file():
-            with contextlib.suppress(OSError, ValueError):
-                data = json.loads(path.read_text())
-                if isinstance(data, dict) and "run_id" in data:
-                    data["state"] = RunDir(child).state(data)
-                    found.append(data)
+            with contextlib.suppress(OSError, ValueError, UsageError, RunNotFound):
+                run = RunDir(child)
+                manifest = run.read_manifest()
+                manifest["state"] = run.state(manifest)
+                found.append(manifest)
     found.sort(key=lambda m: (m.get("created_at", ""), m.get("run_id", "")))
     return found
 
