@@ -26,7 +26,7 @@ from tests.conftest import write_rows, write_spec
 
 ray = pytest.importorskip("ray")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray"), pytest.mark.timeout(300)]
 
 WINDOW_S = 10.0
 PER_WINDOW = 200  # 1,200 a minute
@@ -158,3 +158,30 @@ def test_a_429_storm_on_one_shard_pauses_every_shard(
     assert sampler.count_at(quiet_from) == sampler.count_at(quiet_to)
     # ...and they were sending before it (the pause is what stopped them).
     assert sampler.count_at(first_429) - sampler.count_at(first_429 - 1.3) >= 10
+
+
+def test_the_dollar_budget_is_one_for_the_cluster(
+    ray_cluster: None, simulator: SimulatorThread, tmp_path: Path
+) -> None:
+    """4 shards under one budget_usd: what the simulator served never costs more than it,
+    and a shard of expensive rows uses what the cheap shards left (a quarter each would
+    have stopped the run near 60 % of the budget)."""
+    rows = [{"id": f"r{i}", "text": f"q {i}"} for i in range(240)]
+    for row in rows[:60]:  # shard 0: rows of ~500 prompt tokens
+        row["text"] += " word" * 400
+    write_rows(tmp_path / "data.jsonl", rows)
+    budget = 12.0
+    spec = write_spec(
+        tmp_path,
+        f'name = "usd"\n\n[input]\npath = "data.jsonl"\nid_column = "id"\n'
+        f'prompt_column = "text"\n\n[endpoint]\nbase_url = "{simulator.base_url}"\n'
+        'timeout_s = 10\n\n[request]\nmodel = "gpt-4o-mini"\nmax_tokens = 16\n\n'
+        '[prices."gpt-4o-mini"]\ninput = 1000\noutput = 1000\n\n'  # $0.001 a token
+        f"[run]\nconcurrency = 4\nbudget_usd = {budget}\n",
+    )
+    outcome = _submit(spec, tmp_path / "runs")
+    stats = simulator.stats
+    served = (stats.prompt_tokens + stats.completion_tokens) * 0.001
+    assert served <= budget + 1e-9
+    assert served >= 0.8 * budget
+    assert outcome.state == "stopped" and "budget" in (outcome.stop_reason or "")
