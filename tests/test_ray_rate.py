@@ -185,3 +185,56 @@ def test_the_dollar_budget_is_one_for_the_cluster(
     assert served <= budget + 1e-9
     assert served >= 0.8 * budget
     assert outcome.state == "stopped" and "budget" in (outcome.stop_reason or "")
+
+
+def test_a_restarted_budget_actor_runs_at_half_rate(
+    ray_cluster: None, sim: SimulatorThread, tmp_path: Path
+) -> None:
+    """The budget actor killed mid-run: Ray restarts it, it knows it was restarted and runs
+    at half the rate (it forgot its grants of the window); the run completes, no 429."""
+    from runner.cluster.budget import actor_name
+
+    rows = [{"id": f"r{i}", "text": f"question {i}"} for i in range(200)]
+    spec = _job(tmp_path, sim, rows)
+    started: list[str] = []
+    result: list[Any] = []
+
+    def run() -> None:
+        from runner.cluster import load_driver
+        from runner.run import job
+
+        driver = load_driver()
+        prepared = job.prepare(spec, check_whole_file=True)
+        options = driver.RayOptions(shards=SHARDS, rate_window_s=WINDOW_S)
+
+        async def main() -> Any:
+            with anyio.fail_after(100):
+                return await driver.submit(
+                    prepared,
+                    tmp_path / "runs",
+                    options,
+                    handle_signals=False,
+                    on_start=lambda r: started.append(r.run_id),
+                )
+
+        result.append(anyio.run(main))
+
+    with Sampler(sim) as sampler:
+        driving = threading.Thread(target=run, daemon=True)
+        driving.start()
+        deadline = time.monotonic() + 60
+        while sim.stats.requests < 80:  # bounded: a minute at most
+            assert time.monotonic() < deadline and driving.is_alive()
+            time.sleep(0.05)
+        actor = ray.get_actor(actor_name(started[0], None))
+        ray.kill(actor, no_restart=False)
+        state = ray.get(actor.state.remote(), timeout=60)
+        back = time.monotonic()
+        driving.join(100)
+    assert state["restarted"] is True
+    (outcome,) = result
+    assert outcome.state == "completed" and outcome.progress.ok == len(rows)
+    assert sim.stats.requests == len(rows) and sim.stats.rate_limited == 0
+    # Half of 20 a second from the restart on (the lease's first second aside).
+    after = sampler.count_at(back + 4) - sampler.count_at(back + 1)
+    assert after <= 0.6 * 20 * 3

@@ -17,7 +17,8 @@ within one actor round trip (milliseconds on one machine), and a holder whose wa
 (the actor restarting) learns it at its next lease, within LEASE_S. A quota error stops
 every shard. After a restart the actor runs at half rate for a window (it forgot its grants)
 and reloads its dollar ledger from a checkpoint on the driver's node (it is pinned there),
-written at every dollar change: the budget is never passed across the cluster.
+written before any allowance is handed out (without one it grants no more dollars): the
+budget is never passed across the cluster.
 
 Keys never travel: the actor is named by the key's variable NAME, never its value.
 Must not be imported by the local runner (runner/cluster/ is the only home of ray).
@@ -94,20 +95,30 @@ class BudgetActor:
             clock=time.monotonic,
         )
         self.checkpoint = Path(checkpoint) if checkpoint else None
-        if self.restarted and self.checkpoint is not None and self.checkpoint.exists():
-            self.ledger.restore_usd(json.loads(self.checkpoint.read_text()))
+        # Restarted without its ledger, it cannot tell what shards hold: no more dollars.
+        self.frozen = self.restarted and limit_usd is not None
+        if self.restarted and self.checkpoint is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.ledger.restore_usd(json.loads(self.checkpoint.read_text()))
+                self.frozen = False
         self._changed = asyncio.Event()
 
     def _bump(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _save(self) -> None:
+    def _save(self) -> bool:
+        """Write the dollar ledger for a restart; False when it could not be written."""
         if self.checkpoint is None:
-            return
+            return True
         tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        tmp.write_text(json.dumps(self.ledger.usd_state()))
-        os.replace(tmp, self.checkpoint)
+        try:
+            self.checkpoint.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp.write_text(json.dumps(self.ledger.usd_state()))
+            os.replace(tmp, self.checkpoint)
+        except OSError:
+            return False
+        return True
 
     async def lease(self, holder: str, scope: str, asked: dict[str, int]) -> Grant:
         return self.ledger.lease(holder, scope, **asked)
@@ -137,9 +148,13 @@ class BudgetActor:
         return joined
 
     async def grant_usd(self, holder: str, attempt: int, need: float, want: float) -> float:
+        if self.frozen:
+            return 0.0
         granted = self.ledger.grant_usd(holder, attempt, need=need, want=want)
-        if granted:
-            self._save()
+        if granted and not self._save():
+            # Not handed out: a restart, reading the older checkpoint, could not know of it.
+            self.ledger.exposure[holder] -= granted
+            return 0.0
         return granted
 
     async def leave(self, holder: str, attempt: int, spent_usd: float) -> None:
@@ -176,7 +191,6 @@ def open_budget(
     """
     name = actor_name(run_id, key_env)
     folder = Path(tempfile.gettempdir()) / f"runner-ray-{os.getuid()}" / run_id
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     stamp = session or f"{time.time():.6f}"
     checkpoint = folder / f"budget-{key_env or 'no-key'}-{stamp}.json"
     limits = {
