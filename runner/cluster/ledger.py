@@ -37,7 +37,7 @@ LEASE_S = 1.0
 BURST_S = 1.0
 # A holder that leased within this many seconds counts as active (the grant cap is shared).
 ACTIVE_S = 3.0
-# A dollar allowance is at most this share of what is left, split among the active holders.
+# A dollar allowance is at most this share of what is left, split among the holders spending.
 USD_SHARE = 0.5
 # After the actor restarts it knows no grants of the last window: it runs at half rate for a
 # window, by when every grant it forgot has left the server's window.
@@ -199,6 +199,7 @@ class Ledger:
         self.limit_usd = limit_usd
         self.exposure: dict[str, float] = {k: float(v) for k, v in (spent_usd or {}).items()}
         self.attempts: dict[str, int] = {}
+        self._spending: set[str] = set()  # holders joined and not left: allowances are shared
         self.pauses = 0
 
     def _scope(self, limits: Limits, now: float) -> _Scope:
@@ -334,6 +335,7 @@ class Ledger:
             return False
         self.attempts[holder] = attempt
         self.exposure[holder] = max(self.exposure.get(holder, 0.0), float(spent_usd))
+        self._spending.add(holder)
         return True
 
     @property
@@ -350,7 +352,7 @@ class Ledger:
         room = self.limit_usd - self.committed_usd
         if need > room + 1e-12 or room <= 0:
             return 0.0
-        active = max(len(self._seen), 1)
+        active = max(len(self._spending), 1)
         give = max(need, min(want, room * USD_SHARE / active))
         give = min(give, room)
         self.exposure[holder] = self.exposure.get(holder, 0.0) + give
@@ -362,6 +364,7 @@ class Ledger:
         if attempt < self.attempts.get(holder, -1):
             return
         self.exposure[holder] = float(spent_usd)
+        self._spending.discard(holder)
 
     def usd_state(self) -> dict[str, Any]:
         """What a restarted actor needs to keep the dollar budget (see `restore_usd`)."""
