@@ -152,8 +152,8 @@ def submit(
     if ray_address is not None:
         driver = _ray_driver(ray_address)
         options = driver.RayOptions(address=_address(ray_address), shards=shards, store=store)
-        # The whole input is checked before it is cut into shards.
-        ready = job.prepare(spec, check_whole_file=True)
+        # The whole input is checked before it is cut into shards (unless --no-check).
+        ready = job.prepare(spec, check_whole_file=False if no_check else None)
         _run_session(
             lambda hooks: driver.submit(ready, runs_dir, options, **hooks), ready.spec.job.name
         )

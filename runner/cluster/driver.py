@@ -547,12 +547,14 @@ def _finish(
         and state.error is None
         and stop_reason is None
     )
-    failed = state.error is not None
+    # Bad input found by a shard stops the run (exit 2, resumable once fixed), as locally;
+    # any other error is a failure.
+    failed = state.error is not None and not isinstance(state.error, UsageError)
     manifest["state"] = "failed" if failed else "completed" if complete else "stopped"
     manifest["counts"] = counts
     manifest["cost_usd"] = None if cost is None else round(cost, 6)
     manifest["budget_spent_usd"] = spent
-    if failed:
+    if state.error is not None:
         manifest["error"] = str(state.error)
     else:
         manifest.pop("error", None)

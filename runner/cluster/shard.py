@@ -202,6 +202,7 @@ async def run_shard(
     uploaded = False
     try:
         if store is not None:
+            store.sweep()
             store.download(folder)
         lease = current_attempt(folder)
         if lease is not None and lease[0] >= task.attempt:
@@ -350,6 +351,20 @@ class _StoreShard:
         root = Path(tempfile.gettempdir()) / f"runner-ray-{os.getuid()}" / task.run_id
         self.local = root / f"{task.shard}-a{task.attempt}"
         self._sink: StoreSink | None = None
+
+    def sweep(self) -> None:
+        """Remove this node's folders of the shard's earlier attempts (what they had not
+        uploaded is the window a resume buys again), unless a process still holds one."""
+        for old in self.local.parent.glob(f"{self.task.shard}-a*"):
+            if old == self.local or not old.name.rsplit("-a", 1)[1].isdigit():
+                continue
+            stale = RunDir(old)
+            try:
+                stale.lock()
+            except (RunLocked, StorageFailed):
+                continue
+            stale.unlock()
+            shutil.rmtree(old, ignore_errors=True)
 
     def put(self, name: str, data: bytes) -> None:
         write_bytes(self.fs, f"{self.base}/{name}", data)
