@@ -193,6 +193,9 @@ def open_budget(
     folder = Path(tempfile.gettempdir()) / f"runner-ray-{os.getuid()}" / run_id
     stamp = session or f"{time.time():.6f}"
     checkpoint = folder / f"budget-{key_env or 'no-key'}-{stamp}.json"
+    for old in folder.glob(f"budget-{key_env or 'no-key'}-*.json"):
+        with contextlib.suppress(OSError):
+            old.unlink()  # an earlier session's: this one counts from the shards' journals
     limits = {
         scope: (lim.requests_per_minute, lim.tokens_per_minute)
         for scope, lim in run_limits(run).items()
