@@ -151,3 +151,15 @@ def test_dollar_state_survives_a_restart() -> None:
     again.restore_usd(ledger.usd_state())
     assert again.committed_usd == ledger.committed_usd
     assert again.grant_usd("0", 1, need=5.0, want=5.0) == 0.0
+
+
+def test_limits_learned_from_headers_pace_the_scope_never_above_a_configured_one() -> None:
+    """A scope with no limit of its own follows the limit a holder read from the server's
+    headers; a configured limit below the server's stays the one in force."""
+    clock = Clock()
+    ledger = Ledger({"": Limits(), "m": Limits(requests_per_minute=60)}, clock=clock)
+    assert ledger.lease("a", "", want_requests=500).requests == 500  # not limited yet
+    ledger.learn("", 1200, None)
+    assert ledger.lease("a", "", want_requests=500).requests <= 1200 / 60 * BURST_S
+    ledger.learn("m", 6000, None)
+    assert ledger.lease("a", "m", want_requests=500).requests <= 1

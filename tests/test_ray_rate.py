@@ -91,16 +91,21 @@ class Sampler:
         return self.samples[min(bisect.bisect_left(times, at), len(times) - 1)][1]
 
 
-def _job(tmp_path: Path, sim: SimulatorThread, rows: list[dict[str, Any]]) -> Path:
+# Not adaptive: the simulator's headers say 200 "a minute" for its 10 s window, which each
+# shard's own limiter would follow; the cluster's limit is the one tested.
+LIMITED = "requests_per_minute = 1200\nadaptive_concurrency = false\n"
+
+
+def _job(
+    tmp_path: Path, sim: SimulatorThread, rows: list[dict[str, Any]], run: str = LIMITED
+) -> Path:
     write_rows(tmp_path / "data.jsonl", rows)
     return write_spec(
         tmp_path,
         f'name = "rate"\n\n[input]\npath = "data.jsonl"\nid_column = "id"\n'
         f'prompt_column = "text"\n\n[endpoint]\nbase_url = "{sim.base_url}"\ntimeout_s = 10\n\n'
         '[request]\nmodel = "gpt-4o-mini"\nmax_tokens = 16\n\n'
-        # Not adaptive: the simulator's headers say 200 "a minute" for its 10 s window, which
-        # each shard's own limiter would follow; the cluster's limit is the one tested.
-        "[run]\nconcurrency = 16\nrequests_per_minute = 1200\nadaptive_concurrency = false\n"
+        f"[run]\nconcurrency = 16\n{run}"
         "max_attempts = 2\nbackoff_base_s = 0.01\nbackoff_max_s = 0.05\n",
     )
 
@@ -238,3 +243,22 @@ def test_a_restarted_budget_actor_runs_at_half_rate(
     # Half of 20 a second from the restart on (the lease's first second aside).
     after = sampler.count_at(back + 4) - sampler.count_at(back + 1)
     assert after <= 0.6 * 20 * 3
+
+
+def test_a_limit_learned_from_headers_is_shared_too(
+    ray_cluster: None, sim_factory: Any, tmp_path: Path
+) -> None:
+    """No limit in the spec, the server's headers say 1,200 a minute: after the first answers
+    the shards together go at ~20 a second, not each at the server's whole limit."""
+    server: SimulatorThread = sim_factory(rpm_limit=1200)
+    rows = [{"id": f"r{i}", "text": f"question {i}"} for i in range(300)]
+    spec = _job(tmp_path, server, rows, run="")
+    with Sampler(server) as sampler:
+        outcome = _submit(spec, tmp_path / "runs")
+    assert outcome.state == "completed" and outcome.progress.ok == len(rows)
+    assert server.stats.rate_limited == 0
+    first = next(at for at, requests, _ in sampler.samples if requests > 0)
+    # The first wave (16 a shard, sent before any header was read), a second's burst, then
+    # 20 a second (a second more for the samples' 50 ms steps); every shard at the server's
+    # whole limit would have sent all 300 rows by then.
+    assert sampler.count_at(first + 5) <= SHARDS * 16 + 20 + 6 * 20

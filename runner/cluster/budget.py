@@ -127,6 +127,9 @@ class BudgetActor:
         if self.ledger.rate_limited(scope, seconds):
             self._bump()
 
+    async def learn(self, scope: str, rpm: float | None, tpm: float | None) -> None:
+        self.ledger.learn(scope, rpm, tpm)
+
     async def stop(self, reason: str) -> None:
         if self.ledger.stopped is None:
             self.ledger.stop(reason)
@@ -281,6 +284,7 @@ class ClusterQuota:
         self.need_tokens = 0
         self.token_debt = 0
         self.wanted = anyio.Event()
+        self._told: tuple[int | None, int | None] = (None, None)  # limits learned, told
         self._wake: Callable[[], None] = lambda: None
 
     def attach(self, wake: Callable[[], None]) -> None:
@@ -317,6 +321,17 @@ class ClusterQuota:
 
     def refused(self, reason: str) -> None:
         self.link.tell("stop", reason)
+
+    def learned(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
+        """Limits read from the server's headers: from now on this scope leases (the actor
+        learns them too, once per change)."""
+        told = (requests_per_minute or None, tokens_per_minute or None)
+        if told == self._told:
+            return
+        self._told = told
+        self.limited = True
+        self.tokens_limited = self.tokens_limited or told[1] is not None
+        self.link.tell("learn", self.scope, told[0], told[1])
 
     def pause(self, seconds: float) -> None:
         """Hold every start for `seconds`; the rest of the lease goes back at the next ask."""
@@ -509,9 +524,8 @@ class ClusterPacing:
         """Beside the pool for the session: refill leases, hear pauses and stops."""
         try:
             async with anyio.create_task_group() as tg:
-                for quota in self.quotas.values():
-                    if quota.limited:
-                        tg.start_soon(self._refilling, quota, pool)
+                for quota in self.quotas.values():  # one without limits waits: none wanted
+                    tg.start_soon(self._refilling, quota, pool)
                 tg.start_soon(self._watching, pool)
         finally:
             if self.spender is not None:

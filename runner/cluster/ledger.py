@@ -193,6 +193,7 @@ class Ledger:
         self.factor = RESTART_FACTOR if restarted else 1.0
         self._full_at = now + window_s + LEASE_S if restarted else now
         self._scopes = {name: self._scope(lim, now) for name, lim in limits.items()}
+        self._configured = dict(limits)
         self._seen: dict[str, float] = {}
         self.epoch = 0
         self.stopped: str | None = None
@@ -293,6 +294,28 @@ class Ledger:
         tok_entry = state.tokens.take(tokens, now) if state.tokens is not None else None
         state.last[holder] = (req_entry, tok_entry)
         return Grant(requests=requests, tokens=tokens, epoch=self.epoch)
+
+    def learn(
+        self, scope: str, requests_per_minute: float | None, tokens_per_minute: float | None
+    ) -> None:
+        """A holder read the server's limits from its headers: the scope follows them (never
+        above a configured limit), as each local limiter does (runner/run/limiter.py)."""
+        now = self._now()
+        state = self._get(scope)
+        configured = self._configured.get(scope, Limits())
+        for kind, learned, limit in (
+            ("requests", requests_per_minute, configured.requests_per_minute),
+            ("tokens", tokens_per_minute, configured.tokens_per_minute),
+        ):
+            if learned is None or not learned > 0:
+                continue
+            target = float(learned) if limit is None else min(limit, float(learned))
+            rate: _Rate | None = getattr(state, kind)
+            if rate is None:
+                setattr(state, kind, _Rate(target, self.window_s, self.factor, now))
+            elif rate.per_minute != target:
+                rate.per_minute = target
+                rate.level = min(rate.level, rate.capacity)
 
     def rate_limited(self, scope: str, seconds: float) -> bool:
         """A holder met a rate limit (a 429 with Retry-After): pause every holder of the scope

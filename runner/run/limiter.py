@@ -245,6 +245,9 @@ class SharedQuota(Protocol):
     def refused(self, reason: str) -> None:
         """The provider refused for lack of quota: the others must stop too."""
 
+    def learned(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
+        """The server stated its limits (`x-ratelimit-limit-*`): the shared quota follows."""
+
 
 @dataclass(slots=True, eq=False)
 class Ticket:
@@ -542,6 +545,8 @@ class Limiter:
     def _observe(self, seen: RateHeaders, ticket: Ticket, now: float) -> bool:
         """Learn limits from headers and clamp the buckets; True if a limit was raised."""
         raised = False
+        if self._quota is not None and (seen.request_limit or seen.token_limit):
+            self._quota.learned(seen.request_limit, seen.token_limit)
         self._requests, up = _learn(self._requests, self._rpm, seen.request_limit, now)
         raised |= up
         if self._requests is not None and seen.request_remaining is not None:
