@@ -58,7 +58,7 @@ def ray_cluster(cpus: int = 2) -> Iterator[str]:
         cwd=ROOT,
     )
     try:
-        address = _first_line(process, 120).strip()
+        address = _first_line(process, 180).strip()
         assert re.fullmatch(r"127\.0\.0\.1:\d+", address), address
         yield address
     finally:

@@ -10,7 +10,9 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,9 @@ from tests.ray_support import (
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray"), pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
+# Session-scoped although only this module uses it: a worker that runs another module's test
+# between two of these (pytest-xdist) would otherwise tear it down and start a second one.
+@pytest.fixture(scope="session")
 def cluster() -> Iterator[str]:
     with ray_cluster(cpus=2) as address:
         yield address
@@ -54,6 +58,15 @@ def sim_factory() -> Iterator[Any]:
     yield start
     for sim in started:
         sim.close()
+
+
+def ended(process: subprocess.Popen[str]) -> None:
+    """A driver process gone, killed if it still runs, its pipe closed."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    if process.stderr is not None:
+        process.stderr.close()
 
 
 def only_run(runs: Path) -> RunDir:
@@ -161,9 +174,7 @@ def test_a_killed_shard_worker_is_launched_again_and_buys_only_what_was_in_fligh
         os.kill(pid, signal.SIGKILL)
         _, stderr = driver.communicate(timeout=180)
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
+        ended(driver)
     assert driver.returncode == 0, stderr
     run = only_run(tmp_path / "runs")
     once_each(run, rows)
@@ -202,11 +213,7 @@ def test_resume_after_the_driver_is_killed_finishes_every_row_once(
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        if driver.stderr is not None:
-            driver.stderr.close()
+        ended(driver)
     run = only_run(tmp_path / "runs")
     assert run.read_manifest()["state"] == "running"
     done = runner(tmp_path, "resume", run.run_id, "--runs-dir", "runs", "--ray", cluster)
@@ -235,7 +242,8 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
         fs, _ = pafs.FileSystem.from_uri(f"s3://results?{options}&allow_bucket_creation=true")
         fs.create_dir("results")
-        yield f"s3://results/runs?{options}"
+        # moto's buckets live as long as the process: a prefix of the test's own.
+        yield f"s3://results/{uuid.uuid4().hex}/runs?{options}"
     finally:
         server.stop()
 
@@ -332,9 +340,7 @@ def test_a_killed_worker_on_an_object_store_rebuys_at_most_the_unflushed_window(
         os.kill(int(pid), signal.SIGKILL)
         _, stderr = driver.communicate(timeout=180)
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
+        ended(driver)
     assert driver.returncode == 0, stderr
     run = only_run(tmp_path / "runs")
     once_each(run, rows)
