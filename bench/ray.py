@@ -249,7 +249,7 @@ def main() -> None:
     import ray
 
     runs_dir = OUT / "ray-runs"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         with sim_process({"latency_ms": 1000.0}) as (url, pid):
             shutil.rmtree(runs_dir, ignore_errors=True)

@@ -38,7 +38,7 @@ def ray_cluster() -> Iterator[None]:
     """One local Ray cluster for the module; the driver joins it (and leaves it running)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=SHARDS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=SHARDS, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
