@@ -37,6 +37,7 @@ from runner.cluster.shard import Pacing, ShardResult, ShardTask, run_shard
 from runner.cluster.shards import ShardPlan, is_ray_run, plan_shards, read_plan, write_plan
 from runner.errors import RunnerError, UsageError
 from runner.records import Progress
+from runner.report.query import summary
 from runner.run.job import Outcome, Prepared, ProgressHook, SignalHook, SimulatorStarter
 from runner.run.plan import resumed_spec, session_settings, shown
 from runner.spec import SIMULATOR, LoadedSpec, check_environment
@@ -359,11 +360,15 @@ async def _drive(
     before = _shard_manifests(run, shards)
     todo = [k for k in range(shards) if not _settled(before.get(k), retry_failed)]
     settled_before = sum(_done_before(m) for m in before.values())
+    if len(manifest["sessions"]) > 1:
+        # A crashed session left shard manifests behind their parts: count the parts.
+        found = summary(run)
+        settled_before = found["ok"] + found["skipped"] + (0 if retry_failed else found["failed"])
     total = plan.rows * per_row
     progress = Progress(rows_total=total, rows_done_before=settled_before)
     state = _Session()
     started = time.monotonic()
-    if job.endpoint.base_url == SIMULATOR:
+    if job.endpoint.base_url == SIMULATOR and todo:
         if start_simulator is None:
             raise UsageError("base_url = 'simulator' needs the CLI (or a simulator starter)")
         simulator: AbstractContextManager[str | None] = start_simulator(
@@ -373,68 +378,73 @@ async def _drive(
         simulator = nullcontext(None)
     stop_reason: str | None = None
     try:
-        with simulator as base_url, _ray_session(options):
-            board: Any = ray.remote(num_cpus=0)(_Board).remote()
-            pacing = options.pacing or open_budget(
-                run.run_id,
-                job.endpoint.api_key_env,
-                job.run,
-                spent_usd={
-                    str(k): float(m.get("budget_spent_usd") or 0.0) for k, m in before.items()
-                },
-                window_s=options.rate_window_s,
-                session=str(session["started_epoch"]),
-            )
-            remote = ray.remote(_shard_main).options(num_cpus=options.cpus_per_shard, max_retries=0)
-
-            def launch(k: int, launches: int) -> tuple[Any, _Launch]:
-                attempt = _next_attempt(run, manifest, k)
-                task = ShardTask(
-                    run_id=run.run_id,
-                    job_name=job.name,
-                    input=manifest["input"],
-                    run_path=str(run.path.resolve()),
-                    shard=k,
-                    attempt=attempt,
-                    rows=plan.ranges[k],
-                    share=plan.share(k),
-                    spec_text=spec.text,
-                    spec_path=str(spec.path),
-                    base_url=base_url,
-                    store=manifest["ray"].get("store"),
-                    retry_failed=retry_failed,
+        with simulator as base_url, _ray_session(options) if todo else nullcontext():
+            if todo:  # (a run whose shards are all settled needs no cluster)
+                board: Any = ray.remote(num_cpus=0)(_Board).remote()
+                remote = ray.remote(_shard_main).options(
+                    num_cpus=options.cpus_per_shard, max_retries=0
                 )
-                return remote.remote(task, board, pacing), _Launch(k, attempt, launches)
+                pacing = options.pacing or open_budget(
+                    run.run_id,
+                    job.endpoint.api_key_env,
+                    job.run,
+                    spent_usd={
+                        str(k): float(m.get("budget_spent_usd") or 0.0) for k, m in before.items()
+                    },
+                    window_s=options.rate_window_s,
+                    session=str(session["started_epoch"]),
+                )
 
-            pending = dict(launch(k, 1) for k in todo)
-            _write_manifest(run, manifest)  # the attempts just numbered
-            async with anyio.create_task_group() as tg:
-                if handle_signals:
-                    tg.start_soon(_watch_signals, board, pending, state, job.run.grace_s, on_signal)
-                while pending:
-                    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
-                    for ref in ready:
-                        done = pending.pop(ref)
-                        again = _collect(ref, done, state)
-                        if again and not state.stopping and state.error is None:
-                            if done.launches < MAX_LAUNCHES:
-                                new_ref, new = launch(done.shard, done.launches + 1)
-                                pending[new_ref] = new
-                                _write_manifest(run, manifest)
-                            else:
-                                stop_reason = f"shard {done.shard} lost {MAX_LAUNCHES} times"
-                    if state.error is not None and not state.stopping:
-                        state.stopping = True
-                        board.stop.remote()
-                    snapshot = await board.snapshot.remote()
-                    _sum_progress(progress, {**snapshot, **state.progress})
-                    if on_progress:
-                        on_progress(progress)
-                    if pending:
-                        await anyio.sleep(TICK_S)
-                tg.cancel_scope.cancel()
-            snapshot = await board.snapshot.remote()
-            _sum_progress(progress, {**snapshot, **state.progress})
+                def launch(k: int, launches: int) -> tuple[Any, _Launch]:
+                    attempt = _next_attempt(run, manifest, k)
+                    task = ShardTask(
+                        run_id=run.run_id,
+                        job_name=job.name,
+                        input=manifest["input"],
+                        run_path=str(run.path.resolve()),
+                        shard=k,
+                        attempt=attempt,
+                        rows=plan.ranges[k],
+                        share=plan.share(k),
+                        spec_text=spec.text,
+                        spec_path=str(spec.path),
+                        base_url=base_url,
+                        store=manifest["ray"].get("store"),
+                        retry_failed=retry_failed,
+                    )
+                    return remote.remote(task, board, pacing), _Launch(k, attempt, launches)
+
+                pending = dict(launch(k, 1) for k in todo)
+                _write_manifest(run, manifest)  # the attempts just numbered
+                async with anyio.create_task_group() as tg:
+                    if handle_signals:
+                        tg.start_soon(
+                            _watch_signals, board, pending, state, job.run.grace_s, on_signal
+                        )
+                    while pending:
+                        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+                        for ref in ready:
+                            done = pending.pop(ref)
+                            again = _collect(ref, done, state)
+                            if again and not state.stopping and state.error is None:
+                                if done.launches < MAX_LAUNCHES:
+                                    new_ref, new = launch(done.shard, done.launches + 1)
+                                    pending[new_ref] = new
+                                    _write_manifest(run, manifest)
+                                else:
+                                    stop_reason = f"shard {done.shard} lost {MAX_LAUNCHES} times"
+                        if state.error is not None and not state.stopping:
+                            state.stopping = True
+                            board.stop.remote()
+                        snapshot = await board.snapshot.remote()
+                        _sum_progress(progress, {**snapshot, **state.progress})
+                        if on_progress:
+                            on_progress(progress)
+                        if pending:
+                            await anyio.sleep(TICK_S)
+                    tg.cancel_scope.cancel()
+                snapshot = await board.snapshot.remote()
+                _sum_progress(progress, {**snapshot, **state.progress})
     except BaseException:
         stop_reason = stop_reason or "cancelled"
         raise

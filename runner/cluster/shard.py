@@ -18,14 +18,16 @@ current attempt's parts and the adopted ones only: whatever a superseded attempt
 later is ignored, and on an object store a superseded attempt stops at its next upload.
 
 Pacing hook (for a cluster-wide rate and budget actor). `run_shard(task, pacing=...)`
-takes an object with this interface (`Pacing`); `LocalPacing`, the default, gives each
-shard its share of the run's limits and budget (rows of the shard / rows of the run):
+takes an object with this interface (`Pacing`); the driver builds it in the worker from
+`RayOptions.pacing(task)`. `LocalPacing`, the default, gives each shard its share of the
+run's limits and budget (rows of the shard / rows of the run); any other Pacing is given
+the run's own limits and budget (whole, not shared out):
 
     limiters(run: RunSpec) -> Limiters | None
-        the limiters the shard's pool waits on (None: the runner's own, made from `run`,
-        whose rates and budget are already this shard's share);
+        the limiters the shard's pool waits on (None: the runner's own, made from `run`);
     budget(prices, limit_usd, spent_usd) -> Budget | None
-        the Spender (None: a local Budget of `limit_usd`, the share);
+        the Spender (None: a local Budget of `limit_usd`); `spent_usd` is what this
+        shard's earlier attempts spent (the run's total is in the shards' manifests);
     async run(pool) -> None
         runs beside the pool for the whole session (lease renewals, pauses heard from other
         shards: `pool.stop()` ends the session cleanly); cancelled when the pool is done.
@@ -174,10 +176,12 @@ def _part(value: float | None, share: float) -> float | None:
     return None if value is None else max(value * share, 1e-9)
 
 
-def shard_spec(task: ShardTask) -> LoadedSpec:
+def shard_spec(task: ShardTask, *, share: bool = True) -> LoadedSpec:
+    """The spec a shard runs with: with `share`, its share of the run's limits and budget
+    (a cluster-wide Pacing gets the run's own instead)."""
     spec = parse_spec(task.spec_text, path=Path(task.spec_path), display=task.spec_path)
     job = spec.job
-    updates: dict[str, Any] = {"run": shared(job.run, task.share)}
+    updates: dict[str, Any] = {"run": shared(job.run, task.share) if share else job.run}
     if job.endpoint.base_url == SIMULATOR and task.base_url is not None:
         updates["endpoint"] = job.endpoint.model_copy(update={"base_url": task.base_url})
     spec.job = job.model_copy(update=updates)
@@ -217,7 +221,7 @@ async def run_shard(
         if not shard.claim(task.attempt, claim):
             return ShardResult(task.shard, task.attempt, "superseded")
         settled = shard.settled(retry_failed=task.retry_failed)
-        spec = shard_spec(task)
+        spec = shard_spec(task, share=isinstance(pacing, LocalPacing))
         prepared = prepare_loaded(spec, False, rows_range=task.rows)
         background: list[Callable[[Pool], Coroutine[Any, Any, None]]] = [pacing.run]
         if report is not None:
