@@ -7,7 +7,6 @@ imported inside commands so `runner --help` starts fast. Nothing imports this mo
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
@@ -15,7 +14,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,7 +24,7 @@ from runner import screens, tuning
 from runner.errors import EXIT_INTERNAL, EXIT_STOPPED, EXIT_USAGE, RunnerError
 
 if TYPE_CHECKING:
-    from runner.run.job import Outcome
+    from runner.api import Session
     from runner.store.state import Manifest
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -108,11 +107,19 @@ def cli() -> None:
     help="With --ray: keep the shards' results on an object store (a pyarrow.fs URI such "
     "as s3://bucket/runs) instead of the runs folder.",
 )
+@click.option(
+    "--show",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="With --dry-run: also print the first N request bodies as they would be sent.",
+)
 def submit(
     spec: Path,
     runs_dir: Path,
     no_check: bool,
     dry_run: bool,
+    show: int | None,
     ray_address: str | None,
     shards: int | None,
     store: str | None,
@@ -123,13 +130,20 @@ def submit(
     once. Either way, `runner resume` continues the run later.
     """
     with tuning.collector_paused():
+        from runner import api
+        from runner.api.session import blocking
         from runner.run import job
 
+    if show is not None and not dry_run:
+        from runner.errors import UsageError
+
+        raise UsageError("--show needs --dry-run (it prints requests instead of sending them)")
     if (shards is not None or store is not None) and ray_address is None:
         raise click.UsageError("--shards and --store go with --ray")
 
     if dry_run:
-        found = job.estimate(job.prepare(spec, check_whole_file=True, need_key=False))
+        prepared = job.prepare(spec, check_whole_file=True, need_key=False)
+        found = job.estimate(prepared)
         click.echo(
             f"{spec}: {found.rows:,} rows, {found.requests:,} requests, "
             f"{found.skipped:,} skipped (empty prompt); nothing was sent"
@@ -148,18 +162,33 @@ def submit(
             for m, n, p, c, lo, hi, prov in found.models
         ]
         _emit(names, rows, "table")
+        if show is not None:
+            from runner.run.plan import sample_requests
+
+            _show_requests(sample_requests(prepared, show))
         return
     if ray_address is not None:
         driver = _ray_driver(ray_address)
         options = driver.RayOptions(address=_address(ray_address), shards=shards, store=store)
         # The whole input is checked before it is cut into shards (unless --no-check).
         ready = job.prepare(spec, check_whole_file=False if no_check else None)
-        _run_session(
-            lambda hooks: driver.submit(ready, runs_dir, options, **hooks), ready.spec.job.name
+        _ended(
+            blocking(
+                lambda hooks: driver.submit(ready, runs_dir, options, **hooks),
+                _renderer(spec.stem),
+            )
         )
         return
-    prepared = job.prepare(spec, check_whole_file=False if no_check else None, check_alongside=True)
-    _run_session(lambda hooks: job.submit(prepared, runs_dir, **hooks), prepared.spec.job.name)
+    _ended(api.submit_session(spec, runs_dir, check=not no_check, renderer=_renderer(spec.stem)))
+
+
+def _show_requests(samples: Sequence[tuple[str, str, bytes]]) -> None:
+    """Request bodies as pretty JSON, each under a line naming its row and model."""
+    import orjson
+
+    for row_id, model, body in samples:
+        click.echo(f"\n# row {row_id}, model {model}")
+        click.echo(orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2).decode())
 
 
 def _ray_driver(address: str) -> Any:
@@ -213,75 +242,48 @@ def resume(
     Without --spec, the settings are those the run last ran with (its frozen spec).
     """
     with tuning.collector_paused():
-        from runner.run import job
+        from runner import api
+        from runner.api.session import blocking
 
     if ray_address is not None:
         driver = _ray_driver(ray_address)
         options = driver.RayOptions(address=_address(ray_address))
-        _run_session(
-            lambda hooks: driver.resume(
-                run,
-                runs_dir,
-                options,
-                retry_failed=retry_failed,
-                allow_changed_input=allow_changed_input,
-                budget_usd=budget_usd,
-                spec_path=spec_path,
-                **hooks,
-            ),
-            run,
+        _ended(
+            blocking(
+                lambda hooks: driver.resume(
+                    run,
+                    runs_dir,
+                    options,
+                    retry_failed=retry_failed,
+                    allow_changed_input=allow_changed_input,
+                    budget_usd=budget_usd,
+                    spec_path=spec_path,
+                    **hooks,
+                ),
+                _renderer(run),
+            )
         )
         return
-    _run_session(
-        lambda hooks: job.resume(
-            run,
-            runs_dir,
-            retry_failed=retry_failed,
-            allow_changed_input=allow_changed_input,
-            budget_usd=budget_usd,
-            spec_path=spec_path,
-            **hooks,
-        ),
+    session = api.resume_session(
         run,
+        runs_dir,
+        retry_failed=retry_failed,
+        allow_changed_input=allow_changed_input,
+        budget_usd=budget_usd,
+        spec=spec_path,
+        renderer=_renderer(run),
     )
+    _ended(session)
 
 
-def _run_session(start: Callable[[dict[str, Any]], Any], label: str) -> None:
-    import anyio
-
-    renderer = screens.ProgressRenderer(label)
-    hooks: dict[str, Any] = {
-        "on_start": renderer.start,
-        "on_progress": renderer.update,
-        "on_signal": renderer.signalled,
-        "start_simulator": _simulator_starter,
-    }
-
-    async def main() -> Outcome:
-        result: Outcome = await start(hooks)
-        return result
-
-    tuning.tune_gc()
-    try:
-        outcome = anyio.run(main)
-    finally:
-        renderer.close()
-    screens.print_outcome(outcome)
-    sys.exit(outcome.exit_code)
+def _renderer(label: str) -> screens.ProgressRenderer:
+    return screens.ProgressRenderer(label)
 
 
-@contextlib.contextmanager
-def _simulator_starter(switches: dict[str, Any]) -> Iterator[str]:
-    from runner.errors import SpecError
-    from runner.sim.server import SimulatorConfig, SimulatorThread
-
-    names = {f.name for f in dataclasses.fields(SimulatorConfig)}
-    unknown = sorted(set(switches) - names)
-    if unknown:
-        raise SpecError("job spec", f"endpoint.simulator.{unknown[0]}", "unknown simulator switch")
-    config = SimulatorConfig(**switches)
-    with SimulatorThread(config) as sim:
-        yield sim.base_url
+def _ended(session: Session) -> None:
+    """The summary of a session (runner/api.py ran it), and its exit code."""
+    screens.print_outcome(session.outcome)
+    sys.exit(session.outcome.exit_code)
 
 
 # -- inspecting runs -----------------------------------------------------------------------
@@ -492,7 +494,10 @@ def _plain(value: Any) -> str:
 @_format_option
 @_prices_option
 def query(run: str, sql: str, runs_dir: Path, fmt: str, prices_file: Path | None) -> None:
-    """Run one SELECT over RUN's views: results, attempts, costed, prices, input.
+    """Run one SELECT over RUN's views: results, attempts, costed, prices, input, parsed.
+
+    `parsed` has row_id, model and one typed column per top-level property of the run's
+    JSON Schema: the answer's fields, NULL where a row has no valid answer.
 
     A read-only sandbox: the SQL reads the run's own files only (no other file, no URL, no
     extension) and writes nothing; COPY, ATTACH, SET, PRAGMA, INSTALL and the like are
@@ -511,17 +516,108 @@ def query(run: str, sql: str, runs_dir: Path, fmt: str, prices_file: Path | None
 @click.argument("out", type=click.Path(path_type=Path))
 @_runs_dir_option
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(run: str, out: Path, runs_dir: Path, overwrite: bool) -> None:
+@click.option(
+    "--fields",
+    is_flag=True,
+    help="The answers' fields as typed columns, one per top-level property of the run's JSON "
+    "Schema (NULL where a row has no valid answer), instead of the answer text.",
+)
+def export(run: str, out: Path, runs_dir: Path, overwrite: bool, fields: bool) -> None:
     """Write RUN's input columns plus answers, in input order, to OUT (.parquet/.jsonl/.csv).
 
     OUT must not exist unless --overwrite is given; the run's input file and the run's own
-    folder are never written.
+    folder are never written. With --fields, the run needs a JSON Schema ([output] schema
+    or request.response_format); nested fields are JSON text in CSV.
     """
     from runner.report import query as reports
     from runner.store.state import resolve_run
 
-    count = reports.export(resolve_run(run, runs_dir), out, overwrite=overwrite)
+    count = reports.export(resolve_run(run, runs_dir), out, overwrite=overwrite, fields=fields)
     click.echo(f"wrote {count:,} rows to {out}", err=True)
+
+
+@cli.command()
+@click.argument("run")
+@click.argument("row_id")
+@_runs_dir_option
+@click.option("--raw", is_flag=True, help="Print the request body as the bytes sent, not indented.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
+def show(run: str, row_id: str, runs_dir: Path, raw: bool, as_json: bool) -> None:
+    """Show what was sent for ROW_ID of RUN and what came back, for each model.
+
+    The request body is rebuilt from the run's input and frozen spec (nothing extra is
+    stored per row) and checked against the hash the run journaled; then the answer, its
+    validation error, every attempt (re-asks and retries) and what they cost. ROW_ID is the
+    id column's value, or the row number from 0 without an id column.
+    """
+    from runner.run.show import show_row
+    from runner.store.state import resolve_run
+
+    target = resolve_run(run, runs_dir)
+    found = show_row(target, row_id)
+    if as_json:
+        click.echo(json.dumps([r.as_dict(target.run_id) for r in found], indent=2, default=str))
+        return
+    for i, row in enumerate(found):
+        click.echo(("\n" if i else "") + _row_screen(target.run_id, row, raw=raw))
+
+
+_ATTEMPT_COLUMNS = (
+    "status",
+    "final",
+    "attempts",
+    "http_status",
+    "finish_reason",
+    "error_type",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+)
+
+
+def _row_screen(run_id: str, row: Any, *, raw: bool) -> str:
+    """`runner show` for one row x model: the request, the answer, the attempts."""
+    import orjson
+
+    lines = [f"run {run_id}  row {row.row_id}  model {row.model}"]
+    if row.body is None:
+        lines.append(f"not sent: {row.skipped}")
+        return "\n".join(lines)
+    where = {
+        True: "as sent",
+        False: "as it would be sent now: the run sent another body (the input changed)",
+        None: "as it would be sent: not sent yet",
+    }[row.sent]
+    lines.append(f"request ({where}; request_hash {row.request_hash}):")
+    body = row.body if raw else orjson.dumps(orjson.loads(row.body), option=orjson.OPT_INDENT_2)
+    lines.append(body.decode())
+    final = row.final
+    if final is None:
+        lines.append("answer: none yet")
+    else:
+        cost = screens.money(row.cost_usd) if row.cost_usd is not None else "unknown"
+        lines.append(
+            f"answer: {final.get('status')}, finish_reason {final.get('finish_reason')}, "
+            f"{len(row.attempts)} journaled attempt(s), cost {cost}"
+        )
+        if final.get("reused"):
+            lines.append(
+                f"answered by row {final.get('reused_from')}'s identical request "
+                "(nothing sent for this row, nothing paid)"
+            )
+        for key in ("validation_error", "error_type", "error_message", "refusal"):
+            if final.get(key):
+                lines.append(f"{key.replace('_', ' ')}: {final[key]}")
+        for key in ("content", "tool_calls"):
+            if final.get(key) is not None:
+                lines += [f"{key}:", str(final[key])]
+    if row.attempts:
+        names = list(_ATTEMPT_COLUMNS)
+        if any(a.get("validation_error") for a in row.attempts):
+            names.insert(names.index("error_type"), "validation_error")
+        rows = [[a.get(c) for c in names] for a in row.attempts]
+        lines += ["attempts:", screens.table(names, rows, None)]
+    return "\n".join(lines)
 
 
 # -- the simulator -------------------------------------------------------------------------

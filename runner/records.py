@@ -127,7 +127,7 @@ class ResultRecord:
     row_index: int
     model: str
     request_hash: str
-    status: str  # "ok" | "failed" | "retry"
+    status: str  # "ok" | "failed" | "skipped" | "invalid" (an answer failing the schema)
     final: bool
     attempts: int
     started_at: float  # epoch seconds
@@ -160,6 +160,21 @@ class ResultRecord:
     # usage, or possibly billed without an answer): its worst case, so that a resume after
     # a crash counts it again (state.Settled.usage). None when its tokens or cost tell.
     charged_usd: float | None = None
+    # Why the answer failed the job's JSON Schema ([output]): on a re-asked attempt
+    # (final=False) and on a row whose re-asks ran out (status "invalid"). None otherwise.
+    validation_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reasked:
+    """A row's invalid answers journaled by an earlier session, for a resume to go on from:
+    how many were re-asked, the row's attempts so far, and the latest one (for feedback)."""
+
+    used: int
+    attempts: int
+    content: str | None
+    tool_calls: str | None
+    validation_error: str
 
 
 @dataclass(slots=True)
@@ -171,6 +186,8 @@ class Progress:
     ok: int = 0
     failed: int = 0
     skipped: int = 0  # rows not sent at all (null or empty prompt)
+    invalid: int = 0  # rows whose answers failed the schema until re-asks ran out
+    reasked: int = 0  # answers that failed the schema and were asked again (all paid)
     reused: int = 0  # ok rows answered from an identical request (included in ok)
     retrying: int = 0  # items currently waiting for another attempt
     in_flight: int = 0
@@ -183,7 +200,7 @@ class Progress:
 
     @property
     def done(self) -> int:
-        return self.ok + self.failed
+        return self.ok + self.failed + self.invalid
 
     def snapshot(self) -> Progress:
         return Progress(
@@ -192,6 +209,8 @@ class Progress:
             ok=self.ok,
             failed=self.failed,
             skipped=self.skipped,
+            invalid=self.invalid,
+            reasked=self.reasked,
             reused=self.reused,
             retrying=self.retrying,
             in_flight=self.in_flight,

@@ -1,10 +1,11 @@
 """What a person sees of a run: the progress lines, the summary, aligned tables, and money
 and numbers written for people (never `1.3e-05`).
 
-Used by cli.py only; the home of tqdm (imported when a bar is first drawn, so `runner
---help` stays fast). Writes to stderr itself: it must not import click. Why not rich: the
-tables are small and fixed, rich would be a new dependency, and importing rich's console,
-table and progress took ~105 ms (tqdm ~73 ms, `python -X importtime`).
+Used by cli.py and the Python API (runner/api.py); the home of tqdm (imported when a bar is
+first drawn, so `runner --help` stays fast). Writes to stderr itself: it must not import
+click. Why not rich: the tables are small and fixed, rich would be a new dependency, and
+importing rich's console, table and progress took ~105 ms (tqdm ~73 ms, `python -X
+importtime`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from runner.records import Progress
@@ -67,6 +68,8 @@ class ProgressRenderer:
         elapsed = max(time.monotonic() - progress.started, 1e-9)
         fields = [f"ok {progress.rows_done_before + progress.ok:,}"]
         fields.append(f"failed {progress.failed:,}")
+        if progress.invalid or progress.reasked:
+            fields.append(f"invalid {progress.invalid:,}  re-asked {progress.reasked:,}")
         cost = _cost_total(self.cost_before, progress.cost_usd)
         if cost is not None:
             settled = progress.rows_done_before + progress.done + progress.skipped
@@ -157,6 +160,61 @@ class ProgressRenderer:
             self.drawn = False
 
 
+class NotebookRenderer(ProgressRenderer):
+    """In a notebook (Jupyter, VS Code): one `tqdm.auto` bar, a widget when ipywidgets is
+    installed, with the counters after it; the escape codes of the terminal's two lines
+    would show as text there. Drawn at most every `every_s` seconds: a widget redrawn four
+    times a second slows the notebook's front end, and a notebook is no terminal to watch."""
+
+    def __init__(self, label: str, *, file: IO[str] | None = None, every_s: float = 1.0) -> None:
+        super().__init__(label)
+        self.file = file
+        self.every_s = every_s
+        self.bar: Any = None
+        self.last_drawn = 0.0
+
+    def start(self, run: RunDir) -> None:
+        from tqdm.auto import tqdm
+
+        super().start(run)
+        self.bar = tqdm(
+            total=None,
+            desc=run.run_id,
+            unit=f" {self.unit}",
+            file=self.file,
+            dynamic_ncols=True,
+            mininterval=0,
+            leave=True,
+        )
+
+    def update(self, progress: Progress) -> None:
+        self.last = progress
+        now = time.monotonic()
+        if self.bar is not None and now - self.last_drawn >= self.every_s:
+            self.last_drawn = now
+            self._draw(progress)
+
+    def _draw(self, progress: Progress, above: str = "") -> None:
+        bar = self.bar
+        if above:
+            bar.write(above, file=self.file)
+        done = progress.rows_done_before + progress.done + progress.skipped
+        if progress.rows_total is not None and bar.total != progress.rows_total:
+            bar.reset(total=progress.rows_total)  # known once the input check is done
+        bar.n = done if progress.rows_total is None else min(done, progress.rows_total)
+        bar.set_postfix_str(self.status(progress, 1000).strip(), refresh=False)
+        bar.refresh()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.bar is not None:
+            if self.last is not None:
+                self._draw(self.last)
+            self.bar.close()
+            self.bar = None
+            self.drawn = False
+
+
 def spec_models(run: RunDir, manifest: Manifest) -> list[str]:
     """The models of the spec a run last ran with (read from its frozen copy)."""
     import tomllib
@@ -188,14 +246,18 @@ def print_outcome(outcome: Outcome) -> None:
     lines.append(input_line(rows, models))
     unit = "answers" if per_row > 1 else "rows"
     before = f"; {outcome.settled_before:,} settled before" if outcome.settled_before else ""
+    invalid = f", {p.invalid:,} invalid" if p.invalid else ""
     lines.append(
-        f"  {unit:<9} {p.ok:,} ok, {p.failed:,} failed, {p.skipped:,} skipped this session{before}"
+        f"  {unit:<9} {p.ok:,} ok, {p.failed:,} failed{invalid}, {p.skipped:,} skipped "
+        f"this session{before}"
     )
+    if p.reasked:
+        lines.append(f"  re-asked  {p.reasked:,} answers that failed the schema (paid, counted)")
     rate = p.requests / outcome.wall_s if outcome.wall_s > 0 else 0.0
     lines.append(f"  requests  {p.requests:,} (retries included), {rate:,.1f} per second")
     lines.append(f"  tokens    {p.prompt_tokens:,} prompt, {p.completion_tokens:,} completion")
     lines.append("  cost      " + _cost_line(outcome))
-    if p.failed:
+    if p.failed or p.invalid:
         lines.extend(_top_errors(run, terminal_width() - 1 if sys.stderr.isatty() else None))
     lines.append(f"  results   {run.path / 'shards' if outcome.on_ray else run.parts_dir}")
     lines.append(f"  next      runner report {run.run_id}")
@@ -219,8 +281,11 @@ def _top_errors(run: RunDir, width: int | None, top: int = 3) -> list[str]:
     try:
         with RunDB(run, with_input=False) as db:
             _, found = db.query(
-                "SELECT count(*), http_status, error_type, error_message FROM results "
-                "WHERE status = 'failed' GROUP BY ALL ORDER BY 1 DESC, 3, 4 "
+                "SELECT count(*), http_status, "
+                "CASE WHEN status = 'invalid' THEN 'invalid' ELSE error_type END, "
+                "CASE WHEN status = 'invalid' THEN 'invalid: ' || validation_error "
+                "ELSE error_message END FROM results "
+                "WHERE status IN ('failed', 'invalid') GROUP BY ALL ORDER BY 1 DESC, 3, 4 "
                 f"LIMIT {top + 1}"
             )
     except Exception:  # a summary line must not turn the end of a run into exit 4
@@ -367,6 +432,7 @@ def number(value: float) -> str:
 
 
 __all__ = [
+    "NotebookRenderer",
     "ProgressRenderer",
     "input_line",
     "money",

@@ -357,6 +357,31 @@ class RunSpec(_Strict):
     auth_failures_to_stop: Annotated[int, _between(1, 1000)] = 3
 
 
+class OutputSpec(_Strict):
+    """How answers are checked (`[output]`): a JSON Schema, and re-asks of invalid answers."""
+
+    # Attribute `schema_file`: `schema` would shadow a pydantic BaseModel method.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=False, defer_build=True, populate_by_name=False
+    )
+
+    # A JSON Schema file, relative to the spec; else request.response_format's json_schema.
+    schema_file: str | None = Field(default=None, alias="schema")
+    # Tolerate one fenced ```json block and prose around the JSON.
+    lenient: bool = False
+    # Re-asks of an invalid answer after the first (0: keep the first answer, valid or not).
+    max_invalid_attempts: Annotated[int, _between(0, 20)] = 2
+    # resend: the same request again; feedback: the answer and its error as a follow-up.
+    repair: Literal["resend", "feedback"] = "resend"
+
+    @field_validator("schema_file")
+    @classmethod
+    def _schema_path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or _CONTROL_RE.search(value)):
+            raise ValueError("must be the path of a JSON Schema file, relative to the spec")
+        return value
+
+
 class JobSpec(_Strict):
     name: str
     input: InputSpec
@@ -364,6 +389,7 @@ class JobSpec(_Strict):
     # Optional only for format = "openai-batch", whose lines carry their own bodies.
     request: RequestSpec | None = None
     run: RunSpec = Field(default_factory=RunSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
     # USD per million tokens by model; validated by runner.report.pricing.parse_price_table.
     prices: dict[str, Any] = Field(default_factory=dict)
 
@@ -398,6 +424,12 @@ class LoadedSpec:
         """endpoint.ca_bundle, resolved against the spec's folder."""
         ca = self.job.endpoint.ca_bundle
         return None if ca is None else (self.path.parent / Path(ca).expanduser()).resolve()
+
+    @property
+    def schema_path(self) -> Path | None:
+        """output.schema, resolved against the spec's folder."""
+        name = self.job.output.schema_file
+        return None if name is None else (self.path.parent / Path(name).expanduser()).resolve()
 
 
 def read_text(path: Path, shown: str, what: str) -> str:
@@ -454,6 +486,8 @@ def input_spec_of(text: str, path: str) -> InputSpec | None:
 RESUME_MAY_CHANGE = frozenset({"endpoint", "run", "prices"})
 # [input] keys that change nothing that is sent (the path is compared resolved).
 _INPUT_FREE = frozenset({"path", "check_whole_file"})
+# The schema file is compared by content, not by path (runner/output/schema.py freezes it).
+_OUTPUT_FREE = frozenset({"schema_file"})
 
 
 def sent_fields_changed(old: LoadedSpec, new: LoadedSpec) -> str | None:
@@ -469,6 +503,14 @@ def sent_fields_changed(old: LoadedSpec, new: LoadedSpec) -> str | None:
             for key in a["input"]:
                 if key not in _INPUT_FREE and not _same(a["input"][key], b["input"].get(key)):
                     return f"input.{key}"
+            continue
+        if section == "output":
+            for key in a["output"]:
+                x, y = a["output"][key], b["output"].get(key)
+                if key in _OUTPUT_FREE and (x is None) == (y is None):
+                    continue
+                if not _same(x, y):
+                    return "output.schema" if key == "schema_file" else f"output.{key}"
             continue
         if _same(a[section], b[section]):
             continue
@@ -570,5 +612,6 @@ def _did_you_mean(loc: list[str]) -> str:
         )
     if model is None:
         return ""
-    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    names = [info.alias or name for name, info in model.model_fields.items()]
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -3,6 +3,7 @@
 articles.parquet  300 short news-style articles: id, title, category, text
 articles.jsonl    the same rows as JSON lines
 questions.jsonl   200 support questions with a chat `messages` list: id, messages
+tickets.jsonl     120 customer-support tickets to extract fields from: id, channel, text
 """
 
 from __future__ import annotations
@@ -134,6 +135,36 @@ def questions(count: int, rng: random.Random) -> list[dict[str, object]]:
     return rows
 
 
+CUSTOMERS = ["Ada Lovelace", "Grace Hopper", "Alan Turing", "Katherine Johnson", "Linus Pauling",
+             "Marie Curie", "Niels Bohr", "Rosalind Franklin", "Claude Shannon", "Hedy Lamarr"]
+PRODUCTS = ["the Model S kettle", "a 27-inch monitor", "the annual Pro plan", "a pair of trail shoes",
+            "the smart thermostat", "a standing desk", "the family photo book"]
+PROBLEMS = [
+    ("my parcel is {days} days late and tracking has not moved", "shipping"),
+    ("I was charged twice for {product}, {total} EUR each time", "billing"),
+    ("{product} stops working after a few minutes", "technical"),
+    ("I cannot log in since I changed my email address", "account"),
+    ("I would like to return {product}; it arrived damaged", "shipping"),
+    ("the invoice for {product} shows the wrong VAT number", "billing"),
+]
+MOODS = ["Thanks in advance.", "This is really frustrating.", "Please help as soon as possible!",
+         "Otherwise I am very happy with your service.", "I am considering cancelling."]  # fmt: skip
+
+
+def tickets(count: int, rng: random.Random) -> list[dict[str, object]]:
+    rows = []
+    for i in range(1, count + 1):
+        product = rng.choice(PRODUCTS)
+        problem, _ = rng.choice(PROBLEMS)
+        problem = problem.format(
+            days=rng.randint(3, 21), product=product, total=f"{rng.randint(10, 900)}.{rng.randint(0, 99):02d}"
+        )
+        account = f" My account is #{rng.randint(10000, 99999)}." if rng.random() < 0.6 else ""
+        text = f"Hello, this is {rng.choice(CUSTOMERS)}. {problem[0].upper()}{problem[1:]}.{account} {rng.choice(MOODS)}"
+        rows.append({"id": f"t-{i:04d}", "channel": rng.choice(["email", "chat", "phone"]), "text": text})
+    return rows
+
+
 def main() -> None:
     rng = random.Random(20261124)
     rows = articles(300, rng)
@@ -143,6 +174,9 @@ def main() -> None:
             handle.write(json.dumps(row) + "\n")
     with (HERE / "questions.jsonl").open("w") as handle:
         for row in questions(200, rng):
+            handle.write(json.dumps(row) + "\n")
+    with (HERE / "tickets.jsonl").open("w") as handle:
+        for row in tickets(120, random.Random(20261130)):
             handle.write(json.dumps(row) + "\n")
 
 

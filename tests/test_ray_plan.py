@@ -5,8 +5,11 @@ importing ray, and a clear exit 2 when --ray is asked for without ray installed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from runner.input.source import InputFile
 from runner.report.query import RunDB
 from runner.sim.server import SimulatorThread
 from runner.spec import InputSpec
-from runner.store.state import Manifest, RunDir, input_fingerprint, shard_parts
+from runner.store.state import Manifest, RunDir, Session, input_fingerprint, shard_parts
 from tests.conftest import spec_text, write_rows
 
 ROWS = [
@@ -184,3 +187,47 @@ async def test_a_stale_attempt_writes_nothing_that_counts(
         _, found = db.query("SELECT count(*), count(*) FILTER (content = 'zombie') FROM attempts")
     assert found == [(20, 0)]
     assert simulator.stats.requests == 20
+
+
+def _work_folders(run_id: str) -> list[Path]:
+    """Shard folders of a run left on this node's local disk."""
+    return list(Path(tempfile.gettempdir()).glob(f"runner-ray-{os.getuid()}/{run_id}/*"))
+
+
+@pytest.mark.anyio
+async def test_a_shard_on_a_store_uploads_its_parts_and_readers_mirror_them(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    """A shard whose run keeps results on a store (here a file:// URI, the same pyarrow.fs
+    calls as S3) works in a local folder, uploads its claim, manifest and parts, and leaves
+    nothing behind; a reader of the run mirrors them and sees every row once."""
+    run, plan, text = _ray_run(tmp_path, 30)
+    store = f"file://{tmp_path / 'store' / run.run_id}"
+    (run.path / "store.json").write_text(json.dumps({"uri": store}))
+    for shard in range(len(plan.ranges)):
+        task = _task(run, plan, text, shard, 1, simulator.base_url)
+        result = await run_shard(replace(task, store=store, flush_s=0.05))
+        assert result.state == "completed"
+    remote = tmp_path / "store" / run.run_id / "shards"
+    assert sorted(p.name for p in (remote / "0").iterdir()) == [
+        "attempt-000001.json",
+        "manifest.json",
+        "parts",
+    ]
+    assert list((remote / "1" / "parts").glob("part-*.parquet"))
+    assert not (run.path / "shards").exists()
+    assert not _work_folders(run.run_id)
+    with RunDB(run, with_input=False) as db:
+        _, found = db.query("SELECT count(*), count(DISTINCT row_index) FROM results")
+    assert found == [(30, 30)]
+    assert (run.path / "shards" / "1" / "manifest.json").exists()  # the mirror
+    assert simulator.stats.requests == 30
+    driver = pytest.importorskip("runner.cluster.driver")
+    manifest = run.read_manifest()
+    manifest["ray"]["store"] = store
+    session: Session = {"started_at": "", "started_epoch": 0.0, "pid": 0, "settings": {}}
+    state = driver._finish(run, manifest, session, plan, 1, driver._Session(), None)
+    assert state == "completed"
+    summed = json.loads((tmp_path / "store" / run.run_id / "manifest.json").read_text())
+    assert summed["counts"] == {"total": 30, "ok": 30, "failed": 0, "skipped": 0, "requests": 30}
+    assert driver.store_of("s3://b/runs?scheme=http", "r") == "s3://b/runs/r?scheme=http"

@@ -36,6 +36,7 @@ from runner.cluster.budget import open_budget
 from runner.cluster.shard import Pacing, ShardResult, ShardTask, run_shard
 from runner.cluster.shards import ShardPlan, is_ray_run, plan_shards, read_plan, write_plan
 from runner.errors import RunnerError, UsageError
+from runner.output.schema import freeze, frozen_text
 from runner.records import Progress
 from runner.report.query import summary
 from runner.run.job import Outcome, Prepared, ProgressHook, SignalHook, SimulatorStarter
@@ -167,6 +168,9 @@ async def submit(
             "sessions": [],
             "ray": {"shards": len(plan.ranges), "attempts": {}},
         }
+        schema_hash = freeze(prepared.output, run.path)
+        if schema_hash is not None:
+            manifest["output_schema_sha256"] = schema_hash
         body = write_plan(run, plan)
         if store_uri is not None:
             uri = store_of(store_uri, run.run_id)
@@ -377,6 +381,13 @@ async def _drive(
     else:
         simulator = nullcontext(None)
     stop_reason: str | None = None
+    schema_text = frozen_text(
+        run.path,
+        manifest.get("output_schema_sha256"),
+        spec,
+        given=False,
+        run_id=run.run_id,
+    )
     try:
         with simulator as base_url, _ray_session(options) if todo else nullcontext():
             if todo:  # (a run whose shards are all settled needs no cluster)
@@ -407,6 +418,7 @@ async def _drive(
                         rows=plan.ranges[k],
                         share=plan.share(k),
                         spec_text=spec.text,
+                        schema_text=schema_text,
                         spec_path=str(spec.path),
                         base_url=base_url,
                         store=manifest["ray"].get("store"),

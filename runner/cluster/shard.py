@@ -96,6 +96,7 @@ class ShardTask:
     share: float  # the shard's rows over the run's: its part of the limits and budget
     spec_text: str  # the frozen spec this session runs with (it never holds a secret)
     spec_path: str  # where it came from (the input path resolves against it)
+    schema_text: str | None = None  # the run's frozen [output] schema file, if any
     base_url: str | None = None  # the simulator the driver started, for base_url = simulator
     store: str | None = None  # the object store URI of the run (None: all under run_path)
     retry_failed: bool = False
@@ -222,7 +223,7 @@ async def run_shard(
             return ShardResult(task.shard, task.attempt, "superseded")
         settled = shard.settled(retry_failed=task.retry_failed)
         spec = shard_spec(task, share=isinstance(pacing, LocalPacing))
-        prepared = prepare_loaded(spec, False, rows_range=task.rows)
+        prepared = prepare_loaded(spec, False, rows_range=task.rows, schema_text=task.schema_text)
         background: list[Callable[[Pool], Coroutine[Any, Any, None]]] = [pacing.run]
         if report is not None:
             background.append(_reporting(report))

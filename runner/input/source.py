@@ -23,6 +23,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from runner.errors import InputError
+from runner.input.tokens import estimate_prompt_tokens as estimate_prompt_tokens  # re-exported
+from runner.input.tokens import estimate_request_tokens, fixed_tokens
 from runner.records import WorkItem, hash_key
 from runner.spec import InputSpec, JobSpec
 
@@ -395,21 +397,6 @@ def _needed_columns(spec: InputSpec) -> list[str]:
 # -- requests --------------------------------------------------------------------------------
 
 
-def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """UTF-8 bytes / 4 plus a few per message: within ~0.9-1.3x of real counts."""
-    total = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            total += len(content.encode()) // 4
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    total += len(part["text"].encode()) // 4
-        total += 4
-    return max(total, 1)
-
-
 def canonical(body: dict[str, Any]) -> tuple[bytes, str]:
     """The request body as sent (sorted keys) and its hash: equal requests, equal hashes."""
     data = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
@@ -425,6 +412,8 @@ class RequestBuilder:
         self.models = job.request.models if job.request else []
         self.fields = job.request.body_fields() if job.request else {}
         self.cap = job.request.answer_cap if job.request else None
+        # Tool definitions and the response schema: the same tokens in every request.
+        self.fixed_tokens = fixed_tokens(self.fields)
         self.shown = source.shown
         self.batch = source.format == "openai-batch"
         self._prompt: Callable[[Row], list[dict[str, Any]] | None] = self._pick_prompt()
@@ -439,7 +428,7 @@ class RequestBuilder:
             for model in self.models:
                 yield Skip(row.index, row_id, model, "empty_prompt", "empty prompt", False)
             return
-        est = estimate_prompt_tokens(messages)
+        est = estimate_prompt_tokens(messages) + self.fixed_tokens
         limit = self.spec.max_prompt_tokens
         for model in self.models:
             if limit is not None and est > limit:
@@ -554,7 +543,7 @@ class RequestBuilder:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return Skip(row.index, custom_id, model, "empty_prompt", "empty messages", False)
-        est = estimate_prompt_tokens(messages)
+        est = estimate_request_tokens(body)
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
         data, digest = canonical(body)
         return WorkItem(

@@ -12,6 +12,9 @@ Views:  attempts  every journaled attempt (retries included)
                   price-table, free, unpriced, unknown-usage, none)
         prices    the price table in force (model, rates per million tokens, provenance)
         input     the run's input file, with its 0-based `row_index`
+        parsed    row_id, model and one typed column per top-level property of the run's
+                  JSON Schema: the answer's fields, NULL where the row has no valid answer
+                  (built on demand, in Python: report/parsed.py)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import pyarrow as pa
 
 from runner.errors import InputError, UsageError
 from runner.input.source import InputFile, detect_format
+from runner.report.parsed import Fields, parsed_table, run_fields
 from runner.report.pricing import (
     COST_SQL,
     PriceRow,
@@ -93,6 +97,7 @@ class RunDB:
         with_input: bool = True,
         prices: Sequence[PriceRow] = (),
         sandboxed: bool = False,
+        with_parsed: bool = False,
     ) -> None:
         self.run = run
         self.manifest = run.read_manifest()
@@ -116,7 +121,11 @@ class RunDB:
         self.con.register("journal_records", self._journal)
         if files:
             listed = ", ".join(_sql_str(f) for f in files)
-            source = f"SELECT * FROM read_parquet([{listed}]) UNION ALL BY NAME "
+            # By name: parts written before a column existed (charged_usd, validation_error)
+            # have it NULL, whichever part comes first.
+            source = (
+                f"SELECT * FROM read_parquet([{listed}], union_by_name = true) UNION ALL BY NAME "
+            )
         else:
             source = ""
         try:
@@ -131,6 +140,10 @@ class RunDB:
         self.input_path: Path | None = None
         if with_input:
             self._input_view()
+        self.fields: Fields | None = None
+        self.parsed_error: str | None = None  # why there is no `parsed` view
+        if with_parsed:
+            self._parsed_view()
         self.con.execute(
             "CREATE TABLE prices (model VARCHAR, input_per_mtok DOUBLE, "
             "cached_input_per_mtok DOUBLE, output_per_mtok DOUBLE, provenance VARCHAR)"
@@ -217,6 +230,21 @@ class RunDB:
         # Python variables of the caller's frames are not tables here.
         self.con.execute("SET python_enable_replacements = false")
         self.con.execute("SET lock_configuration = true")
+
+    def _parsed_view(self) -> None:
+        """`parsed`: the answers' fields as typed columns, from a table made in Python (the
+        answers are checked against the run's schema as they were when they came in)."""
+        try:
+            self.fields = run_fields(self.run, self.manifest)
+        except UsageError as exc:
+            # No view; the reason is for whoever asks for it (a query that only mentions
+            # the word, in a string say, runs as if it had not).
+            self.parsed_error = str(exc)
+            return
+        answers = self.arrow("SELECT row_id, model, status, content FROM results")
+        self._parsed = parsed_table(answers, self.fields)
+        self.con.register("parsed_rows", self._parsed)
+        self.con.execute("CREATE VIEW parsed AS SELECT * FROM parsed_rows")
 
     def _input_view(self) -> None:
         info = self.manifest.get("input", {})
@@ -319,8 +347,10 @@ def summary(run: RunDir) -> dict[str, Any]:
     with RunDB(run, with_input=False) as db:
         names, rows = db.query(
             "SELECT count(*) FILTER (status = 'ok') AS ok, "
-            "count(*) FILTER (status = 'failed') AS failed, "
+            # Rows `invalid` (answers that failed the [output] schema) are rows failed too.
+            "count(*) FILTER (status IN ('failed', 'invalid')) AS failed, "
             "count(*) FILTER (status = 'skipped') AS skipped, "
+            "count(*) FILTER (status = 'invalid') AS invalid, "
             "sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, "
             "sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens, "
             "sum(total_tokens) AS total_tokens FROM results"
@@ -336,6 +366,26 @@ def summary(run: RunDir) -> dict[str, Any]:
     result["state"] = manifest.get("state")
     result["run_id"] = run.run_id
     return result
+
+
+def row_attempts(run: RunDir, row_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One row's story, for all models: every journaled attempt, oldest first, each with its
+    cost (cost_usd: NULL for an unpriced model or an attempt without usage), and its rows of
+    `results` (a reused row's answer filled in from the row that bought it)."""
+    prices = price_rows(run)
+    with RunDB(run, with_input=False, prices=prices) as db:
+        attempts = db.query(
+            f"SELECT * FROM ({_costed_sql('attempts')}) WHERE row_id = ? "
+            "ORDER BY model, finished_at, attempts",
+            [row_id],
+        )
+        results = db.query("SELECT * FROM results WHERE row_id = ? ORDER BY model", [row_id])
+    return _dicts(attempts), _dicts(results)
+
+
+def _dicts(found: tuple[list[str], list[tuple[Any, ...]]]) -> list[dict[str, Any]]:
+    names, rows = found
+    return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 def _top_errors(db: RunDB, limit: int) -> list[dict[str, Any]]:
@@ -441,21 +491,22 @@ def _overview(db: RunDB) -> list[Section]:
     (row,) = db.query(
         "SELECT count(*) FILTER (status = 'ok'), count(*) FILTER (status = 'failed'), "
         "count(*) FILTER (status = 'skipped'), count(*) FILTER (reused), "
-        "quantile_cont(latency_ms, [0.5, 0.9, 0.99]) FILTER (attempts > 0 AND status = 'ok') "
-        "FROM results"
+        "quantile_cont(latency_ms, [0.5, 0.9, 0.99]) FILTER (attempts > 0 AND status = 'ok'), "
+        "count(*) FILTER (status = 'invalid') FROM results"
     )[1]
-    ok, failed, skipped, reused, lat = row
+    ok, failed, skipped, reused, lat, invalid = row
     # Tokens of every answer paid for: re-asked answers (run.retry_finish_reasons) count too.
     (prompt, cached, completion, reasoning, total) = db.query(
         "SELECT sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens), "
         "sum(reasoning_tokens), sum(total_tokens) FROM paid"
     )[1][0]
-    (requests, retries, billed) = db.query(
+    (requests, retries, billed, reasked) = db.query(
         "SELECT count(*) FILTER (attempts > 0), count(*) FILTER (NOT final AND attempts > 0), "
-        "count(*) FILTER (possibly_billed) FROM attempts"
+        "count(*) FILTER (possibly_billed), "
+        "count(*) FILTER (NOT final AND validation_error IS NOT NULL) FROM attempts"
     )[1][0]
     rows_total = (manifest.get("counts") or {}).get("total")
-    settled = ok + failed + skipped
+    settled = ok + failed + skipped + invalid
     wall = db.run.wall_seconds(manifest)
     lat = lat or [None, None, None]
     # With several models a row is asked once per model: those are answers, not rows.
@@ -464,6 +515,13 @@ def _overview(db: RunDB) -> list[Section]:
     apart: list[tuple[Any, ...]] = []
     if len(models) > 1:
         apart = [("input rows", (manifest.get("input") or {}).get("rows")), ("models", len(models))]
+    # Answers checked against an [output] schema: shown when any failed it.
+    checked: list[tuple[Any, ...]] = []
+    if invalid or reasked:
+        checked = [
+            (f"{unit} invalid (answers failed the schema)", invalid),
+            ("invalid answers re-asked (paid, counted)", reasked),
+        ]
     overview: list[tuple[Any, ...]] = [
         ("run", db.run.run_id),
         ("state", _state(db.run, manifest)),
@@ -472,6 +530,7 @@ def _overview(db: RunDB) -> list[Section]:
         (f"{unit} ok", ok),
         (f"{unit} failed", failed),
         (f"{unit} skipped", skipped),
+        *checked,
         (f"{unit} pending", None if rows_total is None else max(rows_total - settled, 0)),
         (
             "rows answered by an identical request"
@@ -541,10 +600,15 @@ def query(
     """Run user SQL over the views, sandboxed to the run's own files: one SELECT only."""
     _only_one_select(sql)
     needs_input = re.search(r"\binput\b", sql, re.IGNORECASE) is not None
-    with RunDB(run, with_input=needs_input, prices=prices, sandboxed=True) as db:
+    needs_parsed = re.search(r"\bparsed\b", sql, re.IGNORECASE) is not None
+    with RunDB(
+        run, with_input=needs_input, prices=prices, sandboxed=True, with_parsed=needs_parsed
+    ) as db:
         try:
             return db.query(sql)
         except UsageError as exc:
+            if db.parsed_error and "Table with name parsed does not exist" in str(exc):
+                raise UsageError(db.parsed_error) from None
             gone = needs_input and db.input_path is None
             if gone and "Table with name input does not exist" in str(exc):
                 path = db.manifest.get("input", {}).get("path")
@@ -599,28 +663,54 @@ def _check_output(run: RunDir, out: Path, *, overwrite: bool) -> None:
         raise UsageError(f"{out}: folder {out.parent} is not writable")
 
 
-def export(run: RunDir, out: Path, *, overwrite: bool = False) -> int:
-    """Write input columns + answer columns, in input order; returns rows written."""
+def export(run: RunDir, out: Path, *, overwrite: bool = False, fields: bool = False) -> int:
+    """Write input columns + answer columns, in input order; returns rows written.
+
+    `fields`: the answer's fields as typed columns (the `parsed` view's) in place of its
+    text (content, refusal, tool calls and the response's ids)."""
     kind = EXPORT_FORMATS.get(out.suffix.lower())
     if kind is None:
         raise UsageError(f"{out}: unknown output type: use .parquet, .jsonl or .csv")
     _check_output(run, out, overwrite=overwrite)
-    with RunDB(run) as db:
+    with RunDB(run, with_parsed=fields) as db:
         if db.input_path is None:
             raise UsageError(
                 f"the input file of run {run.run_id} is gone ({db.manifest['input']['path']})"
             )
+        if fields and db.fields is None:
+            raise UsageError(db.parsed_error or f"run {run.run_id} has no typed fields")
         _check_same_input(run, db.manifest, db.input_path)
         input_columns = [c for c in db.query("SELECT * FROM input LIMIT 0")[0] if c != "row_index"]
         answer = [c for c in ANSWER_COLUMNS if c not in ("row_id",)]
+        parsed_join = ""
+        if db.fields is not None:
+            present = set(db.query("SELECT * FROM results LIMIT 0")[0])
+            answer = [c for c in _FIELDS_ANSWER_COLUMNS if c in present]
         picked = ", ".join(
             f'r."{c}" AS "{"answer_" + c if c in input_columns else c}"' for c in answer
         )
+        if db.fields is not None:
+            taken = [*input_columns, "row_id", "reused", "reused_from"]
+            taken += ["answer_" + c if c in input_columns else c for c in answer]
+            names = db.fields.renamed(taken)
+            nested = {
+                c.name
+                for c in db.fields.columns
+                if pa.types.is_nested(c.arrow)  # CSV has no nested values: JSON text there
+            }
+            typed = [
+                f'to_json(p."{old}")::VARCHAR AS "{new}"'
+                if kind == "csv" and column.name in nested
+                else f'p."{old}" AS "{new}"'
+                for old, new, column in zip(db.fields.names, names, db.fields.columns, strict=True)
+            ]
+            picked += ", " + ", ".join(typed)
+            parsed_join = " LEFT JOIN parsed p ON p.row_id = r.row_id AND p.model = r.model"
         inputs = ", ".join(f'i."{c}"' for c in input_columns)
         select = (
             f"SELECT {inputs}{', ' if inputs else ''}r.row_id, {picked}, "
             "coalesce(r.reused, false) AS reused, r.reused_from "
-            f"FROM input i LEFT JOIN results r ON {_export_join(db, run)} "
+            f"FROM input i LEFT JOIN results r ON {_export_join(db, run)}{parsed_join} "
             "ORDER BY i.row_index, r.model"
         )
         options = {"parquet": "FORMAT parquet", "json": "FORMAT json", "csv": "FORMAT csv, HEADER"}
@@ -634,6 +724,21 @@ def export(run: RunDir, out: Path, *, overwrite: bool = False) -> int:
             raise UsageError(f"{out}: cannot be written ({problem})") from None
         _, count = db.query(f"SELECT count(*) FROM ({select})")
         return int(count[0][0])
+
+
+# With --fields: the row's state and why it failed, then the fields (not the answer's text).
+_FIELDS_ANSWER_COLUMNS = [
+    "model",
+    "status",
+    "finish_reason",
+    "validation_error",
+    "error_type",
+    "error_message",
+    "attempts",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+]
 
 
 def _check_same_input(run: RunDir, manifest: Manifest, path: Path) -> None:
@@ -688,6 +793,7 @@ def status(run: RunDir) -> dict[str, Any]:
         "ok": live["ok"],
         "failed": live["failed"],
         "skipped": live["skipped"],
+        "invalid": live["invalid"],
         "requests": live["requests"],
         "prompt_tokens": live["prompt_tokens"],
         "completion_tokens": live["completion_tokens"],

@@ -9,8 +9,10 @@ What it runs was made ready by runner/run/plan.py (`prepare`, re-exported here w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -20,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
+from anyio.lowlevel import EventLoopToken
 
 from runner.errors import (
     EXIT_FAILED_ROWS,
@@ -37,6 +42,7 @@ from runner.errors import (
 from runner.http.client import ChatClient, Secret
 from runner.http.retry import RetryPolicy
 from runner.input.source import RequestBuilder, Skip, check_input
+from runner.output.schema import freeze, frozen_text
 from runner.records import Progress, WorkItem
 from runner.report.pricing import Budget, PriceSource, spent_before
 from runner.run.limiter import Limiter, Limiters
@@ -52,7 +58,7 @@ from runner.run.plan import (
 )
 from runner.run.pool import Pool
 from runner.spec import SIMULATOR, RunSpec, check_environment
-from runner.store.sink import RunSink
+from runner.store.sink import RunSink, reasked_rows
 from runner.store.starts import StartLog
 from runner.store.state import (
     SHARD_PLAN,
@@ -101,7 +107,7 @@ class Outcome:
     def exit_code(self) -> int:
         if self.state != "completed":
             return EXIT_STOPPED
-        return EXIT_FAILED_ROWS if self.progress.failed else EXIT_OK
+        return EXIT_FAILED_ROWS if self.progress.failed or self.progress.invalid else EXIT_OK
 
 
 @dataclass(slots=True)
@@ -151,10 +157,17 @@ async def submit(
     start_simulator: SimulatorStarter | None = None,
     handle_signals: bool = True,
     on_signal: SignalHook | None = None,
+    stop_switch: StopSwitch | None = None,
+    run: RunDir | None = None,
 ) -> Outcome:
-    """Start a new run of a prepared job."""
-    check_writable(runs_dir)
-    run = RunDir.create(runs_dir, prepared.spec.job.name, prepared.spec.text)
+    """Start a new run of a prepared job.
+
+    `run`: a run folder made for this job beforehand (RunDir.create with the spec's text),
+    for an input that must live in the run's own folder (the Python API's DataFrames).
+    """
+    if run is None:
+        check_writable(runs_dir)
+        run = RunDir.create(runs_dir, prepared.spec.job.name, prepared.spec.text)
     run.lock()
     try:
         rows = prepared.check.rows if prepared.check else prepared.source.row_count_hint()
@@ -170,6 +183,9 @@ async def submit(
             "counts": {},
             "sessions": [],
         }
+        schema_hash = freeze(prepared.output, run.path)
+        if schema_hash is not None:
+            manifest["output_schema_sha256"] = schema_hash
         if prepared.check_alongside:
             manifest["input_check"] = "pending"  # a resume checks the input if never finished
         run.write_manifest(manifest)
@@ -185,6 +201,7 @@ async def submit(
             start_simulator,
             handle_signals,
             on_signal,
+            stop_switch,
         )
     except UsageError:
         # Bad input or spec found before the first request: nothing was paid, so no run is
@@ -210,6 +227,7 @@ async def resume(
     budget_usd: float | None = None,
     spec_path: Path | None = None,
     on_signal: SignalHook | None = None,
+    stop_switch: StopSwitch | None = None,
 ) -> Outcome:
     """Continue a run: send only what no earlier session settled.
 
@@ -226,6 +244,13 @@ async def resume(
         alive = run.last_alive()  # before recovery rewrites files: when a crash left off
         spec = resumed_spec(run, manifest, spec_path)
         check_environment(spec)
+        schema_text = frozen_text(
+            run.path,
+            manifest.get("output_schema_sha256"),
+            spec,
+            given=spec_path is not None,
+            run_id=run.run_id,
+        )
         if budget_usd is not None:
             manifest["budget_usd"] = budget_usd
         if manifest.get("budget_usd") is not None:
@@ -244,7 +269,7 @@ async def resume(
         # row_keys.parquet lists the current rows' keys, made from the input as it is now.
         by_key = changed or run.row_keys_path.exists()
         if by_key and (changed or not run.row_keys_fresh(now)):
-            prepared = prepare_loaded(spec, False)
+            prepared = prepare_loaded(spec, False, schema_text=schema_text)
             prepared.check = check_input(
                 prepared.source,
                 prepared.builder,
@@ -255,7 +280,7 @@ async def resume(
             # An unchanged input was checked whole when the run was submitted (unless that
             # session ended before its check did).
             unchecked = manifest.get("input_check") == "pending"
-            prepared = prepare_loaded(spec, None if unchecked else False)
+            prepared = prepare_loaded(spec, None if unchecked else False, schema_text=schema_text)
         if prepared.check is not None:
             manifest.pop("input_check", None)
         if changed:
@@ -285,6 +310,7 @@ async def resume(
             start_simulator,
             handle_signals,
             on_signal,
+            stop_switch,
         )
     finally:
         run.unlock()
@@ -297,7 +323,7 @@ def note_crash(run: RunDir, manifest: Manifest, alive: float | None) -> None:
     if manifest.get("state") != "running" or not manifest.get("sessions"):
         return
     crashed = manifest["sessions"][-1]
-    unanswered = run.unanswered_requests()
+    unanswered = run.unanswered_requests(since=crashed.get("started_epoch"))
     crashed["unanswered_at_crash"] = len(unanswered)
     # Possibly billed without a record: the budget counts them at their worst case.
     crashed["unanswered_worst_usd"] = sum(unanswered.values())
@@ -354,6 +380,7 @@ async def _execute(
     start_simulator: SimulatorStarter | None,
     handle_signals: bool,
     on_signal: SignalHook | None = None,
+    stop_switch: StopSwitch | None = None,
     hooks: SessionHooks | None = None,
 ) -> Outcome:
     hooks = hooks or SessionHooks()
@@ -457,6 +484,12 @@ async def _execute(
                     else settled.reusable
                 ),
                 start_log=start_log,
+                output=prepared.output,
+                reasked=(
+                    reasked_rows(run.parts_dir, run.journal_dir)
+                    if prepared.output is not None and next_segment > 1
+                    else None
+                ),
             )
             if prepared.check_alongside:
                 checker = _Checker(prepared, pool, progress, run, manifest)
@@ -464,7 +497,9 @@ async def _execute(
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(_tick, sink, progress, on_progress, limiters, start_log, pool)
                     tg.start_soon(sink.compactor)
-                    if handle_signals:
+                    if stop_switch is not None:
+                        tg.start_soon(_watch_stops, stop_switch, pool, job.run.grace_s, on_signal)
+                    elif handle_signals:
                         tg.start_soon(_watch_signals, pool, job.run.grace_s, on_signal)
                     if checker is not None:
                         tg.start_soon(checker.run)
@@ -548,7 +583,17 @@ async def run_session(
     settled work known (a shard of a Ray run): the same pipeline as submit and resume,
     without signal handling (the caller stops it through a background hook)."""
     return await _execute(
-        run, manifest, prepared, settled, next_segment, on_progress, None, False, None, hooks
+        run,
+        manifest,
+        prepared,
+        settled,
+        next_segment,
+        on_progress,
+        None,
+        False,
+        None,
+        None,
+        hooks,
     )
 
 
@@ -661,7 +706,10 @@ async def _finish(
     manifest["counts"] = {
         "total": progress.rows_total,
         "ok": settled.ok + progress.ok,
-        "failed": (0 if settled.retry_failed else settled.failed) + progress.failed,
+        # Rows `invalid` (answers that failed the schema) count as failed here.
+        "failed": (0 if settled.retry_failed else settled.failed)
+        + progress.failed
+        + progress.invalid,
         "skipped": settled.skipped + progress.skipped,
         "requests": manifest.get("counts", {}).get("requests", 0) + progress.requests,
     }
@@ -699,6 +747,78 @@ async def _tick(
             on_progress(progress)
 
 
+class StopSwitch:
+    """Asks a session to stop from another thread, as SIGINT does from outside: the first
+    request drains (requests in flight get grace_s), the second stops at once.
+
+    For a session whose event loop runs in a worker thread (the Python API inside Jupyter,
+    whose own loop is taken): signal handlers can only be installed in the main thread, so
+    the thread that waits for the session turns its KeyboardInterrupt into `request()`.
+    Thread-safe (the session's own thread may call it too); a request made before the
+    session starts takes effect when it does.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._token: EventLoopToken | None = None
+        self._wake: anyio.Event | None = None
+        self._thread: int | None = None  # the session loop's thread, while one waits
+
+    @property
+    def requests(self) -> int:
+        """How many stops were asked for so far."""
+        with self._lock:
+            return self._requests
+
+    def request(self) -> None:
+        """Ask the session to stop (drain first; a second request: at once)."""
+        with self._lock:
+            self._requests += 1
+            token, wake, thread = self._token, self._wake, self._thread
+        if token is None or wake is None:
+            return
+        if thread == threading.get_ident():
+            wake.set()  # in the loop's own thread (waiting for itself would never end)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has ended: nothing to stop
+            anyio.from_thread.run_sync(wake.set, token=token)
+
+    async def wait(self, seen: int) -> int:
+        """Until more than `seen` stops were asked for; returns how many were."""
+        while True:
+            with self._lock:
+                if self._requests > seen:
+                    return self._requests
+                self._token = anyio.lowlevel.current_token()
+                self._thread = threading.get_ident()
+                wake = self._wake = anyio.Event()
+            try:
+                await wake.wait()
+            finally:
+                with self._lock:
+                    self._token = self._wake = self._thread = None
+
+
+async def _watch_stops(
+    switch: StopSwitch, pool: Pool, grace_s: float, on_signal: SignalHook | None = None
+) -> None:
+    """What `_watch_signals` does on signals, on the stops asked for through a StopSwitch."""
+    seen = await switch.wait(0)
+    if on_signal:
+        on_signal(True, grace_s)
+    pool.stop()
+    if seen < 2:
+        with anyio.move_on_after(grace_s) as waited:
+            await switch.wait(seen)
+        if waited.cancelled_caught:  # grace_s is over: cut what is still in flight
+            pool.abort()
+            return
+    if on_signal:
+        on_signal(False, grace_s)
+    pool.abort()
+
+
 async def _watch_signals(pool: Pool, grace_s: float, on_signal: SignalHook | None = None) -> None:
     """First SIGINT/SIGTERM: drain for up to grace_s. Second: stop at once. `on_signal`
     hears of each at once (first or not, and the grace time), so a person sees a reply."""
@@ -731,6 +851,7 @@ __all__ = [
     "Outcome",
     "Prepared",
     "SessionHooks",
+    "StopSwitch",
     "estimate",
     "note_crash",
     "prepare",

@@ -15,6 +15,8 @@ from typing import Any
 
 from runner.errors import SpecError, StorageFailed, UsageError
 from runner.input.source import CheckResult, InputFile, RequestBuilder, RowRange, check_input
+from runner.output.schema import OutputSchema, load_output, sent_with_schema
+from runner.records import WorkItem
 from runner.report.pricing import PriceSource, estimate_range, parse_price_table
 from runner.spec import (
     LoadedSpec,
@@ -37,6 +39,8 @@ class Prepared:
     check: CheckResult | None
     # The whole-file check runs alongside the first requests instead of before them.
     check_alongside: bool = False
+    # The JSON Schemas answers are checked against (None: answers are not checked).
+    output: OutputSchema | None = None
 
 
 def prepare(
@@ -59,21 +63,25 @@ def prepare_loaded(
     check_whole_file: bool | None,
     check_alongside: bool = False,
     rows_range: RowRange | None = None,
+    *,
+    schema_text: str | None = None,
 ) -> Prepared:
+    """`schema_text`: the run folder's frozen copy of the [output] schema file (a resume)."""
     job = spec.job
     prices = PriceSource(parse_price_table(job.prices, path=str(spec.path)))
+    output = load_output(spec, frozen_text=schema_text)
     if job.run.budget_usd is not None and job.request is not None:
         _check_budgetable(spec, prices)
     source = InputFile(
         spec.input_path, job.input, shown=shown(spec.input_path), rows_range=rows_range
     )
-    builder = RequestBuilder(job, source)
+    builder = RequestBuilder(sent_with_schema(job, output), source)
     source.check_columns()
     whole = job.input.check_whole_file if check_whole_file is None else check_whole_file
     if whole and check_alongside:
-        return Prepared(spec, source, builder, prices, None, check_alongside=True)
+        return Prepared(spec, source, builder, prices, None, check_alongside=True, output=output)
     check = check_input(source, builder) if whole else None
-    return Prepared(spec, source, builder, prices, check)
+    return Prepared(spec, source, builder, prices, check, output=output)
 
 
 def _check_budgetable(spec: LoadedSpec, prices: PriceSource) -> None:
@@ -132,6 +140,22 @@ def estimate(prepared: Prepared) -> Estimate:
         provenance = price.provenance if price is not None else "unpriced"
         models.append((model, requests, prompt, cap, low, high, provenance))
     return Estimate(check.rows, check.items, check.skipped, models)
+
+
+def sample_requests(prepared: Prepared, count: int) -> list[tuple[str, str, bytes]]:
+    """The first `count` request bodies the job would send, as sent: (row id, model, body).
+
+    Rows that are skipped (an empty prompt, over max_prompt_tokens) are not among them."""
+    found: list[tuple[str, str, bytes]] = []
+    if count <= 0:
+        return found
+    for row in prepared.source.rows():
+        for item in prepared.builder.build(row):
+            if isinstance(item, WorkItem):
+                found.append((item.row_id, item.model, item.body))
+                if len(found) >= count:
+                    return found
+    return found
 
 
 def check_resumable(frozen: LoadedSpec, new: LoadedSpec, run_id: str) -> None:
@@ -228,6 +252,7 @@ __all__ = [
     "prepare",
     "prepare_loaded",
     "resumed_spec",
+    "sample_requests",
     "session_settings",
     "shown",
 ]

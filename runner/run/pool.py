@@ -35,8 +35,11 @@ from runner.errors import (
     primary,
 )
 from runner.http.retry import Retrier, RetryPolicy
-from runner.input.source import Skip
-from runner.records import Completion, Progress, ResultRecord, WorkItem, hash_key
+from runner.input.source import Skip, estimate_prompt_tokens
+from runner.output.repair import feedback_body
+from runner.output.schema import OutputSchema
+from runner.output.validate import check_answer
+from runner.records import Completion, Progress, Reasked, ResultRecord, WorkItem, hash_key
 from runner.run.limiter import Limiters, PacingSignal, tokens_to_reserve
 
 
@@ -111,8 +114,14 @@ class Pool:
         spender: Spender | None = None,
         repeated: set[int] | None = None,
         start_log: StartRecorder | None = None,
+        output: OutputSchema | None = None,
+        reasked: Mapping[tuple[str, str, str], Reasked] | None = None,
     ) -> None:
         self.client = client
+        # Answers are checked against the job's schemas; an invalid one is re-asked up to
+        # output.settings.max_invalid_attempts times (`reasked`: what earlier sessions used).
+        self.output = output
+        self.reasked = reasked or {}
         self.start_log = start_log
         self.policy = policy
         self.limiters = limiters
@@ -235,6 +244,7 @@ class Pool:
             if record.attempts:
                 progress.requests += 1
             if not record.final:
+                progress.reasked += record.validation_error is not None
                 progress.prompt_tokens += record.prompt_tokens or 0
                 progress.completion_tokens += record.completion_tokens or 0
                 continue
@@ -243,6 +253,8 @@ class Pool:
                 progress.reused += record.reused
             elif record.status == "failed":
                 progress.failed += 1
+            elif record.status == "invalid":
+                progress.invalid += 1
             else:
                 progress.skipped += 1
             progress.prompt_tokens += record.prompt_tokens or 0
@@ -256,7 +268,8 @@ class Pool:
             if isinstance(exc, RateLimited) and current.item is not None:
                 # Pool-wide only when it is a rate limit; an isolated 429 waits for its row.
                 self.limiters.for_model(current.item.model).pause_after_429(wait, exc.headers)
-            record = current.failure(exc, attempt, final=False)
+            # The row's own attempt number (re-asks of invalid answers continue it).
+            record = current.failure(exc, current.attempts, final=False)
             if isinstance(exc, UnwantedAnswer) and isinstance(exc.answer, Completion):
                 # A re-asked answer was still paid for: keep its usage with the attempt.
                 record = current.paid_attempt(record, exc.answer)
@@ -315,12 +328,14 @@ class Pool:
                 record = await self._process(item, current, retrying)
                 if tracked and record is not None and record.status == "ok":
                     self._answered.add(key)
+                # The row's reservation now: a feedback re-ask reserves for its larger body.
+                reservation = current.reservation
                 if self.spender is not None and record is not None:
                     charged = self.spender.charged(reservation, record)
                     if charged is not None:
                         record = dataclasses.replace(record, charged_usd=charged)
                     self._add_cost(self.spender.settle(reservation, record))
-                elif self.spender is not None:
+                elif self.spender is not None and reservation is not None:
                     self.spender.release(reservation)  # refused key: nothing was billed
             finally:
                 if own is not None:
@@ -334,10 +349,99 @@ class Pool:
     async def _process(
         self, item: WorkItem, current: _Current, retrying: Retrier
     ) -> ResultRecord | None:
+        """Ask for the row's answer; an answer that fails the job's schema is re-asked (the
+        same request, or with the answer and its error as feedback) until valid or until
+        [output] max_invalid_attempts re-asks are used. Each invalid answer is journaled
+        (non-final, with its usage and error); the last one is kept as the row's, `invalid`."""
+        output = self.output
+        if output is None:
+            return await self._ask(item, item, current, retrying)
+        settings = output.settings
+        prior = self.reasked.get((item.row_id, item.model, item.request_hash))
+        sent = item
+        if prior is not None:  # an earlier session re-asked this row: go on from there
+            current.invalid, current.attempts = prior.used, prior.attempts
+            if settings.repair == "feedback":
+                sent = self._feedback_item(
+                    item, prior.content, prior.tool_calls, prior.validation_error
+                )
+                if self.spender is not None:
+                    bigger = self.spender.reserve(sent)  # its body is larger than the row's
+                    if bigger is None:
+                        self._stop_at_budget()
+                        return None  # stays pending; the worker lets the row's reservation go
+                    self.spender.release(current.reservation)
+                    current.reservation, current.body_reserved = bigger, sent.body
+        while True:
+            record = await self._ask(item, sent, current, retrying)
+            if record is None or record.status != "ok":
+                return record
+            error = check_answer(output, record.content, record.tool_calls)
+            if error is None:
+                return record
+            record = dataclasses.replace(record, status="invalid", validation_error=error)
+            if current.invalid >= settings.max_invalid_attempts:
+                return record  # re-asks used up: the last answer is the row's
+            nxt = item
+            if settings.repair == "feedback":
+                nxt = self._feedback_item(item, record.content, record.tool_calls, error)
+            paid = self._pay_reask(current, record, nxt)
+            if paid is None:
+                return record  # no room in the budget for another answer: this one stays
+            self._deliver(paid)
+            current.invalid += 1
+            sent = nxt
+
+    def _feedback_item(
+        self, item: WorkItem, content: str | None, tool_calls: str | None, error: str
+    ) -> WorkItem:
+        body, added = feedback_body(item.body, content, tool_calls, error)
+        extra = estimate_prompt_tokens(added) + len(tool_calls or "") // 4
+        return dataclasses.replace(
+            item, body=body, est_prompt_tokens=item.est_prompt_tokens + extra
+        )
+
+    def _pay_reask(
+        self, current: _Current, record: ResultRecord, nxt: WorkItem
+    ) -> ResultRecord | None:
+        """The invalid answer as a paid, non-final attempt, once the budget has room for the
+        re-ask `nxt`; None (nothing counted) when it has not, and the run stops there."""
+        record = dataclasses.replace(record, final=False)
+        spender = self.spender
+        if spender is None:
+            return record
+        reservation = current.reservation
+        charged = spender.charged(reservation, record, answered=True)
+        if charged is not None:
+            record = dataclasses.replace(record, charged_usd=charged)
+        if nxt.body is current.body_reserved:
+            if not spender.room_to_reask(reservation, record):
+                self._stop_at_budget()
+                return None
+        else:
+            # A larger body (feedback): reserve its worst case beside the row's before
+            # counting this answer, then let the row's go.
+            bigger = spender.reserve(nxt)
+            if bigger is None:
+                self._stop_at_budget()
+                return None
+            spender.release(reservation)
+            current.reservation, current.body_reserved = bigger, nxt.body
+            # The answer is paid against the row's old worst case (unknown usage).
+            self._add_cost(spender.paid(reservation, record))
+            return record
+        self._add_cost(spender.paid(reservation, record))
+        return record
+
+    async def _ask(
+        self, item: WorkItem, sent: WorkItem, current: _Current, retrying: Retrier
+    ) -> ResultRecord | None:
+        """One answer for the row (`sent`: the body to send, the row's or a re-ask's),
+        retried on transient failures under the retry policy."""
         progress = self.progress
 
         limiter = self.limiters.for_model(item.model)
-        estimate = tokens_to_reserve(item.est_prompt_tokens, item.max_tokens)
+        estimate = tokens_to_reserve(sent.est_prompt_tokens, item.max_tokens)
 
         async def attempt() -> Completion:
             current.attempts += 1
@@ -358,7 +462,7 @@ class Pool:
             self.sending.add(sending)
             self.sent += 1
             try:
-                answer = await self.client.complete(item.body)
+                answer = await self.client.complete(sent.body)
                 outcome, headers = "ok", answer.headers
                 used = answer.total_tokens if answer.usage_raw is None else None
             except RateLimited as exc:
@@ -438,11 +542,22 @@ class Pool:
 class _Current:
     """What one worker is doing now; builds the records for it."""
 
-    __slots__ = ("attempt_started", "attempts", "item", "reservation", "retrying", "started")
+    __slots__ = (
+        "attempt_started",
+        "attempts",
+        "body_reserved",
+        "invalid",
+        "item",
+        "reservation",
+        "retrying",
+        "started",
+    )
 
     def __init__(self) -> None:
         self.item: WorkItem | None = None
         self.reservation: object | None = None  # the Spender's, for the row being sent
+        self.body_reserved = b""  # the body whose worst case `reservation` covers
+        self.invalid = 0  # the row's invalid answers re-asked so far
         self.attempts = 0
         self.started = 0.0
         self.attempt_started = 0.0
@@ -450,6 +565,8 @@ class _Current:
 
     def start(self, item: WorkItem) -> None:
         self.item = item
+        self.body_reserved = item.body
+        self.invalid = 0
         self.attempts = 0
         self.started = time.time()
         self.attempt_started = time.perf_counter()

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from runner.sim.http import Success
+from runner.sim.structured import render
 
 CREATED = 1_700_000_000
 WINDOW_S = 60.0
@@ -150,10 +151,15 @@ def answer_for(
     digest: bytes,
     prompt: int,
     cap: int | None,
+    structured: tuple[str, Any, str] | None = None,
 ) -> tuple[bytes, Success, int]:
-    """The 200 answer for a request: a pure function of it, so a re-sent body gets the same bytes.
+    """The 200 answer for a request: a pure function of it (and of `structured`), so a
+    re-sent body gets the same bytes.
 
-    Returns the JSON, what it adds to the stats, and the tokens it really used.
+    `structured`: (target, schema, mode) for a request that asks for JSON (see
+    runner/sim/structured.py): the content, or a call of the tool `target` names, is JSON for
+    the schema, valid or not as `mode` says. Returns the JSON, what it adds to the stats, and
+    the tokens it really used.
     """
     model: str = body["model"]
     words = DIRECTIVE_RE.sub("", text).split()
@@ -165,6 +171,14 @@ def answer_for(
         asked = " ".join(words[:12]) or "(no user message)"
         tag = request_tag(model, body["messages"])
         content = f"Simulated answer to: {asked}. [req {tag}] {filler}."
+    call: dict[str, Any] | None = None
+    if structured is not None:
+        target, schema, mode = structured
+        text_json = render(schema, mode, digest, words, request_tag(model, body["messages"]))
+        if target.startswith("tool:"):
+            call = {"name": target[5:], "arguments": text_json}
+        else:
+            content = text_json
     completion, finish = count_tokens(content), "stop"
     if cap is not None and completion > cap:
         content, completion = content.encode()[: cap * 4].decode(errors="ignore"), cap
@@ -173,6 +187,12 @@ def answer_for(
     if "refusal" in directives:
         message.update(content=None, refusal=REFUSAL)
         completion, finish = count_tokens(REFUSAL), "stop"
+    elif call is not None:
+        message.update(
+            content=None,
+            tool_calls=[{"id": "call_" + digest.hex()[:24], "type": "function", "function": call}],
+        )
+        completion, finish = count_tokens(call["name"] + call["arguments"]), "tool_calls"
     elif "tool_calls" in directives:
         tools = body.get("tools")
         first = tools[0] if isinstance(tools, list) and tools else None

@@ -2,8 +2,9 @@
 
 Owns: routing and auth, per-row directives and random fault switches, real sliding-window
 RPM/TPM limits with OpenAI- and routeway-style headers, and the counters tests measure clients
-with (above all `resent_after_ok`: requests that were paid for twice). The HTTP/1.1 side is
-runner/sim/http.py; the answers and the rate windows are runner/sim/answers.py.
+with (above all `resent_after_ok`: requests that were paid for twice, a body answered 200 again;
+a copy refused or failed is not counted). The HTTP/1.1 side is runner/sim/http.py; the answers
+and the rate windows are runner/sim/answers.py.
 
 Must not import anyio, an HTTP library or any runner module but those two: only the standard
 library and orjson, so it serves any client under test and starts fast in a bare subprocess.
@@ -16,6 +17,16 @@ Per-row directives, read from the last user message: `[[sim:NNN]]` (any status 4
 `[[sim:cost]]`, `[[sim:slow_drip]]`, and usage that cannot be trusted: `[[sim:usage_negative]]`,
 `usage_string`, `usage_float`, `usage_bool`, `usage_huge` (> 2^63), `cost_negative`. They act
 after auth and rate limits, before random faults.
+
+Structured answers (runner/sim/structured.py): a request with `response_format` json_schema or
+json_object, or with `tools` and a `tool_choice` that forces a call, is answered with JSON for
+the schema. Invalid on directive, read from any user message of the request (a feedback
+re-ask's last message is the feedback): `[[sim:invalid_json]]`, `[[sim:schema_violation]]`,
+`[[sim:fenced_json]]` (valid JSON in a fenced block with prose), `[[sim:invalid_then_valid=N]]`
+(the row's first N answers invalid, counted per row: the model and the messages before the
+first assistant message); and `rate_invalid`: that share of rows get an invalid first answer
+(drawn from the row's digest, so the same rows whatever the order). A body re-sent after an
+invalid answer counts in `reasked_after_invalid`, not in `resent_after_ok`.
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from runner.sim.answers import (
     text_of,
 )
 from runner.sim.http import DRIP, DROP, FULL, HTML, PARTIAL, Connection, Reply, Success, error_reply
+from runner.sim.structured import schema_of
 
 __all__ = ["MODELS", "Simulator", "SimulatorConfig", "SimulatorStats", "SimulatorThread", "serve"]
 
@@ -84,6 +96,8 @@ class SimulatorConfig:
     rate_malformed: float = 0.0
     rate_html: float = 0.0
     rate_reset_mid_body: float = 0.0
+    # Share of rows whose first structured (JSON) answer is invalid (see the module docstring).
+    rate_invalid: float = 0.0
     rpm_limit: int | None = None
     tpm_limit: int | None = None
     ratelimit_headers: bool = True
@@ -121,6 +135,14 @@ class SimulatorStats:
     # Tokens of every complete answer produced (prompt + completion), whatever usage it
     # reports (`no_usage` and garbled usage included): what a server would bill.
     served_tokens: int = 0
+    # Structured answers: JSON ones produced, invalid ones among them (on purpose), bodies
+    # re-sent after an invalid answer (re-asks, not answers paid twice), and requests that
+    # follow up an earlier answer (an assistant message in them), with the last one's text.
+    structured: int = 0
+    invalid_answers: int = 0
+    reasked_after_invalid: int = 0
+    followups: int = 0
+    last_followup: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,6 +230,8 @@ class Simulator:
         self.stats = SimulatorStats()
         self._ok_bodies: set[bytes] = set()
         self._fail_counts: dict[bytes, int] = {}
+        self._row_answers: dict[bytes, int] = {}  # structured answers served per row
+        self._invalid_bodies: set[bytes] = set()  # bodies whose last answer was invalid
         self._requests, self._tokens = Window(), Window()
         self._tpm_entry: Entry | None = None
         self._serial = 0
@@ -347,8 +371,12 @@ class Simulator:
             message = f"The model `{cfg.unknown_model}` does not exist or you do not have access."
             return error_reply(404, message, "invalid_request_error", "model_not_found", headers)
         digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
-        if digest in self._ok_bodies:
-            self.stats.resent_after_ok += 1
+        # A copy of a body already answered: a re-ask when that answer was invalid; else an
+        # answer bought twice, counted below only if this copy is sold too (not a 429, a
+        # fault or a drop: those were not bought again).
+        again = digest in self._ok_bodies and digest not in self._invalid_bodies
+        if digest in self._ok_bodies and not again:
+            self.stats.reasked_after_invalid += 1
         messages = body["messages"]
         prompt = max(1, sum(len(text_of(m.get("content")).encode()) // 4 + 4 for m in messages))
         cap = completion_cap(body)
@@ -365,7 +393,10 @@ class Simulator:
         if reply is None and fault in ("429", "500", "drop", "html"):
             reply = self._fault(cfg, fault, headers)
         elif reply is None:
-            payload, success, spent = answer_for(body, text, directives, digest, prompt, cap)
+            structured = self._structured(cfg, body, digest)
+            payload, success, spent = answer_for(
+                body, text, directives, digest, prompt, cap, structured
+            )
             if fault == "malformed":
                 self.stats.malformed += 1
                 reply = Reply(200, payload[: len(payload) // 2], headers)
@@ -376,10 +407,49 @@ class Simulator:
                 mode = DRIP if "slow_drip" in directives else FULL
                 reply = Reply(200, payload, headers, mode=mode, success=success)
                 self.stats.served_tokens += spent
+                self.stats.resent_after_ok += again
         if self._tpm_entry is not None:  # admission counted max_tokens; keep what was really used
             self._tokens.total += spent - self._tpm_entry.amount
             self._tpm_entry.amount = spent
         return reply
+
+    def _structured(
+        self, cfg: SimulatorConfig, body: dict[str, Any], digest: bytes
+    ) -> tuple[str, Any, str] | None:
+        """(target, schema, mode) of a request that asks for JSON; counts its answer."""
+        asked = schema_of(body)
+        messages = body["messages"]
+        if any(m.get("role") == "assistant" for m in messages):
+            self.stats.followups += 1
+            self.stats.last_followup = text_of(messages[-1].get("content"))[:2000]
+        if asked is None:
+            return None
+        first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
+        row = hashlib.sha256(
+            orjson.dumps([body["model"], messages[:first]], option=orjson.OPT_SORT_KEYS)
+        ).digest()
+        served = self._row_answers.get(row, 0)
+        self._row_answers[row] = served + 1
+        said = " ".join(text_of(m.get("content")) for m in messages if m.get("role") == "user")
+        wanted = {m[1]: m[2] for m in DIRECTIVE_RE.finditer(said)} if "[[sim:" in said else {}
+        mode = "valid"
+        if "invalid_json" in wanted:
+            mode = "invalid_json"
+        elif "schema_violation" in wanted:
+            mode = "schema_violation"
+        elif "fenced_json" in wanted:
+            mode = "fenced"
+        elif "invalid_then_valid" in wanted and served < int(wanted["invalid_then_valid"] or 1):
+            mode = "schema_violation" if served % 2 else "invalid_json"
+        elif served == 0 and int.from_bytes(row[:4], "big") < cfg.rate_invalid * 2**32:
+            mode = "invalid_json" if row[4] % 2 else "schema_violation"
+        self.stats.structured += 1
+        if mode == "valid":
+            self._invalid_bodies.discard(digest)
+        else:
+            self.stats.invalid_answers += 1
+            self._invalid_bodies.add(digest)
+        return asked[0], asked[1], mode
 
     def _admit(self, cfg: SimulatorConfig, estimate: int, headers: list[bytes]) -> Reply | None:
         """Apply the RPM/TPM windows; add the limit headers; a 429 when the request does not fit."""

@@ -8,6 +8,7 @@ whatever segments are left. Owns pyarrow writing; knows nothing of HTTP or the p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -19,7 +20,7 @@ import anyio
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from runner.records import ResultRecord
+from runner.records import Reasked, ResultRecord
 from runner.store.journal import Journal, read_segment, segment_number, segments, storage_error
 
 PART_GLOB = "part-*.parquet"
@@ -56,6 +57,7 @@ _TYPES: dict[str, pa.DataType] = {
     "possibly_billed": pa.bool_(),
     "reused": pa.bool_(),
     "charged_usd": pa.float64(),
+    "validation_error": pa.string(),
 }
 COLUMNS = [f.name for f in fields(ResultRecord)]
 assert set(COLUMNS) == set(_TYPES), "records.ResultRecord and sink's schema disagree"
@@ -244,3 +246,73 @@ class RunSink:
         self._journal.close()
         self._journal.path.unlink(missing_ok=True)
         await self._compact_sealed()
+
+
+_REASK_COLUMNS = [
+    "row_id",
+    "model",
+    "request_hash",
+    "final",
+    "attempts",
+    "content",
+    "tool_calls",
+    "validation_error",
+]
+
+
+def reasked_rows(parts_dir: Path, journal_dir: Path) -> dict[tuple[str, str, str], Reasked]:
+    """Rows with invalid answers re-asked (journaled non-final with a validation_error) and
+    no final record yet, by (row id, model, request hash): what a resume goes on from.
+
+    Only re-asked attempts are kept in memory (the filter runs in Arrow); parts written
+    before the `validation_error` column have none.
+    """
+    import pyarrow.compute as pc  # ~30 ms: only on the way of a run with an [output] schema
+
+    tables: list[pa.Table] = []
+    for path in parts(parts_dir):
+        if "validation_error" not in pq.read_schema(path).names:
+            continue
+        table = pq.read_table(path, columns=_REASK_COLUMNS)
+        tables.append(table.filter(pc.field("validation_error").is_valid()))
+    for segment in segments(journal_dir):
+        records = [r for r in read_segment(segment) if r.get("validation_error") is not None]
+        if records:
+            tables.append(to_table(records).select(_REASK_COLUMNS))
+    found: dict[tuple[str, str, str], Reasked] = {}
+    settled: set[tuple[str, str, str]] = set()
+    for table in tables:
+        for r in table.to_pylist():
+            key = (r["row_id"], r["model"], r["request_hash"])
+            if r["final"]:
+                settled.add(key)  # a row settled `invalid`: nothing to go on from
+                continue
+            before = found.get(key)
+            if before is None or r["attempts"] >= before.attempts:
+                found[key] = Reasked(
+                    used=(before.used if before else 0) + 1,
+                    attempts=r["attempts"],
+                    content=r["content"],
+                    tool_calls=r["tool_calls"],
+                    validation_error=r["validation_error"],
+                )
+            else:
+                found[key] = dataclasses.replace(before, used=before.used + 1)
+    if not found:
+        return found
+    # Rows settled since (ok, or failed on a later attempt): their final records say so.
+    wanted = pa.array(sorted({k[2] for k in found}))
+    for path in parts(parts_dir):
+        table = pq.read_table(path, columns=["row_id", "model", "request_hash", "final"])
+        table = table.filter(pc.field("final") & pc.field("request_hash").isin(wanted))
+        settled.update(zip(*(table.column(c).to_pylist() for c in _KEY_COLUMNS), strict=True))
+    for segment in segments(journal_dir):
+        settled.update(
+            (r["row_id"], r["model"], r["request_hash"])
+            for r in read_segment(segment)
+            if r.get("final")
+        )
+    return {key: value for key, value in found.items() if key not in settled}
+
+
+_KEY_COLUMNS = ("row_id", "model", "request_hash")

@@ -116,6 +116,8 @@ class Manifest(TypedDict):
     # A Ray run: {"shards": n, "attempts": {shard: last attempt launched}, "store": URI};
     # a shard's own manifest: {"run_id": the Ray run's id, "shard": k, "rows": range}.
     ray: NotRequired[dict[str, Any]]
+    # SHA-256 of the [output] schema file frozen as output.schema.json (runner/output/schema.py)
+    output_schema_sha256: NotRequired[str]
 
 
 _FINGERPRINT_BYTES = 1 << 20
@@ -208,7 +210,9 @@ def input_fingerprint(path: Path, rows: int | None) -> InputStamp:
     }
 
 
-_CODES = {"ok": 1, "failed": 2, "skipped": 3}
+# A row `invalid` (answers failing the [output] schema until re-asks ran out) is settled as
+# failed: kept, and asked again by --retry-failed.
+_CODES = {"ok": 1, "failed": 2, "skipped": 3, "invalid": 2}
 
 
 @dataclass(slots=True)
@@ -505,9 +509,15 @@ class RunDir:
         """
         return len(self.unanswered_requests())
 
-    def unanswered_requests(self) -> dict[tuple[str, str, int], float]:
+    def unanswered_requests(self, since: float | None = None) -> dict[tuple[str, str, int], float]:
         """(row_id, model, attempt) of each request of unanswered_at_crash, with its worst
-        case in USD as the start log has it (0 when unknown)."""
+        case in USD as the start log has it (0 when unknown).
+
+        `since`: when the crashed session started (its `started_epoch`). Only a record of
+        that session answers one of its requests: an earlier session's record of the same
+        row, model and attempt number (a row sent again after its input was edited, or
+        after its attempt 1 met a 429 and that session ended) is of another request, and
+        counting it as the answer hid a request that may be bought again."""
         wanted: dict[tuple[str, str, int], float] = {}
         with contextlib.suppress(OSError, ValueError, TypeError):
             entries = json.loads(self.sending_path.read_text())  # an older version's snapshot
@@ -521,13 +531,17 @@ class RunDir:
 
         ids = pa.array(sorted({r for r, _, _ in wanted}))
         for path in self.part_paths():
-            table = pq.read_table(path, columns=["row_id", "model", "attempts"])
+            table = pq.read_table(path, columns=["row_id", "model", "attempts", "started_at"])
             table = table.filter(pc.is_in(table.column("row_id"), value_set=ids))
             for row in table.to_pylist():
-                wanted.pop((row["row_id"], row["model"], row["attempts"]), None)
+                started = row["started_at"]
+                if since is None or started is None or started.timestamp() >= since:
+                    wanted.pop((row["row_id"], row["model"], row["attempts"]), None)
         for segment in segments(self.journal_dir):
             for r in read_segment(segment):
-                wanted.pop((r["row_id"], r["model"], r["attempts"]), None)
+                started = r.get("started_at")
+                if since is None or not isinstance(started, int | float) or started >= since:
+                    wanted.pop((r["row_id"], r["model"], r["attempts"]), None)
         return wanted
 
     def recover(self) -> int:
