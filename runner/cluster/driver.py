@@ -32,6 +32,7 @@ import anyio
 import ray
 import ray.exceptions
 
+from runner.cluster.budget import open_budget
 from runner.cluster.shard import Pacing, ShardResult, ShardTask, run_shard
 from runner.cluster.shards import ShardPlan, is_ray_run, plan_shards, read_plan, write_plan
 from runner.errors import RunnerError, UsageError
@@ -74,9 +75,11 @@ class RayOptions:
     store: str | None = None  # results on an object store (pyarrow.fs URI) instead of runs/
     num_cpus: int | None = None  # of a local Ray (None: the machine's)
     cpus_per_shard: float = 0.25
-    # A cluster-wide limiter and budget (runner/cluster/shard.py `Pacing`); None: each
-    # shard paces its share of the run's limits locally.
+    # A cluster-wide limiter and budget (runner/cluster/shard.py `Pacing`); None: the key's
+    # budget actor (runner/cluster/budget.py), whose per-minute limits count over a server
+    # window of `rate_window_s`.
     pacing: PacingFactory | None = None
+    rate_window_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -309,10 +312,16 @@ def _done_before(shard: dict[str, Any] | None) -> int:
 def _ray_session(options: RayOptions) -> Iterator[None]:
     """Connect to the cluster (or start a local one) for the session; always disconnect."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # (load_driver set it before)
+    if ray.is_initialized():
+        yield  # the caller's own Ray session (the Python API, tests): theirs to end
+        return
     quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     try:
         if options.address is None:
             ray.init(
+                # A new local Ray for the run, even where RAY_ADDRESS or `ray start` would
+                # have ray.init join another cluster (and then refuse num_cpus).
+                address="local",
                 num_cpus=options.num_cpus or os.cpu_count() or 1,
                 include_dashboard=False,
                 **quiet,
@@ -389,6 +398,16 @@ async def _drive(
                 remote = ray.remote(_shard_main).options(
                     num_cpus=options.cpus_per_shard, max_retries=0
                 )
+                pacing = options.pacing or open_budget(
+                    run.run_id,
+                    job.endpoint.api_key_env,
+                    job.run,
+                    spent_usd={
+                        str(k): float(m.get("budget_spent_usd") or 0.0) for k, m in before.items()
+                    },
+                    window_s=options.rate_window_s,
+                    session=str(session["started_epoch"]),
+                )
 
                 def launch(k: int, launches: int) -> tuple[Any, _Launch]:
                     attempt = _next_attempt(run, manifest, k)
@@ -408,7 +427,7 @@ async def _drive(
                         store=manifest["ray"].get("store"),
                         retry_failed=retry_failed,
                     )
-                    return remote.remote(task, board, options.pacing), _Launch(k, attempt, launches)
+                    return remote.remote(task, board, pacing), _Launch(k, attempt, launches)
 
                 pending = dict(launch(k, 1) for k in todo)
                 _write_manifest(run, manifest)  # the attempts just numbered

@@ -636,6 +636,11 @@ class Budget:
         assert isinstance(reservation, Decimal)
         return float(reservation)
 
+    async def more_room(self, item: WorkItem) -> bool:
+        """No more room comes to a run's own budget (a cluster's shards lease theirs:
+        runner/cluster/budget.py)."""
+        return False
+
     def room_to_reask(self, reservation: object, record: ResultRecord) -> bool:
         """Whether paying for a re-asked answer (its cost, or the worst case when unknown)
         still leaves the row's reservation within the budget for its next attempt."""

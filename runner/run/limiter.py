@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import anyio
 
@@ -223,6 +223,32 @@ class AIMD:
 # --- the limiter ---------------------------------------------------------------------------
 
 
+class SharedQuota(Protocol):
+    """Room shared with other processes (a Ray cluster's per-key budget, runner/cluster/):
+    a request starts only when it has room here too. Times are the limiter's clock."""
+
+    def attach(self, wake: Callable[[], None]) -> None:
+        """`wake()` makes the limiter's waiting head re-check at once (room arrived)."""
+
+    def wait_time(self, tokens: int, now: float) -> float:
+        """Seconds until one request of `tokens` could start (0: now); takes nothing."""
+
+    def take(self, tokens: int, now: float) -> None:
+        """One request of `tokens` starts (right after a `wait_time` of 0)."""
+
+    def settle(self, delta_tokens: int) -> None:
+        """A request used `delta_tokens` more (negative: fewer) than it took."""
+
+    def rate_limited(self, seconds: float) -> None:
+        """This limiter paused for a rate limit (a 429's Retry-After): so must the others."""
+
+    def refused(self, reason: str) -> None:
+        """The provider refused for lack of quota: the others must stop too."""
+
+    def learned(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
+        """The server stated its limits (`x-ratelimit-limit-*`): the shared quota follows."""
+
+
 @dataclass(slots=True, eq=False)
 class Ticket:
     """One granted request start; hand it back to `Limiter.release` exactly once.
@@ -268,6 +294,7 @@ class Limiter:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        quota: SharedQuota | None = None,
     ) -> None:
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -294,6 +321,9 @@ class Limiter:
         self._gate = anyio.Lock()
         self._doze: anyio.CancelScope | None = None
         self._in_flight_tokens = 0
+        self._quota = quota
+        if quota is not None:
+            quota.attach(self.wake)
         # The last outcomes (True: a 429), to tell a rate limit from isolated 429s.
         self._recent: deque[bool] = deque(maxlen=_RECENT)
         self._recent_429 = 0
@@ -327,7 +357,19 @@ class Limiter:
         for bucket in (self._requests, self._tokens):
             if bucket is not None:
                 bucket.hold(now + max(seconds, 0.0), now)
+        if self._quota is not None:
+            self._quota.rate_limited(seconds)
         return True
+
+    def refused_for_quota(self, reason: str) -> None:
+        """The provider refused for lack of quota (the run stops): tell the shared quota."""
+        if self._quota is not None:
+            self._quota.refused(reason)
+
+    def wake(self) -> None:
+        """Make the waiting head re-check now (a shared quota's room arrived)."""
+        if self._doze is not None:
+            self._doze.cancel()
 
     def limited(self, headers: Mapping[str, str] | None = None) -> bool:
         """Whether a 429 with these headers means the pool is over a rate limit."""
@@ -435,6 +477,8 @@ class Limiter:
             reserved = ticket.est_tokens if ticket.token_mark is not None else 0
             tokens.adjust(used_tokens - reserved, now)
             more_room = used_tokens < reserved
+        if used_tokens is not None and self._quota is not None:
+            self._quota.settle(used_tokens - ticket.est_tokens)
         if headers and self.adaptive:
             seen = parse_rate_headers(headers, self._wall_clock())
             if seen is not None:
@@ -470,8 +514,13 @@ class Limiter:
             wait = max(wait, requests.wait_time(1, now))
         if tokens is not None:
             wait = max(wait, tokens.wait_time(ticket.est_tokens, now))
+        quota = self._quota
+        if quota is not None and wait <= 0:
+            wait = quota.wait_time(ticket.est_tokens, now)
         if wait > 0:
             return wait
+        if quota is not None:
+            quota.take(ticket.est_tokens, now)
         if requests is not None:
             requests.try_acquire(1, now)
             ticket.request_mark = requests.granted
@@ -496,6 +545,8 @@ class Limiter:
     def _observe(self, seen: RateHeaders, ticket: Ticket, now: float) -> bool:
         """Learn limits from headers and clamp the buckets; True if a limit was raised."""
         raised = False
+        if self._quota is not None and (seen.request_limit or seen.token_limit):
+            self._quota.learned(seen.request_limit, seen.token_limit)
         self._requests, up = _learn(self._requests, self._rpm, seen.request_limit, now)
         raised |= up
         if self._requests is not None and seen.request_remaining is not None:

@@ -80,6 +80,10 @@ class Spender(Protocol):
     def worst_usd(self, reservation: object) -> float:
         """A reservation in USD: what a request on the wire may cost."""
 
+    async def more_room(self, item: WorkItem) -> bool:
+        """After `reserve` found no room: wait for more (a budget shared by a cluster's
+        shards, runner/cluster/); False when none will come (the run stops at the budget)."""
+
 
 class StartRecorder(Protocol):
     def started(self, entry: tuple[str, str, int], worst_usd: float = 0.0) -> None:
@@ -310,6 +314,8 @@ class Pool:
                     self._deliver(_reuse_record(item))
                     continue
             reservation = self.spender.reserve(item) if self.spender else None
+            while self.spender and reservation is None and await self.spender.more_room(item):
+                reservation = self.spender.reserve(item)  # a shared budget's new allowance
             if self.spender and reservation is None:
                 self._stop_at_budget()
                 continue
@@ -521,7 +527,10 @@ class Pool:
         refused for it), not the key's: it never counts. A 401 is always the key's.
         """
         if isinstance(exc, QuotaDenied):
-            raise QuotaExhausted(f"the provider refused for lack of quota: {exc}")
+            reason = f"the provider refused for lack of quota: {exc}"
+            for limiter in self.limiters:
+                limiter.refused_for_quota(reason)  # a cluster's other shards stop too
+            raise QuotaExhausted(reason)
         if not isinstance(exc, KeyRejected | ConnectFailure) or self._row_refusal(exc):
             return
         self._blocking_failures += 1
