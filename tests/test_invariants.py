@@ -489,3 +489,47 @@ async def test_budget_holds_across_sessions_with_unknown_usage(
     assert first.state == "stopped" and served_usd(shared_sim) <= 0.5
     await job.resume("inv", runs, handle_signals=False)
     assert served_usd(shared_sim) <= 0.5
+
+
+@pytest.mark.anyio
+async def test_a_crash_counts_a_resent_row_whose_earlier_session_has_a_record(
+    tmp_path: Path, shared_sim: SimulatorThread
+) -> None:
+    """A session re-sends a row an earlier session already has a record of, with the same
+    attempt number (the row was edited; or its attempt 1 met a 429 and the session ended):
+    killed before that request's record was journaled, the request is unanswered, and the
+    earlier session's record does not answer it. It was counted 0: an undercount of what the
+    resume may buy again. (The crashed session is what a kill -9 leaves: the manifest still
+    `running` with its session, and its start log.)"""
+    scenario = Scenario(
+        seed=5, rows=3, id_column=True, models=MODELS[:1], concurrency=2, distinct=3,
+        sim={"seed": 5, "latency_ms": 2.0}, sessions=[Session()],
+    )  # fmt: skip
+    shared_sim.set_config(**{**asdict(SimulatorConfig()), **scenario.sim})
+    shared_sim.reset()
+    data = Input(scenario, random.Random(5))
+    data.write(tmp_path / "data.jsonl")
+    (tmp_path / "job.toml").write_text(spec_for(scenario, shared_sim.base_url))
+    runs = tmp_path / "runs"
+    first = await job.submit(job.prepare(tmp_path / "job.toml"), runs, handle_signals=False)
+    assert first.state == "completed"
+    data.rows[1]["text"] = "Edited prompt of row k2."
+    data.write(tmp_path / "data.jsonl")
+    # A resume sent the edited row (attempt 1, as in the first session) and was killed
+    # before its answer was journaled.
+    run = first.run
+    manifest = run.read_manifest()
+    manifest["sessions"].append(
+        {"started_at": "", "started_epoch": time.time(), "pid": 0, "settings": {}}
+    )
+    manifest["state"] = "running"
+    run.write_manifest(manifest)
+    log = run.start_log()
+    log.started(("k2", MODELS[0], 1))
+    log.close()
+    outcome = await job.resume("inv", runs, allow_changed_input=True, handle_signals=False)
+    assert outcome.state == "completed"
+    crashed = outcome.run.read_manifest()["sessions"][1]
+    assert crashed["outcome"] == "crashed"
+    assert crashed["unanswered_at_crash"] == 1
+    check_rows(outcome.run, data.rows, scenario.models, whole=True, where="end")

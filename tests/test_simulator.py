@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import re
@@ -284,6 +285,25 @@ def test_resent_after_ok_counts_only_bodies_already_answered(
     client.post("/chat/completions", json=body)
     stats = sim.stats
     assert (stats.resent_after_ok, stats.distinct_ok_bodies, stats.ok) == (1, 2, 3)
+
+
+@pytest.mark.parametrize("fault", ["rate_429", "rate_500", "rate_drop"])
+def test_resent_after_ok_counts_only_copies_sold_again(
+    sim: SimulatorThread, client: httpx2.Client, fault: str
+) -> None:
+    """A copy of an answered body that is refused (429), fails (5xx) or is dropped was not
+    bought again: it is not counted; the copy that is answered 200 is, once. (A killed
+    session's row retried after a resume met a 429 first: counted three times, bought once.)"""
+    body = chat("Row 14")
+    assert client.post("/chat/completions", json=body).status_code == 200
+    sim.set_config(**{fault: 1.0})
+    for _ in range(2):
+        with contextlib.suppress(httpx2.TransportError):
+            assert client.post("/chat/completions", json=body).status_code != 200
+    sim.set_config(**{fault: 0.0})
+    assert sim.stats.resent_after_ok == 0
+    assert client.post("/chat/completions", json=body).status_code == 200
+    assert (sim.stats.resent_after_ok, sim.stats.ok) == (1, 2)
 
 
 @pytest.mark.anyio

@@ -52,7 +52,7 @@ class Status:
     ok: int
     failed: int
     skipped: int
-    invalid: int  # rows whose answer failed [output]'s JSON Schema (in `failed` too)
+    invalid: int  # of `failed`: rows whose answers never matched the [output] schema
     requests: int
     prompt_tokens: int | None
     completion_tokens: int | None

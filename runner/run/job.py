@@ -269,7 +269,7 @@ async def resume(
             # The last session crashed: count what it had on the wire and never heard back,
             # and end it at its last trace on disk (not now: wall time is the real span).
             crashed = manifest["sessions"][-1]
-            unanswered = run.unanswered_requests()
+            unanswered = run.unanswered_requests(since=crashed.get("started_epoch"))
             crashed["unanswered_at_crash"] = len(unanswered)
             # Possibly billed without a record: the budget counts them at their worst case.
             crashed["unanswered_worst_usd"] = sum(unanswered.values())

@@ -2,8 +2,9 @@
 
 Owns: routing and auth, per-row directives and random fault switches, real sliding-window
 RPM/TPM limits with OpenAI- and routeway-style headers, and the counters tests measure clients
-with (above all `resent_after_ok`: requests that were paid for twice). The HTTP/1.1 side is
-runner/sim/http.py; the answers and the rate windows are runner/sim/answers.py.
+with (above all `resent_after_ok`: requests that were paid for twice, a body answered 200 again;
+a copy refused or failed is not counted). The HTTP/1.1 side is runner/sim/http.py; the answers
+and the rate windows are runner/sim/answers.py.
 
 Must not import anyio, an HTTP library or any runner module but those two: only the standard
 library and orjson, so it serves any client under test and starts fast in a bare subprocess.
@@ -370,11 +371,12 @@ class Simulator:
             message = f"The model `{cfg.unknown_model}` does not exist or you do not have access."
             return error_reply(404, message, "invalid_request_error", "model_not_found", headers)
         digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
-        if digest in self._ok_bodies:
-            if digest in self._invalid_bodies:
-                self.stats.reasked_after_invalid += 1
-            else:
-                self.stats.resent_after_ok += 1
+        # A copy of a body already answered: a re-ask when that answer was invalid; else an
+        # answer bought twice, counted below only if this copy is sold too (not a 429, a
+        # fault or a drop: those were not bought again).
+        again = digest in self._ok_bodies and digest not in self._invalid_bodies
+        if digest in self._ok_bodies and not again:
+            self.stats.reasked_after_invalid += 1
         messages = body["messages"]
         prompt = max(1, sum(len(text_of(m.get("content")).encode()) // 4 + 4 for m in messages))
         cap = completion_cap(body)
@@ -405,6 +407,7 @@ class Simulator:
                 mode = DRIP if "slow_drip" in directives else FULL
                 reply = Reply(200, payload, headers, mode=mode, success=success)
                 self.stats.served_tokens += spent
+                self.stats.resent_after_ok += again
         if self._tpm_entry is not None:  # admission counted max_tokens; keep what was really used
             self._tokens.total += spent - self._tpm_entry.amount
             self._tpm_entry.amount = spent

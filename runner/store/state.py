@@ -430,9 +430,15 @@ class RunDir:
         """
         return len(self.unanswered_requests())
 
-    def unanswered_requests(self) -> dict[tuple[str, str, int], float]:
+    def unanswered_requests(self, since: float | None = None) -> dict[tuple[str, str, int], float]:
         """(row_id, model, attempt) of each request of unanswered_at_crash, with its worst
-        case in USD as the start log has it (0 when unknown)."""
+        case in USD as the start log has it (0 when unknown).
+
+        `since`: when the crashed session started (its `started_epoch`). Only a record of
+        that session answers one of its requests: an earlier session's record of the same
+        row, model and attempt number (a row sent again after its input was edited, or
+        after its attempt 1 met a 429 and that session ended) is of another request, and
+        counting it as the answer hid a request that may be bought again."""
         wanted: dict[tuple[str, str, int], float] = {}
         with contextlib.suppress(OSError, ValueError, TypeError):
             entries = json.loads(self.sending_path.read_text())  # an older version's snapshot
@@ -446,13 +452,17 @@ class RunDir:
 
         ids = pa.array(sorted({r for r, _, _ in wanted}))
         for path in parts(self.parts_dir):
-            table = pq.read_table(path, columns=["row_id", "model", "attempts"])
+            table = pq.read_table(path, columns=["row_id", "model", "attempts", "started_at"])
             table = table.filter(pc.is_in(table.column("row_id"), value_set=ids))
             for row in table.to_pylist():
-                wanted.pop((row["row_id"], row["model"], row["attempts"]), None)
+                started = row["started_at"]
+                if since is None or started is None or started.timestamp() >= since:
+                    wanted.pop((row["row_id"], row["model"], row["attempts"]), None)
         for segment in segments(self.journal_dir):
             for r in read_segment(segment):
-                wanted.pop((r["row_id"], r["model"], r["attempts"]), None)
+                started = r.get("started_at")
+                if since is None or not isinstance(started, int | float) or started >= since:
+                    wanted.pop((r["row_id"], r["model"], r["attempts"]), None)
         return wanted
 
     def recover(self) -> int:
