@@ -21,7 +21,7 @@ import time
 from common import OUT, make_input, make_spec, pinned, simulator
 from resume import PART_ROWS, _table
 
-from runner.run.job import prepare
+from runner.engine.job import prepare
 from runner.store.sink import write_part
 from runner.store.state import RunDir, input_fingerprint, utc_now, versions
 

@@ -166,7 +166,7 @@ def throughput(url: str, sim_pid: int, shards: int, rows: int, runs_dir: Path) -
     import anyio
 
     from runner.cluster import load_driver
-    from runner.run import job
+    from runner.engine import job
 
     driver = load_driver()
     data = make_jsonl(rows)

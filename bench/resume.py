@@ -24,7 +24,7 @@ import urllib.request
 import pyarrow as pa
 from common import OUT, child_script, make_input, make_spec, pinned, simulator
 
-from runner.run.job import prepare
+from runner.engine.job import prepare
 from runner.store.sink import COLUMNS, SCHEMA, write_part
 from runner.store.state import RunDir, input_fingerprint, utc_now, versions
 

@@ -11,18 +11,15 @@ Every error the runner raises on purpose is a `runner.RunnerError`; bad specs, i
 names are `runner.UsageError`s (`SpecError`, `InputError`, `RunNotFound`, `RunLocked`).
 
 The API is imported on first use, so that `runner --help` and `import runner.errors` stay
-fast. `runner.run` is both the API's function and the package runner/run/ (the engine): the
+fast. `runner.run` is both the API's function and the package runner/engine/ (the engine): the
 import system sets a subpackage as an attribute of its parent, so the package's module is
 made callable, calling `runner.api.run`.
 """
 
 from __future__ import annotations
 
-import inspect
-import types
 from typing import TYPE_CHECKING, Any
 
-import runner.run as _engine
 from runner.errors import (
     AuthFailed,
     InputError,
@@ -60,6 +57,7 @@ _API = (
     "open",
     "resume",
     "resume_async",
+    "run",
     "run_async",
     "runs",
     "submit",
@@ -74,27 +72,6 @@ def __getattr__(name: str) -> Any:
         return getattr(api, name)
     raise AttributeError(f"module 'runner' has no attribute {name!r}")
 
-
-class _CallablePackage(types.ModuleType):
-    """runner/run/, which is also `runner.run(data, ...)` (see the module docstring)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """`runner.run(data, model=..., ...)`: runner.api.run, see help(runner.api.run)."""
-        from runner.api import run as run_data
-
-        return run_data(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return "<runner.run: runner.api.run(data, ...), and the package runner/run/>"
-
-    @property
-    def __signature__(self) -> inspect.Signature:  # what help() and notebooks show
-        from runner.api import run as run_data
-
-        return inspect.signature(run_data)
-
-
-_engine.__class__ = _CallablePackage
 
 __all__ = [
     "AuthFailed",

@@ -132,7 +132,7 @@ def submit(
     with tuning.collector_paused():
         from runner import api
         from runner.api.session import blocking
-        from runner.run import job
+        from runner.engine import job
 
     if show is not None and not dry_run:
         from runner.errors import UsageError
@@ -163,7 +163,7 @@ def submit(
         ]
         _emit(names, rows, "table")
         if show is not None:
-            from runner.run.plan import sample_requests
+            from runner.engine.plan import sample_requests
 
             _show_requests(sample_requests(prepared, show))
         return
@@ -550,7 +550,7 @@ def show(run: str, row_id: str, runs_dir: Path, raw: bool, as_json: bool) -> Non
     validation error, every attempt (re-asks and retries) and what they cost. ROW_ID is the
     id column's value, or the row number from 0 without an id column.
     """
-    from runner.run.show import show_row
+    from runner.engine.show import show_row
     from runner.store.state import resolve_run
 
     target = resolve_run(run, runs_dir)

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from runner.engine.job import Outcome
     from runner.records import Progress
-    from runner.run.job import Outcome
     from runner.store.state import Manifest, RunDir
 
 PLAIN_EVERY_S = 5.0

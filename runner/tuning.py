@@ -48,8 +48,8 @@ def tune_malloc() -> None:
 def collector_paused() -> Iterator[None]:
     """No garbage collection while the run's modules are imported: they allocate tens of
     thousands of objects that all stay alive, and the collections they set off cost ~25 ms of
-    a short run's CPU (median of 7, `import runner.cli, runner.run.job, genai_prices` on one core:
-    0.353 s with the collector, 0.328 s without)."""
+    a short run's CPU (median of 7, `import runner.cli, runner.engine.job, genai_prices` on one
+    core: 0.353 s with the collector, 0.328 s without)."""
     enabled = gc.isenabled()
     gc.disable()
     try:

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from runner.engine import job
 from runner.report.query import RunDB, report
-from runner.run import job
 from runner.sim.server import SimulatorConfig, SimulatorThread
 from runner.store.state import RunDir
 

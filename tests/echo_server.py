@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from runner.cli import main as cli_main
-from runner.run import job
+from runner.engine import job
 from runner.store.state import RunDir
 
 from .conftest import spec_text, write_rows, write_spec

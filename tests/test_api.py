@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 import runner
 from runner import api
 from runner.api import session
-from runner.run import job
+from runner.engine import job
 from runner.sim.answers import request_tag
 from runner.sim.server import SimulatorConfig, SimulatorThread
 
@@ -497,10 +497,16 @@ def test_keyboardinterrupt_in_a_running_loop_stops_cleanly_and_the_cli_resumes(
     assert json.loads(report.stdout) == as_json(runner.open("nb", runs_dir=runs).report().tables)
 
 
-def test_run_is_the_function_and_the_engine_package() -> None:
-    """`runner.run` calls the API although runner/run/ is a package of the same name."""
-    assert callable(runner.run) and runner.run.job is job  # type: ignore[attr-defined]
+def test_run_is_the_api_function() -> None:
+    """`runner.run` is the API's function, whatever of the package was imported before (no
+    subpackage of runner/ is named after a function of the API)."""
+    import runner.engine.job
+
+    assert runner.run is runner.api.run
     assert "prompt_column" in str(inspect.signature(runner.run))
+    api_names = set(runner.__all__)
+    packages = {p.parent.name for p in (ROOT / "runner").glob("*/__init__.py")}
+    assert not api_names & packages
 
 
 def test_the_readme_example_calls_the_api_as_it_is() -> None:

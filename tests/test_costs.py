@@ -12,9 +12,9 @@ import anyio
 import pyarrow.parquet as pq
 import pytest
 
+from runner.engine import job
 from runner.errors import SpecError, UsageError
 from runner.report.query import price_rows, query
-from runner.run import job
 from runner.sim.server import SimulatorConfig, SimulatorThread
 from runner.store.sink import parts
 

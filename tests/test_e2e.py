@@ -9,8 +9,8 @@ import anyio
 import pyarrow.parquet as pq
 import pytest
 
+from runner.engine import job
 from runner.records import Progress
-from runner.run import job
 from runner.store.state import RunDir
 
 from .conftest import ROOT, run_cli, select, spec_text, submit_job, write_rows, write_spec

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runner.cli import main as cli_main
-from runner.run import job
+from runner.engine import job
 from runner.store.state import RunDir, list_runs
 
 from .conftest import run_cli, sections, select, spec_text, start_runner, write_rows, write_spec
@@ -672,7 +672,7 @@ def test_malformed_jsonl_dry_run_exits_0_or_2_with_one_line(lines: list[bytes]) 
 # segment is deleted (the default 10,000 rows never fill before the kill on a slow machine).
 BOOT = """
 import runpy, sys, time
-import runner.run.job as job, runner.store.sink as sink
+import runner.engine.job as job, runner.store.sink as sink
 job.PART_ROWS = 50
 write_part = sink.write_part
 def slow_write_part(*args):

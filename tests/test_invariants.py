@@ -41,8 +41,8 @@ import anyio
 import pyarrow.parquet as pq
 import pytest
 
+from runner.engine import job
 from runner.report.query import export
-from runner.run import job
 from runner.sim.answers import request_tag
 from runner.sim.server import SimulatorConfig, SimulatorThread
 from runner.store.journal import SEGMENT_GLOB

@@ -25,7 +25,7 @@ LAYERS = [
     "http",
     "store",
     "report",
-    "run",
+    "engine",
     "cluster",
     "screens",
     "api",
@@ -38,7 +38,7 @@ ISLANDS = {"sim", "tuning", "errors"}
 # The simulator is started only by the entry points (`base_url = "simulator"`, `runner simulate`).
 SIM_USERS = {"cli", "api"}
 # Pairs that must never meet although the order would allow it.
-FORBIDDEN = {("store", "http"), ("report", "http"), ("input", "http"), ("report", "run")}
+FORBIDDEN = {("store", "http"), ("report", "http"), ("input", "http"), ("report", "engine")}
 # Third-party libraries and their one home (a module, or a whole package).
 HOMES = {
     "aiohttp": {"http.client"},
@@ -102,7 +102,7 @@ def test_every_module_is_on_the_map() -> None:
 
 def test_the_tree_is_the_architecture() -> None:
     """Subpackages own the parts of a run; no loose module is left beside them."""
-    assert {"input", "http", "store", "report", "run", "sim"} <= set(packages())
+    assert {"input", "http", "store", "report", "engine", "sim"} <= set(packages())
     top = {m for m in modules() if "." not in m}
     assert top <= {"__init__", "__main__", "api", "cli", "errors", "records", "screens", "spec",
                    "tuning"}, top  # fmt: skip
@@ -163,9 +163,9 @@ def test_map_catches_an_upward_import(tmp_path: Path) -> None:
     """The checker itself sees planted upward and cross imports (so it cannot pass vacuously)."""
     planted = tmp_path / "state.py"
     planted.write_text(
-        "from runner.cli import main\nfrom runner.http import client\nfrom runner import run\n"
+        "from runner.cli import main\nfrom runner.http import client\nfrom runner import engine\n"
     )
     found = imports_of(planted)
-    assert {"runner.cli", "runner.http", "runner.run"} <= found
+    assert {"runner.cli", "runner.http", "runner.engine"} <= found
     assert LAYERS.index(runner_target("runner.cli") or "") > LAYERS.index("store")
     assert ("store", runner_target("runner.http.client")) in FORBIDDEN

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.run.limiter import AIMD, Limiter, Limiters, Ticket, TokenBucket, tokens_to_reserve
-from runner.run.rate_headers import (
+from runner.engine.limiter import AIMD, Limiter, Limiters, Ticket, TokenBucket, tokens_to_reserve
+from runner.engine.rate_headers import (
     RateHeaders,
     parse_go_duration,
     parse_rate_headers,

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from runner.engine.show import show_row
 from runner.errors import UsageError
 from runner.report.query import RunDB, export, query
-from runner.run.show import show_row
 from runner.store.state import RunDir
 
 from .conftest import ROOT, spec_text, write_rows, write_spec

@@ -14,11 +14,11 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from runner.engine.limiter import Limiter, Limiters
+from runner.engine.pool import Pool
 from runner.errors import RequestRejected, ServerFailure
 from runner.http.retry import RetryPolicy
 from runner.records import Completion, Progress, ResultRecord, WorkItem
-from runner.run.limiter import Limiter, Limiters
-from runner.run.pool import Pool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,7 +150,7 @@ def test_an_answer_record_carries_every_answer_field(raw: str | None) -> None:
     trustworthy keeps no count, only the raw text."""
     import dataclasses
 
-    from runner.run.pool import _answer_fields, _Current
+    from runner.engine.pool import _answer_fields, _Current
 
     answer = Completion(
         content="c",

@@ -112,7 +112,7 @@ def _job(
 
 def _submit(spec: Path, runs: Path) -> Any:
     from runner.cluster import load_driver
-    from runner.run import job
+    from runner.engine import job
 
     driver = load_driver()
     prepared = job.prepare(spec, check_whole_file=True)
@@ -206,7 +206,7 @@ def test_a_restarted_budget_actor_runs_at_half_rate(
 
     def run() -> None:
         from runner.cluster import load_driver
-        from runner.run import job
+        from runner.engine import job
 
         driver = load_driver()
         prepared = job.prepare(spec, check_whole_file=True)

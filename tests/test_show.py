@@ -10,8 +10,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from runner.engine.show import show_row
 from runner.report.query import price_rows, query
-from runner.run.show import show_row
 
 from .conftest import write_rows
 from .echo_server import RECEIVED, Done, cli, echo_server, submit_prompts

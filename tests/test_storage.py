@@ -17,8 +17,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from runner.engine import job
 from runner.http.client import ChatClient
-from runner.run import job
 from runner.sim.server import SimulatorConfig, SimulatorThread
 from runner.store import journal
 from runner.store.state import RunDir, list_runs

@@ -9,7 +9,7 @@
     runner.resume(run.id); runner.open("summaries")
 
 The same run folders as the command line (`runner status/report/resume` work on runs started
-here): each call goes through runner/run/job.py, and the CLI's submit and resume go through
+here): each call goes through runner/engine/job.py, and the CLI's submit and resume go through
 `submit_session` and `resume_session` (session.py), as runner.submit and runner.resume do.
 `runner.run()` writes its spec as the run's frozen job.toml and a table in memory as the
 run's input.parquet, so a resume needs nothing from the Python process that started the run.

@@ -25,10 +25,10 @@ from runner.api.session import (
     submit_session,
 )
 from runner.api.spec_text import CALL, spec_toml
+from runner.engine import job
+from runner.engine.plan import prepare_loaded
 from runner.errors import InputError, SpecError
 from runner.input.memory import arrow_input, write_input
-from runner.run import job
-from runner.run.plan import prepare_loaded
 from runner.spec import check_environment, parse_spec
 from runner.store.state import RunDir, check_writable
 

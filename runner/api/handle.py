@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from runner.store.state import RunDir, default_runs_dir, list_runs, resolve_run
 
 if TYPE_CHECKING:
-    from runner.run.job import Outcome
+    from runner.engine.job import Outcome
 
 PathLike = str | os.PathLike[str]
 

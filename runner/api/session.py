@@ -3,7 +3,7 @@ thread, interrupts, progress and the simulator. What runner.submit/resume and th
 line's submit/resume share (`submit_session`, `resume_session`).
 
 In the calling thread when no loop runs there and it is the main thread: SIGINT/SIGTERM then
-drain the run as on the command line (runner/run/job.py watches them). Otherwise (inside
+drain the run as on the command line (runner/engine/job.py watches them). Otherwise (inside
 Jupyter, whose loop is running, or in another thread) on a loop of its own in a worker thread
 (an anyio blocking portal), the calling thread waiting: its KeyboardInterrupt asks the
 session to stop through a job.StopSwitch, the first draining, the second cutting.
@@ -27,10 +27,10 @@ import anyio.from_thread
 
 from runner import screens, tuning
 from runner.api.handle import PathLike, Run, runs_dir_of
+from runner.engine import job
+from runner.engine.job import Outcome, StopSwitch
 from runner.errors import SpecError
 from runner.records import Progress
-from runner.run import job
-from runner.run.job import Outcome, StopSwitch
 from runner.store.state import RunDir
 
 

@@ -10,7 +10,7 @@
 
 The actor runs runner/cluster/ledger.py (the arithmetic) and is off the hot path: a shard calls
 it about once a second per scope, and when its dollar allowance runs out. A 429 that pauses a
-shard's limiter (a rate limit: runner/run/limiter.py `pause_after_429`) is reported at once;
+shard's limiter (a rate limit: runner/engine/limiter.py `pause_after_429`) is reported at once;
 every other shard hears it through `watch`, a call the actor answers as soon as anything is
 paused or stopped (WATCH_S at the latest, then it is made again): a pause reaches every holder
 within one actor round trip (milliseconds on one machine), and a holder whose watch is broken
@@ -46,9 +46,9 @@ import ray.exceptions
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from runner.cluster.ledger import LEASE_S, Grant, Ledger, Limits
+from runner.engine.limiter import Limiter, Limiters
 from runner.records import WorkItem
 from runner.report.pricing import Budget, PriceSource, cost
-from runner.run.limiter import Limiter, Limiters
 from runner.spec import RunSpec
 
 # A watch call returns after this long when nothing happened, and is made again.
@@ -263,7 +263,7 @@ class _Link:
 
 
 class ClusterQuota:
-    """One scope's lease on this shard: the limiter's `SharedQuota` (runner/run/limiter.py).
+    """One scope's lease on this shard: the limiter's `SharedQuota` (runner/engine/limiter.py).
 
     The hot path (`wait_time`, `take`) only counts down the lease; the pacing's refill task
     asks the actor for the next lease when this one runs low, expires, or a request waits.

@@ -35,12 +35,12 @@ import ray.exceptions
 from runner.cluster.budget import open_budget
 from runner.cluster.shard import Pacing, ShardResult, ShardTask, run_shard
 from runner.cluster.shards import ShardPlan, is_ray_run, plan_shards, read_plan, write_plan
+from runner.engine.job import Outcome, Prepared, ProgressHook, SignalHook, SimulatorStarter
+from runner.engine.plan import resumed_spec, session_settings, shown
 from runner.errors import RunnerError, UsageError
 from runner.output.schema import freeze, frozen_text
 from runner.records import Progress
 from runner.report.query import summary
-from runner.run.job import Outcome, Prepared, ProgressHook, SignalHook, SimulatorStarter
-from runner.run.plan import resumed_spec, session_settings, shown
 from runner.spec import SIMULATOR, LoadedSpec, check_environment
 from runner.store.objstore import open_store, write_bytes
 from runner.store.state import (

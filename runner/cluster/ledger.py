@@ -299,7 +299,7 @@ class Ledger:
         self, scope: str, requests_per_minute: float | None, tokens_per_minute: float | None
     ) -> None:
         """A holder read the server's limits from its headers: the scope follows them (never
-        above a configured limit), as each local limiter does (runner/run/limiter.py)."""
+        above a configured limit), as each local limiter does (runner/engine/limiter.py)."""
         now = self._now()
         state = self._get(scope)
         configured = self._configured.get(scope, Limits())

@@ -50,14 +50,14 @@ from typing import Any, Protocol
 
 import anyio
 
+from runner.engine.job import PART_ROWS, SessionHooks, note_crash, run_session
+from runner.engine.limiter import Limiters
+from runner.engine.plan import prepare_loaded
+from runner.engine.pool import Pool
 from runner.errors import RunLocked, RunStopped, StorageFailed
 from runner.input.source import RowRange
 from runner.records import Progress
 from runner.report.pricing import Budget, PriceSource
-from runner.run.job import PART_ROWS, SessionHooks, note_crash, run_session
-from runner.run.limiter import Limiters
-from runner.run.plan import prepare_loaded
-from runner.run.pool import Pool
 from runner.spec import SIMULATOR, LoadedSpec, RunSpec, parse_spec
 from runner.store.objstore import list_files, open_store, read_bytes, write_bytes
 from runner.store.sink import RunSink, _Sealed, part_name, part_number

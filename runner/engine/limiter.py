@@ -2,7 +2,7 @@
 
 Owns the decision of *when* the next request may start. Knows nothing of HTTP or results;
 the pool tells it what happened (an outcome, the tokens used, the response headers), and
-runner/run/rate_headers.py reads those headers. Imports only anyio, the standard library and
+runner/engine/rate_headers.py reads those headers. Imports only anyio, the standard library and
 that module. Waits are
 computed deadlines or wake-ups, never polling loops; every time-based piece takes an
 injected clock (and the limiter an injected sleep) so tests need no real sleeps.
@@ -24,7 +24,7 @@ from typing import Literal, Protocol
 
 import anyio
 
-from runner.run.rate_headers import RateHeaders, parse_rate_headers
+from runner.engine.rate_headers import RateHeaders, parse_rate_headers
 
 PacingSignal = Literal["ok", "rate_limited", "error"]
 _OUTCOMES = frozenset(("ok", "rate_limited", "error"))

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.lowlevel
 
+from runner.engine.limiter import Limiters, PacingSignal, tokens_to_reserve
 from runner.errors import (
     AttemptError,
     AuthFailed,
@@ -40,7 +41,6 @@ from runner.output.repair import feedback_body
 from runner.output.schema import OutputSchema
 from runner.output.validate import check_answer
 from runner.records import Completion, Progress, Reasked, ResultRecord, WorkItem, hash_key
-from runner.run.limiter import Limiters, PacingSignal, tokens_to_reserve
 
 
 class Completer(Protocol):

@@ -3,7 +3,7 @@
 `prepare` validates before any spending (the spec, the key's presence, the input's columns and,
 unless deferred, every row); `estimate` is the dry run; `resumed_spec` picks the spec a resume
 runs with (the run's frozen one, or an edited one that changes only what a resume may take).
-runner/run/job.py runs what this prepares.
+runner/engine/job.py runs what this prepares.
 """
 
 from __future__ import annotations

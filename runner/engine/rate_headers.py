@@ -1,7 +1,7 @@
 """Rate-limit response headers: OpenAI's (`-requests`, `-tokens`) and routeway's (`-minute`).
 
 `parse_rate_headers` reads the request and token limits, what is left of them and when they
-reset; runner/run/limiter.py paces the run on what it finds. Values are bounded and checked: a
+reset; runner/engine/limiter.py paces the run on what it finds. Values are bounded and checked: a
 garbage header reads as absent, never as a huge wait.
 """
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import orjson
 
+from runner.engine.plan import shown
 from runner.errors import InputError, UsageError
 from runner.input.source import InputFile, RequestBuilder, Skip
 from runner.output.schema import sent_with_schema
 from runner.records import WorkItem
 from runner.report.parsed import run_output
 from runner.report.query import row_attempts
-from runner.run.plan import shown
 from runner.store.state import RunDir
 
 

@@ -4,7 +4,7 @@ The library entry points the CLI calls (async; only `cli` starts the event loop)
 run's life cycle: validate before spending, create or reopen the run folder under its lock,
 feed only unsettled rows, handle SIGINT/SIGTERM (drain, then stop), and always leave the
 folder consistent (shielded, time-bounded cleanup). Knows nothing of terminals or argv.
-What it runs was made ready by runner/run/plan.py (`prepare`, re-exported here with `estimate`).
+What it runs was made ready by runner/engine/plan.py (`prepare`, re-exported here with `estimate`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,18 @@ import anyio.from_thread
 import anyio.lowlevel
 from anyio.lowlevel import EventLoopToken
 
+from runner.engine.limiter import Limiter, Limiters
+from runner.engine.plan import (
+    Estimate,
+    Prepared,
+    estimate,
+    prepare,
+    prepare_loaded,
+    resumed_spec,
+    session_settings,
+    shown,
+)
+from runner.engine.pool import Pool
 from runner.errors import (
     EXIT_FAILED_ROWS,
     EXIT_OK,
@@ -45,18 +57,6 @@ from runner.input.source import RequestBuilder, Skip, check_input
 from runner.output.schema import freeze, frozen_text
 from runner.records import Progress, WorkItem
 from runner.report.pricing import Budget, PriceSource, spent_before
-from runner.run.limiter import Limiter, Limiters
-from runner.run.plan import (
-    Estimate,
-    Prepared,
-    estimate,
-    prepare,
-    prepare_loaded,
-    resumed_spec,
-    session_settings,
-    shown,
-)
-from runner.run.pool import Pool
 from runner.spec import SIMULATOR, RunSpec, check_environment
 from runner.store.sink import RunSink, reasked_rows
 from runner.store.starts import StartLog
