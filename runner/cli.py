@@ -679,6 +679,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: one clean line per error, tracebacks only with RUNNER_DEBUG=1."""
     debug = os.environ.get("RUNNER_DEBUG") == "1"
     tuning.tune_process()
+    if argv is None:  # the `runner` command itself, not a caller's process
+        tuning.skip_numpy(sys.argv[1:])
     try:
         cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except click.exceptions.Exit as exc:

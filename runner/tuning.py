@@ -13,6 +13,20 @@ import sys
 from collections.abc import Iterator
 
 
+def skip_numpy(argv: list[str]) -> None:
+    """A command-line process that never uses numpy does not import it.
+
+    pyarrow imports numpy whenever it is installed (pandas brings it, so most data
+    environments have it), and that import is ~190 ms of CPU, more than the rest of a short
+    `runner` command's start-up. Nothing the command line does needs it (Arrow, Parquet,
+    DuckDB to Arrow, JSON); Ray does, so `--ray` keeps it. Applied only to a real command
+    line (never inside a Python process that called the API or the CLI's main itself).
+    """
+    if "numpy" in sys.modules or any(a == "--ray" or a.startswith("--ray=") for a in argv):
+        return
+    sys.modules["numpy"] = None  # type: ignore[assignment]  # import numpy -> ImportError
+
+
 def tune_process() -> None:
     """Allocator settings, applied once before pyarrow is first imported.
 

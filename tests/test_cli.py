@@ -770,3 +770,40 @@ def test_progress_lines_fit_the_width(width: int) -> None:
     assert len(bar) == width and "answers" in bar
     progress.rows_total = None
     assert renderer.bar(progress, width).startswith("  1,131,346 answers [")
+
+
+def test_the_command_line_never_imports_numpy_unless_ray_needs_it(tmp_path: Path) -> None:
+    """numpy is installed here (pandas brings it) and pyarrow would import it: ~190 ms of a
+    command's CPU. The `runner` command blocks it; `--ray` (Ray needs numpy) and a process
+    that imported it first keep it."""
+    probe = (
+        "import sys\n"
+        "from runner.cli import main\n"
+        "sys.argv = ['runner', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "import pyarrow.parquet\n"
+        "print(sys.modules.get('numpy') is not None)\n"
+    )
+    runs = str(tmp_path / "runs")
+
+    def numpy_loaded(*args: str, first: str = "") -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", first + probe, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
+
+    assert numpy_loaded("runs", "--runs-dir", runs) == "False"
+    assert numpy_loaded("runs", "--runs-dir", runs, first="import numpy\n") == "True"
+    from runner import tuning
+
+    before = sys.modules.get("numpy")
+    tuning.skip_numpy(["submit", "job.toml", "--ray"])
+    assert sys.modules.get("numpy") is before
