@@ -163,7 +163,7 @@ def test_submit_progress_is_plain_lines_when_stderr_is_not_a_terminal(finished: 
     for line in progress:
         assert re.fullmatch(
             r"\d+/\d+ rows  ok \d+  failed \d+  \$[\d.]+( \(~\$[\d.]+ at end\))?"
-            r"  \d+ req/s(  retrying \d+)?  in flight \d+  conc \d+  tokens [\d,]+",
+            r"  [\d,]+ req/s(  retrying \d+)?  in flight \d+  conc \d+  tokens [\d,]+",
             line,
         ), line
 
