@@ -233,3 +233,13 @@ def test_ref_cycle_and_deep_answer_are_invalid_not_a_crash(tmp_path: Path) -> No
     done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     assert "nested too deeply" in done.stderr
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
+def test_schema_file_that_is_a_device_is_refused(tmp_path: Path, device: str) -> None:
+    """`schema = "/dev/zero"` read forever (gigabytes of memory); a non-regular file is
+    refused at once, naming the field."""
+    write_rows(tmp_path / "data.jsonl", [{"id": "a", "text": "hi"}])
+    write_spec(tmp_path, spec_text() + f'\n[output]\nschema = "{device}"\n')
+    with pytest.raises(SpecError, match=r"output\.schema.*not a regular file"):
+        load_output(load_spec(tmp_path / "job.toml"))
