@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import stat
 import tomllib
 import typing
 import urllib.parse
@@ -435,6 +436,9 @@ class LoadedSpec:
 def read_text(path: Path, shown: str, what: str) -> str:
     """A UTF-8 text file's contents, or a one-line SpecError saying why not."""
     try:
+        if not path.is_dir() and not stat.S_ISREG(path.stat().st_mode):
+            # /dev/zero or a FIFO: read forever, or wait for a writer
+            raise SpecError(shown, "", f"is not a regular file, so not {what}")
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(shown, "", "no such file") from None

@@ -207,3 +207,39 @@ def test_resume_compares_output_settings(old: str, new: str, field: str | None) 
     a = parse_spec(base, path=Path("x.toml"), display="x.toml")
     b = parse_spec(base.replace(old, new), path=Path("x.toml"), display="x.toml")
     assert sent_fields_changed(a, b) == field
+
+
+def test_ref_cycle_and_deep_answer_are_invalid_not_a_crash(tmp_path: Path) -> None:
+    """A $ref cycle (x -> y -> x), or an answer nested deeper than Python's stack to a
+    recursive schema, makes the answer invalid: never a RecursionError (exit 4)."""
+    import orjson
+
+    from runner.output.schema import compile_schema
+
+    deep = orjson.loads('{"a":' * 1000 + "{}" + "}" * 1000)  # as an answer is parsed
+    recursive = compile_schema({"type": "object", "properties": {"a": {"$ref": "#"}}})
+    assert recursive.error({"a": {"a": {}}}) is None
+    assert recursive.error(deep) == "$: nested too deeply to be checked"
+    cycle = {
+        "definitions": {"x": {"$ref": "#/definitions/y"}, "y": {"$ref": "#/definitions/x"}},
+        "$ref": "#/definitions/x",
+    }
+    (tmp_path / "schema.json").write_text(json.dumps(cycle))
+    write_rows(tmp_path / "data.jsonl", [{"id": "a", "text": "hi"}])
+    rf = 'response_format = { type = "json_schema", json_schema = { name = "t" } }'
+    text = spec_text(request_extra=rf) + '\n[output]\nschema = "schema.json"\n'
+    text += "max_invalid_attempts = 0\n"
+    write_spec(tmp_path, text)
+    done = run_cli("submit", "job.toml", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "nested too deeply" in done.stderr
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
+def test_schema_file_that_is_a_device_is_refused(tmp_path: Path, device: str) -> None:
+    """`schema = "/dev/zero"` read forever (gigabytes of memory); a non-regular file is
+    refused at once, naming the field."""
+    write_rows(tmp_path / "data.jsonl", [{"id": "a", "text": "hi"}])
+    write_spec(tmp_path, spec_text() + f'\n[output]\nschema = "{device}"\n')
+    with pytest.raises(SpecError, match=r"output\.schema.*not a regular file"):
+        load_output(load_spec(tmp_path / "job.toml"))

@@ -269,3 +269,41 @@ def test_a_query_that_only_mentions_parsed_runs(tmp_path: Path, echo: str) -> No
     done = submit_prompts(tmp_path, echo, ["parsed"])
     _, rows = query(done.run, "SELECT count(*) AS n FROM results WHERE content = 'parsed'")
     assert rows == [(1,)]
+
+
+def test_hostile_names_export_and_query(tmp_path: Path, echo: str) -> None:
+    """Property names with a NUL, a `"`, or a case-only clash with a key or input column,
+    and an input column with a `"` in its name: export and `parsed` work (no exit 4)."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "a\u0000b": {"type": "string"},
+            'x" , 1 AS "y': {"type": "integer"},
+            "ID": {"type": "string"},
+            "Model": {"type": "string"},
+        },
+    }
+    answer = {"a\u0000b": "nul", 'x" , 1 AS "y': 3, "ID": "big", "Model": "m"}
+    done = submit_prompts(tmp_path, echo, [json.dumps(answer)], OUTPUT, schema=schema)
+    names, rows = query(done.run, "SELECT * FROM parsed")
+    assert len(names) == len({n.lower() for n in names}) == 6
+    assert rows[0][2:] == ("nul", 3, "big", "m")
+    for suffix in ("csv", "parquet"):
+        out = tmp_path / f"out.{suffix}"
+        assert export(done.run, out, fields=True) == 1
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert len(table.column_names) == len({n.lower() for n in table.column_names})
+    assert table.column("answer_ID").to_pylist() == ["big"]
+    assert table.column('x" , 1 AS "y').to_pylist() == [3]
+
+
+def test_input_column_with_a_quote_exports(tmp_path: Path, echo: str) -> None:
+    write_rows(tmp_path / "data.jsonl", [{"id": "r0", 'a"b': "x", "text": "hello"}])
+    text = spec_text(base_url=echo, input_extra='id_column = "id"\nprompt_column = "text"')
+    write_spec(tmp_path, text)
+    code, _, err = cli("submit", str(tmp_path / "job.toml"), "--runs-dir", str(tmp_path / "runs"))
+    assert code == 0, err
+    (path,) = (tmp_path / "runs").iterdir()
+    out = tmp_path / "out.parquet"
+    assert export(RunDir(path), out) == 1
+    assert pq.read_table(out).column('a"b').to_pylist() == ["x"]

@@ -54,6 +54,8 @@ class Checker:
             self.check(value)
         except _invalid() as exc:
             return error_line(exc)
+        except RecursionError:  # a deep answer to a recursive schema, or a $ref cycle
+            return "$: nested too deeply to be checked"
         return None
 
 

@@ -44,12 +44,12 @@ class Fields:
 
 
 def _unclashed(names: Iterable[str], taken: Iterable[str]) -> list[str]:
-    used = set(taken)
+    used = {name.lower() for name in taken}  # SQL names are case-insensitive
     found = []
     for name in names:
-        while name in used:
+        while name.lower() in used:
             name = "answer_" + name
-        used.add(name)
+        used.add(name.lower())
         found.append(name)
     return found
 
@@ -84,7 +84,8 @@ def run_fields(run: RunDir, manifest: Manifest) -> Fields:
             "request.response_format json_schema): no typed fields"
         )
     columns = typed_columns(output.content.schema)
-    names = [c.name or "_" for c in columns]  # SQL has no empty column name
+    # SQL has no empty column name, and DuckDB none with a NUL in it
+    names = [c.name.replace("\0", "_") or "_" for c in columns]
     return Fields(output.content, output.settings.lenient, columns, _unclashed(names, KEY_COLUMNS))
 
 

@@ -62,6 +62,11 @@ def _sql_str(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def _ident(name: str) -> str:
+    """A column name as a quoted SQL identifier (a `"` in it doubled)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def _blank(path: Path) -> bool:
     """A text input with nothing but white space in it."""
     if path.stat().st_size > 65_536:
@@ -687,7 +692,7 @@ def export(run: RunDir, out: Path, *, overwrite: bool = False, fields: bool = Fa
             present = set(db.query("SELECT * FROM results LIMIT 0")[0])
             answer = [c for c in _FIELDS_ANSWER_COLUMNS if c in present]
         picked = ", ".join(
-            f'r."{c}" AS "{"answer_" + c if c in input_columns else c}"' for c in answer
+            f"r.{_ident(c)} AS {_ident('answer_' + c if c in input_columns else c)}" for c in answer
         )
         if db.fields is not None:
             taken = [*input_columns, "row_id", "reused", "reused_from"]
@@ -699,14 +704,14 @@ def export(run: RunDir, out: Path, *, overwrite: bool = False, fields: bool = Fa
                 if pa.types.is_nested(c.arrow)  # CSV has no nested values: JSON text there
             }
             typed = [
-                f'to_json(p."{old}")::VARCHAR AS "{new}"'
+                f"to_json(p.{_ident(old)})::VARCHAR AS {_ident(new)}"
                 if kind == "csv" and column.name in nested
-                else f'p."{old}" AS "{new}"'
+                else f"p.{_ident(old)} AS {_ident(new)}"
                 for old, new, column in zip(db.fields.names, names, db.fields.columns, strict=True)
             ]
             picked += ", " + ", ".join(typed)
             parsed_join = " LEFT JOIN parsed p ON p.row_id = r.row_id AND p.model = r.model"
-        inputs = ", ".join(f'i."{c}"' for c in input_columns)
+        inputs = ", ".join(f"i.{_ident(c)}" for c in input_columns)
         select = (
             f"SELECT {inputs}{', ' if inputs else ''}r.row_id, {picked}, "
             "coalesce(r.reused, false) AS reused, r.reused_from "
@@ -774,7 +779,7 @@ def _export_join(db: RunDB, run: RunDir) -> str:
     if isinstance(column, str):
         kinds = dict(db.query("SELECT column_name, column_type FROM (DESCRIBE input)")[1])
         if kinds.get(column) in _ID_TYPES:
-            return f'r.row_id = CAST(i."{column}" AS VARCHAR)'
+            return f"r.row_id = CAST(i.{_ident(column)} AS VARCHAR)"
     return "r.row_index = i.row_index"
 
 
