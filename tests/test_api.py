@@ -655,3 +655,41 @@ def test_a_relative_output_schema_is_the_callers(
     frozen = tomllib.loads((run.path / "job.toml").read_text())
     assert frozen["output"]["schema"] == str(tmp_path / "ticket.json")
     assert run.state == "completed" and run.status().ok == len(tickets)
+
+
+def _loop_module_of_a_session() -> str:
+    """The module of the event loop `session.blocking` runs a session on."""
+    seen: list[str] = []
+
+    async def start(hooks: dict[str, Any]) -> job.Outcome:
+        seen.append(type(asyncio.get_running_loop()).__module__)
+        raise RuntimeError("stop here")  # the loop is all this test wants
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        session.blocking(start, None)  # type: ignore[arg-type]
+    return seen[0]
+
+
+@pytest.mark.parametrize("where", ["main thread", "worker thread"])
+def test_a_session_runs_on_uvloop_unless_asked_for_asyncio(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's loop is uvloop (runner/tuning.py loop_options), on the main thread and on the
+    worker thread a call from a thread or a running loop gets; RUNNER_EVENT_LOOP=asyncio
+    keeps asyncio's own."""
+    pytest.importorskip("uvloop")
+
+    def check() -> tuple[str, str]:
+        monkeypatch.delenv("RUNNER_EVENT_LOOP", raising=False)
+        default = _loop_module_of_a_session()
+        monkeypatch.setenv("RUNNER_EVENT_LOOP", "asyncio")
+        plain = _loop_module_of_a_session()
+        return default, plain
+
+    if where == "main thread":
+        default, plain = check()
+    else:
+        with ThreadPoolExecutor(1) as pool:
+            default, plain = pool.submit(check).result(timeout=60)
+    assert default.startswith("uvloop")
+    assert plain.startswith("asyncio")

@@ -120,7 +120,7 @@ def blocking(start: Start, renderer: Renderer | None) -> Session:
                 async def main() -> Outcome:
                     return await start(hooks)  # SIGINT/SIGTERM drain it (job._watch_signals)
 
-                outcome = anyio.run(main)
+                outcome = anyio.run(main, backend_options=tuning.loop_options())
     finally:
         if renderer is not None:
             renderer.close()
@@ -136,7 +136,9 @@ def _in_worker_thread(start: Start, hooks: dict[str, Any]) -> tuple[Outcome, boo
     async def main() -> Outcome:
         return await start(hooks)
 
-    with anyio.from_thread.start_blocking_portal(name="runner") as portal:
+    with anyio.from_thread.start_blocking_portal(
+        name="runner", backend_options=tuning.loop_options()
+    ) as portal:
         future = portal.start_task_soon(main)
         while True:
             try:
