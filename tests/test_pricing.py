@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -33,6 +34,7 @@ from runner.report.pricing import (
     normalize_model,
     parse_price_table,
     price_sql_table,
+    usd,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -647,11 +649,12 @@ def test_budget_counts_an_answer_of_unknown_usage_at_its_worst_case(usage: dict[
         PriceSource({"m": PriceOverride(input=Decimal(1), output=Decimal(2))}), limit_usd=1.0
     )
     reservation = budget.reserve(_item())
-    assert reservation == Decimal(100 + 2 * 50) / 1_000_000
+    assert isinstance(reservation, int)
+    assert usd(reservation) == Decimal(100 + 2 * 50) / 1_000_000
     assert budget.settle(reservation, _answered(**usage)) is None
-    assert (budget.spent, budget.reserved) == (reservation, 0)
+    assert (budget.spent, budget.reserved) == (usd(reservation), 0)
     assert budget.paid(reservation, _answered(**usage)) is None
-    assert budget.spent == 2 * reservation
+    assert budget.spent == 2 * usd(reservation)
 
 
 @pytest.mark.parametrize(
@@ -701,3 +704,56 @@ def test_budget_release_gives_back_a_pending_rows_reservation() -> None:
     reservation = budget.reserve(_item())
     budget.release(reservation)
     assert (budget.spent, budget.reserved) == (0, 0)
+
+
+_PRICE = st.decimals(min_value=0, max_value=1000, places=6, allow_nan=False, allow_infinity=False)
+_TOKENS = st.integers(min_value=0, max_value=10**7)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rates=st.tuples(_PRICE, _PRICE, _PRICE),
+    answers=st.lists(st.tuples(_TOKENS, _TOKENS, st.none() | _TOKENS), min_size=1, max_size=8),
+    est=_TOKENS,
+    cap=_TOKENS,
+)
+def test_the_budget_counts_exactly_what_cost_computes(
+    rates: tuple[Decimal, Decimal, Decimal],
+    answers: list[tuple[int, int, int | None]],
+    est: int,
+    cap: int,
+) -> None:
+    """The budget's integer arithmetic (atto-dollars) equals `cost`'s Decimal one, to the
+    last digit, for reservations and settlements alike; what `settle` returns is that cost."""
+    price_in, price_cached, price_out = rates
+    override = PriceOverride(input=price_in, cached_input=price_cached, output=price_out)
+    prices = PriceSource({"m": override})
+    price = prices.price("m")
+    assert price is not None
+    budget = Budget(prices, limit_usd=None)
+    item = dataclasses.replace(_item(), est_prompt_tokens=est, max_tokens=cap)
+    expected_spent = Decimal(0)
+    for prompt, completion, cached in answers:
+        reservation = budget.reserve(item)
+        assert isinstance(reservation, int)
+        worst = cost(price, prompt_tokens=est, completion_tokens=cap, cached_tokens=None)
+        assert usd(reservation) == worst
+        assert budget.reserved == worst
+        record = _answered(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
+        actual = cost(price, prompt_tokens=prompt, completion_tokens=completion,
+                      cached_tokens=cached)  # fmt: skip
+        assert actual is not None
+        assert budget.settle(reservation, record) == float(actual)
+        expected_spent += actual
+        assert (budget.spent, budget.reserved) == (expected_spent, 0)
+
+
+def test_a_budget_stops_at_its_limit_to_the_atto_dollar() -> None:
+    """Room is judged exactly: a row whose worst case fills the budget to the cent is let
+    through; one atto-dollar more is not (a float sum would drift either way)."""
+    prices = PriceSource({"m": PriceOverride(input=Decimal("0.1"), output=Decimal("0.2"))})
+    item = _item()  # 100 prompt + 50 completion tokens: $0.00002 worst case
+    budget = Budget(prices, limit_usd=0.0002)
+    taken = [budget.reserve(item) for _ in range(11)]
+    assert taken.count(None) == 1 and taken[-1] is None
+    assert budget.reserved == Decimal("0.0002")

@@ -36,7 +36,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,7 +47,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from runner.cluster.ledger import LEASE_S, Grant, Ledger, Limits
 from runner.engine.limiter import Limiter, Limiters
 from runner.records import WorkItem
-from runner.report.pricing import Budget, PriceSource, cost
+from runner.report.pricing import ATTO, Budget, PriceSource, atto
 from runner.spec import RunSpec
 
 # A watch call returns after this long when nothing happened, and is made again.
@@ -415,21 +414,11 @@ class ClusterBudget(Budget):
         self.joined = False
         self._lock = anyio.Lock()
 
-    def _worst(self, item: WorkItem) -> Decimal:
-        price = self.prices.price(item.model)
-        if price is None:
-            return Decimal(0)
-        cap = item.max_tokens if item.max_tokens is not None else self.default_completion
-        worst = cost(
-            price, prompt_tokens=item.est_prompt_tokens, completion_tokens=cap, cached_tokens=None
-        )
-        return worst or Decimal(0)
-
     async def more_room(self, item: WorkItem) -> bool:
         async with self._lock:
-            assert self.limit is not None
-            worst = self._worst(item)
-            need = self.spent + self.reserved + worst - self.limit
+            assert self.limit_units is not None
+            worst = self.worst(item)
+            need = self.spent_units + self.reserved_units + worst - self.limit_units
             if need <= 0:
                 return True  # another worker's allowance made room meanwhile
             try:
@@ -439,15 +428,15 @@ class ClusterBudget(Budget):
                     )
                     if not self.joined:
                         return False  # a later attempt of this shard runs: this one stops
-                want = float(need + worst * ALLOWANCE_ROWS)
+                want = (need + worst * ALLOWANCE_ROWS) / ATTO
                 granted = await self.link.call(
-                    "grant_usd", self.holder, self.attempt, float(need), want
+                    "grant_usd", self.holder, self.attempt, need / ATTO, want
                 )
             except ray.exceptions.RayError:
                 return False
             if not granted:
                 return False
-            self.limit += Decimal(str(granted))
+            self.limit_units += atto(granted)
             return True
 
     def reached(self) -> str:

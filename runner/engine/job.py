@@ -56,7 +56,7 @@ from runner.http.retry import RetryPolicy
 from runner.input.source import RequestBuilder, Skip, check_input
 from runner.output.schema import freeze, frozen_text
 from runner.records import Progress, WorkItem
-from runner.report.pricing import Budget, PriceSource, spent_before
+from runner.report.pricing import ATTO, Budget, PriceSource, spent_before
 from runner.spec import SIMULATOR, RunSpec, check_environment
 from runner.store.sink import RunSink, reasked_rows
 from runner.store.starts import StartLog
@@ -533,7 +533,7 @@ async def _execute(
         if budget is not None:
             # Still reserved: rows cut by a hard stop (grace_s over, a second Ctrl-C), whose
             # requests may have been billed without a record. They count at their worst case.
-            manifest["budget_spent_usd"] = float(budget.spent + budget.reserved)
+            manifest["budget_spent_usd"] = (budget.spent_units + budget.reserved_units) / ATTO
         with anyio.CancelScope(shield=True):
             stop_reason = await _finish(
                 run, manifest, session, sink, progress, settled, stop_reason, pool, error

@@ -31,7 +31,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -514,13 +514,57 @@ def price_sql_table(
     return rows
 
 
+# The budget counts in atto-dollars (10**-18 USD), as Python ints: exact like Decimal for
+# any price of up to 12 decimal places per million tokens, and ~10 us a row cheaper (a
+# reservation and a settlement, each a few Decimal operations, were the pool's costliest
+# arithmetic on bench/run.py W1).
+ATTO = 10**18
+PER_TOKEN = ATTO // 1_000_000  # a price per million tokens, in atto-dollars per token
+
+
+def atto(usd: Decimal | float | int) -> int:
+    """USD in atto-dollars, rounded up (a budget never counts less than was spent)."""
+    exact = usd if isinstance(usd, Decimal) else Decimal(str(usd))
+    return int((exact * ATTO).to_integral_value(rounding=ROUND_CEILING))
+
+
+def usd(units: int) -> Decimal:
+    """Atto-dollars as USD, exactly."""
+    return Decimal(units).scaleb(-18)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rates:
+    """A model's prices in atto-dollars per token."""
+
+    input: int
+    cached_input: int
+    output: int
+
+    @classmethod
+    def of(cls, price: ModelPrice) -> _Rates:
+        return cls(
+            atto(price.input_per_mtok / MTOK),
+            atto(price.cached_input_per_mtok / MTOK),
+            atto(price.output_per_mtok / MTOK),
+        )
+
+    def cost(self, prompt: int, completion: int, cached: int | None) -> int:
+        """One answer's cost (OpenAI semantics, as `cost`): cached tokens are part of the
+        prompt, at the cached rate."""
+        cached = min(max(cached or 0, 0), prompt)
+        return (
+            (prompt - cached) * self.input + cached * self.cached_input + completion * self.output
+        )
+
+
 class Budget:
     """Cost keeping for a run: worst-case reservations against an optional USD budget.
 
     Before a row is sent, its worst case (estimated prompt + max_tokens, at the model's
     price) is reserved; scheduling stops when spent + reserved would pass the budget. When
     the row settles, the reservation is replaced by what it actually cost. Implements the
-    pool's `Spender` protocol.
+    pool's `Spender` protocol; a reservation is an int of atto-dollars (see ATTO).
     """
 
     def __init__(
@@ -532,26 +576,45 @@ class Budget:
         default_completion: int = 0,
     ) -> None:
         self.prices = prices
-        self.limit = None if limit_usd is None else Decimal(str(limit_usd))
-        self.spent = Decimal(str(spent_usd))
-        self.reserved = ZERO
+        self.limit_units = None if limit_usd is None else atto(limit_usd)
+        self.spent_units = atto(spent_usd)
+        self.reserved_units = 0
         self.default_completion = default_completion
         self.unknown = 0  # settled rows whose cost is unknown (unpriced, or no usage)
+        self._rates: dict[str, _Rates | None] = {}
+
+    @property
+    def spent(self) -> Decimal:
+        """USD spent (settled rows, paid re-asks, unknown usage at its worst case)."""
+        return usd(self.spent_units)
+
+    @property
+    def reserved(self) -> Decimal:
+        """USD reserved for rows on the wire."""
+        return usd(self.reserved_units)
+
+    def rates(self, model: str) -> _Rates | None:
+        try:
+            return self._rates[model]
+        except KeyError:
+            price = self.prices.price(model)
+            found = self._rates[model] = None if price is None else _Rates.of(price)
+            return found
+
+    def worst(self, item: WorkItem) -> int:
+        """A row's worst case: its estimated prompt and its completion cap at full price."""
+        rates = self.rates(item.model)
+        if rates is None:
+            return 0  # only possible without a budget: prepare refuses unpriced models
+        cap = item.max_tokens if item.max_tokens is not None else self.default_completion
+        return item.est_prompt_tokens * rates.input + cap * rates.output
 
     def reserve(self, item: WorkItem) -> object | None:
-        price = self.prices.price(item.model)
-        if price is None:
-            worst = ZERO  # only possible without a budget: prepare refuses unpriced models
-        else:
-            cap = item.max_tokens if item.max_tokens is not None else self.default_completion
-            # The high end of estimate_range alone (`cost` with nothing cached), inline: one
-            # Decimal cost a row, not two, and no call.
-            worst = (
-                item.est_prompt_tokens * price.input_per_mtok + cap * price.output_per_mtok
-            ) / MTOK
-        if self.limit is not None and self.spent + self.reserved + worst > self.limit:
+        worst = self.worst(item)
+        limit = self.limit_units
+        if limit is not None and self.spent_units + self.reserved_units + worst > limit:
             return None
-        self.reserved += worst
+        self.reserved_units += worst
         return worst
 
     def settle(self, reservation: object, record: ResultRecord) -> float | None:
@@ -560,8 +623,8 @@ class Budget:
         Unknown usage (missing, or not non-negative integers) may have been billed at up to
         the worst case, so that is what the budget counts; the returned cost is None.
         """
-        assert isinstance(reservation, Decimal)
-        self.reserved -= reservation
+        assert isinstance(reservation, int)
+        self.reserved_units -= reservation
         prompt, completion = record.prompt_tokens, record.completion_tokens
         if (
             record.status == "ok"
@@ -569,46 +632,37 @@ class Budget:
             and record.provider_cost is None
             and prompt is not None
             and completion is not None
-            and (price := self.prices.price(record.model)) is not None
+            and (rates := self.rates(record.model)) is not None
         ):
-            # The usual answer: `_actual`'s last case (`cost`), inline.
-            cached = min(max(record.cached_tokens or 0, 0), prompt)
-            actual: Decimal | None = (
-                (prompt - cached) * price.input_per_mtok
-                + cached * price.cached_input_per_mtok
-                + completion * price.output_per_mtok
-            ) / MTOK
+            actual: int | None = rates.cost(prompt, completion, record.cached_tokens)
         else:
             actual = self._actual(record, reservation)
         if actual is None:
             self.unknown += 1
-            self.spent += reservation
+            self.spent_units += reservation
             return None
-        self.spent += actual
-        return float(actual)
+        self.spent_units += actual
+        return actual / ATTO
 
-    def _actual(self, record: ResultRecord, reservation: Decimal) -> Decimal | None:
+    def _actual(self, record: ResultRecord, reservation: int) -> int | None:
         if record.reused or record.status == "skipped":
-            return ZERO
+            return 0
         if record.provider_cost is not None and record.provider_cost >= 0:
-            return Decimal(str(record.provider_cost))
-        price = self.prices.price(record.model)
-        if price is None:
+            return atto(record.provider_cost)
+        rates = self.rates(record.model)
+        if rates is None:
             return None
         if record.status == "failed":
             # Possibly billed without an answer: keep the worst case; otherwise nothing.
-            return reservation if record.possibly_billed else ZERO
-        return cost(
-            price,
-            prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens,
-            cached_tokens=record.cached_tokens,
-        )
+            return reservation if record.possibly_billed else 0
+        if record.prompt_tokens is None or record.completion_tokens is None:
+            return None
+        return rates.cost(record.prompt_tokens, record.completion_tokens, record.cached_tokens)
 
     def release(self, reservation: object) -> None:
         """Drop a reservation whose row stays pending (a refused key: nothing billed)."""
-        assert isinstance(reservation, Decimal)
-        self.reserved -= reservation
+        assert isinstance(reservation, int)
+        self.reserved_units -= reservation
 
     def charged(
         self, reservation: object, record: ResultRecord, *, answered: bool = False
@@ -618,23 +672,23 @@ class Budget:
         billed without an answer. Journaled with the record (`charged_usd`), it is counted
         again after a crash (state.Settled.usage); None when the record's usage tells.
         """
-        assert isinstance(reservation, Decimal)
+        assert isinstance(reservation, int)
         if (record.prompt_tokens is not None and record.completion_tokens is not None) or (
             record.provider_cost is not None and record.provider_cost >= 0
         ):
-            return None  # the usual answer: its tokens or its cost tell (no Decimal work)
+            return None  # the usual answer: its tokens or its cost tell
         probe = dataclasses.replace(record, status="ok") if answered else record
         actual = self._actual(probe, reservation)
         told = record.prompt_tokens is not None or record.provider_cost is not None
-        if actual is not None and (told or actual == ZERO):
+        if actual is not None and (told or actual == 0):
             return None
         charge = reservation if actual is None else actual
-        return float(charge) if charge > ZERO else None
+        return charge / ATTO if charge > 0 else None
 
     def worst_usd(self, reservation: object) -> float:
         """A reservation in USD (what a request on the wire may cost)."""
-        assert isinstance(reservation, Decimal)
-        return float(reservation)
+        assert isinstance(reservation, int)
+        return reservation / ATTO
 
     async def more_room(self, item: WorkItem) -> bool:
         """No more room comes to a run's own budget (a cluster's shards lease theirs:
@@ -644,27 +698,27 @@ class Budget:
     def room_to_reask(self, reservation: object, record: ResultRecord) -> bool:
         """Whether paying for a re-asked answer (its cost, or the worst case when unknown)
         still leaves the row's reservation within the budget for its next attempt."""
-        assert isinstance(reservation, Decimal)
-        if self.limit is None:
+        assert isinstance(reservation, int)
+        if self.limit_units is None:
             return True
-        actual = self._actual(dataclasses.replace(record, status="ok"), ZERO)
+        actual = self._actual(dataclasses.replace(record, status="ok"), 0)
         cost_now = reservation if actual is None else actual
-        return self.spent + self.reserved + cost_now <= self.limit
+        return self.spent_units + self.reserved_units + cost_now <= self.limit_units
 
     def paid(self, reservation: object, record: ResultRecord) -> float | None:
         """Count an answer that was paid for but did not settle its row (it was re-asked);
         unknown usage counts at the row's worst case (`reservation`)."""
-        assert isinstance(reservation, Decimal)
-        actual = self._actual(dataclasses.replace(record, status="ok"), ZERO)
+        assert isinstance(reservation, int)
+        actual = self._actual(dataclasses.replace(record, status="ok"), 0)
         if actual is None:
             self.unknown += 1
-            self.spent += reservation
+            self.spent_units += reservation
             return None
-        self.spent += actual
-        return float(actual)
+        self.spent_units += actual
+        return actual / ATTO
 
     def reached(self) -> str:
-        limit = self.limit if self.limit is not None else ZERO
+        limit = usd(self.limit_units or 0)
         return (
             f"budget reached: ${self.spent:.4f} of ${limit:.2f}; "
             "resume with --budget-usd to continue"
