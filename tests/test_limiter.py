@@ -770,6 +770,74 @@ async def test_cancelled_acquire_frees_its_slot() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_slot_waiter_cancelled_in_the_queue_leaves_it() -> None:
+    """A task cancelled while queued for a slot takes none: the next acquire is granted."""
+    limiter = Limiter(concurrency=1, adaptive=False)
+    held = await limiter.acquire()
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(limiter.acquire)
+            await anyio.wait_all_tasks_blocked()
+            scope.cancel()
+    limiter.release(held, outcome="ok")
+    with anyio.fail_after(5):
+        again = await limiter.acquire()
+    assert limiter.in_flight == 1
+    limiter.release(again, outcome="ok")
+    assert limiter.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_a_slot_granted_to_a_waiter_cancelled_before_it_ran_is_handed_on() -> None:
+    """A slot handed to a queued task that is cancelled before it resumes goes to the next
+    one in the queue, not lost (the limit would shrink by one each time)."""
+    limiter = Limiter(concurrency=1, adaptive=False)
+    held = await limiter.acquire()
+    got: list[str] = []
+    scopes: dict[str, anyio.CancelScope] = {}
+
+    async def waiter(name: str) -> None:
+        with anyio.CancelScope() as scopes[name]:
+            ticket = await limiter.acquire()
+            got.append(name)
+            limiter.release(ticket, outcome="ok")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for name in ("first", "second"):
+                tg.start_soon(waiter, name)
+                await anyio.wait_all_tasks_blocked()
+            scopes["first"].cancel()  # not yet delivered: the first is still queued ...
+            limiter.release(held, outcome="ok")  # ... when its slot comes, in the same step
+    assert got == ["second"]
+    assert limiter.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_slots_are_granted_in_the_order_asked() -> None:
+    """Queued acquirers get slots first come, first served."""
+    limiter = Limiter(concurrency=2, adaptive=False)
+    held = [await limiter.acquire(), await limiter.acquire()]
+    order: list[int] = []
+
+    async def waiter(number: int) -> None:
+        ticket = await limiter.acquire()
+        order.append(number)
+        await anyio.lowlevel.checkpoint()
+        limiter.release(ticket, outcome="ok")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for number in range(6):
+                tg.start_soon(waiter, number)
+                await anyio.wait_all_tasks_blocked()
+            for ticket in held:
+                limiter.release(ticket, outcome="ok")
+    assert order == list(range(6))
+    assert limiter.in_flight == 0
+
+
+@pytest.mark.anyio
 async def test_release_validates_and_is_idempotent() -> None:
     """An unknown outcome is refused; a second release of a ticket does nothing."""
     limiter = Limiter(concurrency=2)
