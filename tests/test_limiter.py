@@ -838,6 +838,49 @@ async def test_slots_are_granted_in_the_order_asked() -> None:
 
 
 @pytest.mark.anyio
+async def test_try_acquire_grants_only_what_acquire_would_grant_at_once() -> None:
+    """`try_acquire` takes a slot and room when both are free and nobody waits; otherwise it
+    takes nothing and says so (None), leaving the caller to queue with `acquire`."""
+    clock = FakeClock()
+    limiter = Limiter(concurrency=2, requests_per_minute=1, adaptive=False, clock=clock,
+                      sleep=never_wake)  # fmt: skip
+    first = limiter.try_acquire(5)
+    assert first is not None and limiter.in_flight == 1
+    assert limiter.try_acquire(5) is None  # the bucket is empty for a minute
+    assert limiter.in_flight == 1
+    clock.now += 60.0
+    second = limiter.try_acquire(5)
+    assert second is not None
+    clock.now += 60.0
+    assert limiter.try_acquire(5) is None  # room in the bucket, but both slots are taken
+    limiter.release(first, outcome="ok")
+    limiter.release(second, outcome="ok")
+    assert limiter.in_flight == 0
+    clock.now += 60.0
+    third = limiter.try_acquire(5)
+    assert third is not None
+    limiter.release(third, outcome="ok")
+
+
+@pytest.mark.anyio
+async def test_try_acquire_never_jumps_a_task_queued_at_the_gate() -> None:
+    """A task waiting at the gate (here for a pause) goes first: `try_acquire` takes nothing
+    while it waits, even once the pause is over and a slot is free."""
+    clock = FakeClock()
+    limiter = Limiter(concurrency=3, adaptive=False, clock=clock, sleep=never_wake)
+    limiter.pause_for(30.0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(limiter.acquire)
+        await anyio.wait_all_tasks_blocked()
+        clock.now += 60.0
+        assert limiter.try_acquire(5) is None
+        assert limiter.in_flight == 0
+        tg.cancel_scope.cancel()
+    ticket = limiter.try_acquire(5)
+    assert ticket is not None and limiter.in_flight == 1
+
+
+@pytest.mark.anyio
 async def test_release_validates_and_is_idempotent() -> None:
     """An unknown outcome is refused; a second release of a ticket does nothing."""
     limiter = Limiter(concurrency=2)

@@ -473,6 +473,20 @@ class Limiter:
 
     # -- acquire / release --
 
+    def try_acquire(self, est_tokens: int = 0) -> Ticket | None:
+        """`acquire` when it would not wait: a ticket if a slot and room are free now and
+        nobody is queued, else None (and nothing taken: await `acquire` then). No coroutine
+        to make and run for the usual request."""
+        slots = self._slots
+        if (slots is not None and slots.used >= slots.limit) or self._gate.locked():
+            return None
+        ticket = Ticket(est_tokens=max(int(est_tokens), 0))
+        if self._grant_or_wait(ticket) > 0:
+            return None
+        if slots is not None:
+            slots.used += 1
+        return ticket
+
     async def acquire(self, est_tokens: int = 0) -> Ticket:
         """Wait for a slot, the pause, and room in both buckets; then take them, all at once.
 

@@ -445,7 +445,7 @@ class Pool:
 
         async def attempt() -> Completion:
             current.attempts += 1
-            ticket = await limiter.acquire(estimate)
+            ticket = limiter.try_acquire(estimate) or await limiter.acquire(estimate)
             outcome: PacingSignal = "error"
             used: int | None = None  # unknown: the reservation stays counted as spent
             headers: Mapping[str, str] | None = None
