@@ -325,7 +325,10 @@ class Pool:
             if tracked:
                 own = self._in_flight[item.request_hash] = anyio.Event()
             try:
-                record = await self._process(item, current, retrying)
+                if self.output is None:
+                    record = await self._ask(item, item, current, retrying)
+                else:
+                    record = await self._process(item, current, retrying)
                 if tracked and record is not None and record.status == "ok":
                     self._answered.add(key)
                 # The row's reservation now: a feedback re-ask reserves for its larger body.
@@ -483,7 +486,16 @@ class Pool:
             return answer
 
         try:
-            answer: Completion = await retrying(attempt)
+            # The first attempt awaited bare, the retrier only after a failure (out of the
+            # except block): one coroutine fewer on the way of every answer.
+            try:
+                answer: Completion = await attempt()
+            except AttemptError as exc:
+                failed: AttemptError | None = exc
+            else:
+                failed = None
+            if failed is not None:
+                answer = await retrying.after(failed, attempt)
         except UnwantedAnswer as exc:
             assert isinstance(exc.answer, Completion)
             answer = exc.answer  # attempts ran out: keep the last paid answer

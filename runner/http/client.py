@@ -250,10 +250,6 @@ async def _no_connection() -> Connection | None:
     return None
 
 
-class _Stale(Exception):
-    """A reused connection closed before any byte of answer: try once more on a new one."""
-
-
 class ChatClient:
     """Chat completions from `POST {base_url}/chat/completions`, over pooled connections."""
 
@@ -326,28 +322,32 @@ class ChatClient:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await session.close()
 
-    async def complete(self, body: bytes) -> Completion:
-        """Send one request; return its answer or raise an `AttemptError`."""
-        session = self._session or self._open()
-        started = time.monotonic()
+    def complete(self, body: bytes) -> Coroutine[Any, Any, Completion]:
+        """Send one request; (a coroutine that) returns its answer or raises an
+        `AttemptError`. Not a coroutine of its own: one fewer on the way of every answer."""
+        return self._attempt(self._session or self._open(), body, self._deadline, retry_stale=True)
+
+    async def _again(
+        self, session: aiohttp.ClientSession, body: bytes, started: float
+    ) -> Completion:
+        """The one retry of a request whose reused connection closed before any byte of
+        answer (see `_Handler`): on a new connection, within what is left of the deadline."""
+        left = self._deadline - (time.monotonic() - started)
+        if left <= 0:
+            raise TimeoutFailure(f"no complete answer within {self._deadline:g} s")
+        token = _FRESH.set(True)
         try:
-            return await self._attempt(session, body, self._deadline, retry_stale=True)
-        except _Stale:
-            left = self._deadline - (time.monotonic() - started)
-            if left <= 0:
-                raise TimeoutFailure(f"no complete answer within {self._deadline:g} s") from None
-            token = _FRESH.set(True)
-            try:
-                return await self._attempt(session, body, left, retry_stale=False)
-            finally:
-                _FRESH.reset(token)
+            return await self._attempt(session, body, left, retry_stale=False)
+        finally:
+            _FRESH.reset(token)
 
     async def _attempt(
         self, session: aiohttp.ClientSession, body: bytes, deadline: float, *, retry_stale: bool
     ) -> Completion:
         _USED.set(None)
+        started = time.monotonic()
         handler: _Handler | None = None
-        read = keep = False
+        read = keep = stale = False
         # The session's own timeout unless this is the rest of a deadline already begun.
         timeout = (
             self._timeout
@@ -393,11 +393,11 @@ class ChatClient:
             raise ConnectFailure(self._clean(f"the proxy refused: {exc.status}")) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             used = _USED.get()
-            if retry_stale and used is not None and used.requests > 1 and not used.answered:
-                raise _Stale from None
-            raise ProtocolFailure(
-                self._clean(f"connection failed mid-answer: {_describe(exc)}")
-            ) from None
+            if not (retry_stale and used is not None and used.requests > 1 and not used.answered):
+                raise ProtocolFailure(
+                    self._clean(f"connection failed mid-answer: {_describe(exc)}")
+                ) from None
+            stale = True  # retried below, once the connection is settled
         except TimeoutError:
             raise TimeoutFailure(f"no complete answer within {self._deadline:g} s") from None
         except aiohttp.ClientError as exc:
@@ -409,6 +409,8 @@ class ChatClient:
                 # A failure or a cancellation before the answer was whole: never reuse it.
                 if (used := _USED.get()) is not None:
                     self._connector.settle(used, False)
+        if stale:
+            return await self._again(session, body, started)
         try:
             if status != 200:
                 location = headers.get("location", "?")

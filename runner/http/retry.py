@@ -142,11 +142,17 @@ class Retrier:
         try:
             return await attempt()
         except AttemptError as exc:
-            if self._rest is None or not self.policy.is_retryable(exc):
-                raise
-            wait = self.policy.delay(1, exc)
-            if self.on_retry is not None:
-                await self.on_retry(exc, 1, wait)
-            await self.policy.sleep(wait)
+            failed = exc
+        return await self.after(failed, attempt)
+
+    async def after(self, failed: AttemptError, attempt: Callable[[], Awaitable[T]]) -> T:
+        """The rest of a call whose first attempt (made by the caller, awaited bare: one
+        coroutine fewer on the way of every answer) failed with `failed`."""
+        if self._rest is None or not self.policy.is_retryable(failed):
+            raise failed
+        wait = self.policy.delay(1, failed)
+        if self.on_retry is not None:
+            await self.on_retry(failed, 1, wait)
+        await self.policy.sleep(wait)
         result: T = await self._rest(attempt)
         return result
