@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from runner.errors import SpecError
 from runner.records import ResultRecord, WorkItem, untrusted_usage
 from runner.report.pricing import (
+    ATTO,
     COST_SQL,
     PRICE_COLUMNS,
     Budget,
@@ -723,8 +724,8 @@ def test_the_budget_counts_exactly_what_cost_computes(
     est: int,
     cap: int,
 ) -> None:
-    """The budget's integer arithmetic (atto-dollars) equals `cost`'s Decimal one, to the
-    last digit, for reservations and settlements alike; what `settle` returns is that cost."""
+    """The budget's integer arithmetic (atto-dollars) equals the Decimal one, to the last
+    digit, for reservations and settlements (`cost`) alike; `settle` returns that cost."""
     price_in, price_cached, price_out = rates
     override = PriceOverride(input=price_in, cached_input=price_cached, output=price_out)
     prices = PriceSource({"m": override})
@@ -736,7 +737,8 @@ def test_the_budget_counts_exactly_what_cost_computes(
     for prompt, completion, cached in answers:
         reservation = budget.reserve(item)
         assert isinstance(reservation, int)
-        worst = cost(price, prompt_tokens=est, completion_tokens=cap, cached_tokens=None)
+        # The prompt at the higher of the two rates: it may all come from the cache.
+        worst = (est * max(price_in, price_cached) + cap * price_out) / 1_000_000
         assert usd(reservation) == worst
         assert budget.reserved == worst
         record = _answered(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
@@ -757,3 +759,55 @@ def test_a_budget_stops_at_its_limit_to_the_atto_dollar() -> None:
     taken = [budget.reserve(item) for _ in range(11)]
     assert taken.count(None) == 1 and taken[-1] is None
     assert budget.reserved == Decimal("0.0002")
+
+
+def _fixed(input_: str, cached: str, output: str) -> PriceSource:
+    return PriceSource(
+        {"m": PriceOverride(input=D(input_), cached_input=D(cached), output=D(output))}
+    )
+
+
+def test_an_infinite_budget_is_no_limit() -> None:
+    """`budget_usd = inf` passes the spec (a non-negative float): it means no limit, never an
+    internal error."""
+    budget = Budget(_fixed("1", "1", "1"), limit_usd=float("inf"))
+    assert budget.limit_units is None
+    assert budget.reserve(_item()) is not None
+
+
+def test_absurd_provider_costs_neither_crash_nor_lose_the_stop() -> None:
+    """A provider reporting `usage.cost` near the float maximum on every row: the budget
+    counts it (clamped, still past any limit), the session's spend stays a float, and a
+    resume from an infinite sum of such costs stops at the budget instead of failing."""
+    budget = Budget(_fixed("1", "1", "1"), limit_usd=10.0)
+    reservations = [budget.reserve(_item()) for _ in range(4)]
+    for reservation in reservations:
+        cost_usd = budget.settle(reservation, _answered(prompt_tokens=10, completion_tokens=2,
+                                                        provider_cost=1e308))  # fmt: skip
+        assert cost_usd is not None and cost_usd > 10
+    assert (budget.spent_units + budget.reserved_units) / ATTO > 10
+    assert budget.reserve(_item()) is None
+    resumed = Budget(_fixed("1", "1", "1"), limit_usd=20.0, spent_usd=float("inf"))
+    assert resumed.reserve(_item()) is None
+    assert "budget reached" in resumed.reached()
+
+
+def test_the_limit_is_rounded_down_and_spending_up() -> None:
+    """A limit finer than an atto-dollar is rounded down, never up: a row costing more than
+    the budget never fits it."""
+    budget = Budget(_fixed("1e-12", "1e-12", "1e-12"), limit_usd=1.5e-18)
+    item = dataclasses.replace(_item(), est_prompt_tokens=2, max_tokens=0)
+    assert budget.reserve(item) is None  # 2e-18 USD does not fit 1.5e-18
+
+
+def test_a_cached_rate_above_the_input_rate_is_reserved_for() -> None:
+    """A price table whose cached rate is above its input rate: a row's reservation covers a
+    prompt read wholly from the cache, so the budget holds however the rows settle."""
+    budget = Budget(_fixed("1", "100", "1"), limit_usd=0.011)
+    reservations = [budget.reserve(_item()) for _ in range(2)]  # 100 prompt + 50 completion
+    for reservation in reservations:
+        if reservation is not None:
+            budget.settle(reservation, _answered(prompt_tokens=100, completion_tokens=50,
+                                                 cached_tokens=100))  # fmt: skip
+    assert budget.spent <= D("0.011")
+    assert budget.spent == D(100 * 100 + 50) / 1_000_000  # one row fitted

@@ -410,6 +410,9 @@ class ClusterBudget(Budget):
             spent_usd=spent_usd,
             default_completion=default_completion,
         )
+        # What it spent is all the room it has until granted more (an infinite spend is
+        # clamped, never the "no limit" an infinite limit means).
+        self.limit_units = self.spent_units
         self.link, self.holder, self.attempt = link, holder, attempt
         self.joined = False
         self._lock = anyio.Lock()

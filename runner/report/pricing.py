@@ -25,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
-from decimal import ROUND_CEILING, Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -522,10 +523,21 @@ ATTO = 10**18
 PER_TOKEN = ATTO // 1_000_000  # a price per million tokens, in atto-dollars per token
 
 
-def atto(usd: Decimal | float | int) -> int:
-    """USD in atto-dollars, rounded up (a budget never counts less than was spent)."""
+# Amounts past this are clamped (a provider's absurd `usage.cost`, spend summed to infinity):
+# still past any budget, and their sums stay within a float when turned back into USD.
+_MAX_USD = Decimal(10**18)
+
+
+def atto(usd: Decimal | float | int, *, down: bool = False) -> int:
+    """USD in atto-dollars, rounded up (spending: a budget never counts less than was spent)
+    or, `down`, rounded down (a limit: never more room than was given); clamped to
+    [0, 10**18] USD, +infinity included."""
     exact = usd if isinstance(usd, Decimal) else Decimal(str(usd))
-    return int((exact * ATTO).to_integral_value(rounding=ROUND_CEILING))
+    if exact.is_nan():
+        raise ValueError(f"not an amount of USD: {usd!r}")
+    exact = min(max(exact, Decimal(0)), _MAX_USD)
+    rounding = ROUND_FLOOR if down else ROUND_CEILING
+    return int((exact * ATTO).to_integral_value(rounding=rounding))
 
 
 def usd(units: int) -> Decimal:
@@ -540,14 +552,14 @@ class _Rates:
     input: int
     cached_input: int
     output: int
+    # What a prompt token may cost: a table may price cached tokens above uncached ones.
+    prompt_worst: int
 
     @classmethod
     def of(cls, price: ModelPrice) -> _Rates:
-        return cls(
-            atto(price.input_per_mtok / MTOK),
-            atto(price.cached_input_per_mtok / MTOK),
-            atto(price.output_per_mtok / MTOK),
-        )
+        uncached = atto(price.input_per_mtok / MTOK)
+        cached = atto(price.cached_input_per_mtok / MTOK)
+        return cls(uncached, cached, atto(price.output_per_mtok / MTOK), max(uncached, cached))
 
     def cost(self, prompt: int, completion: int, cached: int | None) -> int:
         """One answer's cost (OpenAI semantics, as `cost`): cached tokens are part of the
@@ -576,7 +588,10 @@ class Budget:
         default_completion: int = 0,
     ) -> None:
         self.prices = prices
-        self.limit_units = None if limit_usd is None else atto(limit_usd)
+        # An infinite budget (`budget_usd = inf` is a non-negative float) is no limit.
+        self.limit_units: int | None = None
+        if limit_usd is not None and limit_usd != math.inf:
+            self.limit_units = atto(limit_usd, down=True)
         self.spent_units = atto(spent_usd)
         self.reserved_units = 0
         self.default_completion = default_completion
@@ -607,7 +622,7 @@ class Budget:
         if rates is None:
             return 0  # only possible without a budget: prepare refuses unpriced models
         cap = item.max_tokens if item.max_tokens is not None else self.default_completion
-        return item.est_prompt_tokens * rates.input + cap * rates.output
+        return item.est_prompt_tokens * rates.prompt_worst + cap * rates.output
 
     def reserve(self, item: WorkItem) -> object | None:
         worst = self.worst(item)
