@@ -2,8 +2,7 @@
 
 Dataclasses frozen to the type checker (see `record`), slotted so one row costs one small
 object on the hot path; a result is not (see `journaled`), so orjson serialises it straight
-into a journal line from its dict. Imports
-only `errors`.
+into a journal line from its dict. Imports only `errors`.
 """
 
 from __future__ import annotations

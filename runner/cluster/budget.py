@@ -406,7 +406,7 @@ class ClusterBudget(Budget):
     ) -> None:
         super().__init__(
             prices,
-            limit_usd=spent_usd,
+            limit_usd=None,
             spent_usd=spent_usd,
             default_completion=default_completion,
         )

@@ -520,9 +520,6 @@ def price_sql_table(
 # reservation and a settlement, each a few Decimal operations, were the pool's costliest
 # arithmetic on bench/run.py W1).
 ATTO = 10**18
-PER_TOKEN = ATTO // 1_000_000  # a price per million tokens, in atto-dollars per token
-
-
 # Amounts past this are clamped (a provider's absurd `usage.cost`, spend summed to infinity):
 # still past any budget, and their sums stay within a float when turned back into USD.
 _MAX_USD = Decimal(10**18)
