@@ -356,14 +356,17 @@ class ChatClient:
         )
         try:
             # A redirect is an answer like another: never followed, so the key goes nowhere else.
-            async with session.post(
+            # Awaited, not `async with`: the same release below without aiohttp's five
+            # context-manager coroutines on the way of every answer.
+            response = await session.post(
                 self._url,
                 data=body,
                 headers=self._headers,
                 allow_redirects=False,
                 proxy=self._proxy,
                 timeout=timeout,
-            ) as response:
+            )
+            try:
                 # The connection it came on (aiohttp may have let go of it already).
                 handler = _USED.get()
                 status = response.status
@@ -384,6 +387,8 @@ class ChatClient:
                 else:
                     content = await _error_body(response)
                 reason = response.reason or ""
+            finally:
+                response.release()
             read = True
         except AttemptError:
             raise
