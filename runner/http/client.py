@@ -273,17 +273,23 @@ class ChatClient:
         self._max_bytes = max_response_bytes
         self._concurrency = concurrency
         self._url = base_url.rstrip("/") + "/chat/completions"
-        sent = {
-            "content-type": "application/json",
-            "accept": "application/json",
-            "accept-encoding": _ENCODINGS,
-        }
-        sent.update({name.lower(): value for name, value in (headers or {}).items()})
-        sent.setdefault("user-agent", f"runner/{_version()}")
+        sent = {name.lower(): value for name, value in (headers or {}).items()}
         if api_key is not None:
             sent["authorization"] = f"Bearer {api_key.reveal()}"
+        # Ours, the same on every request and no secret: the session's default headers,
+        # which aiohttp merges in C (the spec's headers and the key go with each request).
+        self._fixed = {
+            name: value
+            for name, value in (
+                ("content-type", "application/json"),
+                ("accept", "application/json"),
+                ("accept-encoding", _ENCODINGS),
+                ("user-agent", f"runner/{_version()}"),
+            )
+            if name not in sent
+        }
         # aiohttp turns a plain dict into a CIMultiDict on every request: made once here.
-        self._headers = CIMultiDictProxy(CIMultiDict(sent))
+        self._headers = CIMultiDictProxy(CIMultiDict(sent)) if sent else None
         # The environment's proxy, read here rather than by aiohttp's trust_env, which would
         # also look up ~/.netrc on every request and send what it finds. A loopback endpoint
         # never goes through a proxy: the variables are meant for the outside world.
@@ -305,11 +311,12 @@ class ChatClient:
             keepalive_timeout=KEEPALIVE_S,
             ssl=self._tls if self._tls is not None else True,
         )
-        # No session-wide headers: aiohttp copies those onto a proxy's CONNECT request too
-        # (the Authorization header as Proxy-Authorization), which would hand the key to the
-        # proxy. They go with each request instead.
+        # Only our fixed headers session-wide: aiohttp copies those onto a proxy's CONNECT
+        # request too (the Authorization header as Proxy-Authorization), which would hand the
+        # key, or a secret among the spec's headers, to the proxy.
         self._session = aiohttp.ClientSession(
             connector=self._connector,
+            headers=self._fixed,
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,  # decoded here, bounded
             timeout=self._timeout,
@@ -542,24 +549,24 @@ class ChatClient:
         text = message.get("content")
         tool_calls = message.get("tool_calls")
         prompt, completion, total, cached, reasoning, cost, raw = _usage(data.get("usage"))
+        # By position, in Completion's field order (~0.4 us a row fewer than keywords).
         answer = Completion(
-            content=text if type(text) is str else _text(text),
-            refusal=refusal if type(refusal := message.get("refusal")) is str else None,
-            tool_calls=orjson.dumps(tool_calls).decode() if tool_calls else None,
-            finish_reason=reason if type(reason := choice.get("finish_reason")) is str else None,
-            response_model=model if type(model := data.get("model")) is str else None,
-            response_id=answer_id if type(answer_id := data.get("id")) is str else None,
-            system_fingerprint=(
-                print_ if type(print_ := data.get("system_fingerprint")) is str else None
-            ),
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=total,
-            cached_tokens=cached,
-            reasoning_tokens=reasoning,
-            provider_cost=cost,
-            headers=headers or None,
-            usage_raw=raw,
+            text if type(text) is str else _text(text),  # content
+            refusal if type(refusal := message.get("refusal")) is str else None,
+            orjson.dumps(tool_calls).decode() if tool_calls else None,
+            reason if type(reason := choice.get("finish_reason")) is str else None,
+            model if type(model := data.get("model")) is str else None,  # response_model
+            answer_id if type(answer_id := data.get("id")) is str else None,  # response_id
+            print_ if type(print_ := data.get("system_fingerprint")) is str else None,
+            prompt,
+            completion,
+            total,
+            cached,
+            reasoning,
+            cost,
+            200,
+            headers or None,
+            raw,
         )
         return self._redacted(answer)
 
