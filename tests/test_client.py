@@ -4,6 +4,7 @@ and the API key never leaks into a message."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import string
@@ -614,3 +615,58 @@ def test_answer_usage_is_read_as_the_record_rules_say(usage: Any) -> None:
         answer.provider_cost is not None and expected_cost is not None
     )
     assert answer.usage_raw == untrusted_usage(read)
+
+
+def test_every_answer_field_comes_from_its_own_place() -> None:
+    """Each field of a Completion is read from its own place in the answer (the answer is
+    built by position: two fields swapped would show here)."""
+    body = {
+        "id": "answer-id",
+        "model": "served-model",
+        "system_fingerprint": "fp-1",
+        "choices": [
+            {
+                "message": {
+                    "content": "the text",
+                    "refusal": "no way",
+                    "tool_calls": [{"id": "call-1"}],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 11,
+            "completion_tokens": 12,
+            "total_tokens": 23,
+            "prompt_tokens_details": {"cached_tokens": 4},
+            "completion_tokens_details": {"reasoning_tokens": 5},
+            "cost": 0.25,
+        },
+    }
+    client = ChatClient(
+        base_url="http://127.0.0.1:1/v1",
+        api_key=None,
+        timeout_s=5,
+        connect_timeout_s=5,
+        concurrency=1,
+    )
+    kept = {"x-ratelimit-remaining-requests": "9"}
+    answer = client._completion(json.dumps(body).encode(), kept)
+    assert dataclasses.asdict(answer) == {
+        "content": "the text",
+        "refusal": "no way",
+        "tool_calls": '[{"id":"call-1"}]',
+        "finish_reason": "tool_calls",
+        "response_model": "served-model",
+        "response_id": "answer-id",
+        "system_fingerprint": "fp-1",
+        "prompt_tokens": 11,
+        "completion_tokens": 12,
+        "total_tokens": 23,
+        "cached_tokens": 4,
+        "reasoning_tokens": 5,
+        "provider_cost": 0.25,
+        "http_status": 200,
+        "headers": kept,
+        "usage_raw": None,
+    }

@@ -150,8 +150,10 @@ def test_an_answer_record_carries_every_answer_field(raw: str | None) -> None:
     trustworthy keeps no count, only the raw text."""
     import dataclasses
 
-    from runner.engine.pool import _answer_fields, _Current
+    from runner.engine.pool import OK_FIELDS, _answer_fields, _Current
 
+    names = tuple(f.name for f in dataclasses.fields(ResultRecord))
+    assert names[: len(OK_FIELDS)] == OK_FIELDS  # the usual record is built by position
     answer = Completion(
         content="c",
         refusal="r",

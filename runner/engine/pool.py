@@ -609,34 +609,36 @@ class _Current:
             return self._record(
                 status="ok", final=True, attempts=self.attempts, **_answer_fields(answer)
             )
-        # The usual answer, built in one call (the dicts of _answer_fields cost ~40 % of it).
+        # The usual answer, built in one call with its fields in order (the dicts of
+        # _answer_fields cost ~40 % of it, keywords ~0.9 us more); OK_FIELDS names the order,
+        # which tests/test_pool.py checks against ResultRecord's.
         item = self.item
         assert item is not None
         return ResultRecord(
-            row_id=item.row_id,
-            row_index=item.row_index,
-            model=item.model,
-            request_hash=item.request_hash,
-            status="ok",
-            final=True,
-            attempts=self.attempts,
-            started_at=self.started,
-            finished_at=time.time(),
-            latency_ms=round((time.perf_counter() - self.attempt_started) * 1000, 3),
-            http_status=answer.http_status,
-            content=answer.content,
-            refusal=answer.refusal,
-            tool_calls=answer.tool_calls,
-            finish_reason=answer.finish_reason,
-            response_model=answer.response_model,
-            response_id=answer.response_id,
-            system_fingerprint=answer.system_fingerprint,
-            prompt_tokens=answer.prompt_tokens,
-            completion_tokens=answer.completion_tokens,
-            total_tokens=answer.total_tokens,
-            cached_tokens=answer.cached_tokens,
-            reasoning_tokens=answer.reasoning_tokens,
-            provider_cost=answer.provider_cost,
+            item.row_id,
+            item.row_index,
+            item.model,
+            item.request_hash,
+            "ok",
+            True,
+            self.attempts,
+            self.started,
+            time.time(),
+            round((time.perf_counter() - self.attempt_started) * 1000, 3),
+            answer.http_status,
+            answer.content,
+            answer.refusal,
+            answer.tool_calls,
+            answer.finish_reason,
+            answer.response_model,
+            answer.response_id,
+            answer.system_fingerprint,
+            answer.prompt_tokens,
+            answer.completion_tokens,
+            answer.total_tokens,
+            answer.cached_tokens,
+            answer.reasoning_tokens,
+            answer.provider_cost,
         )
 
     def paid_attempt(self, record: ResultRecord, answer: Completion) -> ResultRecord:
@@ -652,6 +654,35 @@ class _Current:
             error_message=exc.message,
             possibly_billed=exc.possibly_billed,
         )
+
+
+# The fields `_Current.success` passes by position, in ResultRecord's order.
+OK_FIELDS = (
+    "row_id",
+    "row_index",
+    "model",
+    "request_hash",
+    "status",
+    "final",
+    "attempts",
+    "started_at",
+    "finished_at",
+    "latency_ms",
+    "http_status",
+    "content",
+    "refusal",
+    "tool_calls",
+    "finish_reason",
+    "response_model",
+    "response_id",
+    "system_fingerprint",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "provider_cost",
+)
 
 
 def _answer_fields(answer: Completion) -> dict[str, Any]:
