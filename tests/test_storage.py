@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -14,13 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runner.engine import job
 from runner.http.client import ChatClient
+from runner.records import ResultRecord
 from runner.sim.server import SimulatorConfig, SimulatorThread
-from runner.store import journal
+from runner.store import journal, sink
 from runner.store.state import RunDir, list_runs
 
 from .conftest import run_cli, select, spec_text, start_runner, write_rows, write_spec
@@ -358,3 +363,89 @@ def test_start_log_without_a_memory_map_writes_each_entry(
     with pytest.raises(StorageFailed, match="the disk is full"):
         other.started(("r", "m", 1))
     assert not list((tmp_path / "journal").glob("starts-*.log"))  # no empty file left
+
+
+_TEXT = st.one_of(st.none(), st.text(max_size=40))
+_COUNT = st.one_of(st.none(), st.integers(0, 2**62))
+_MONEY = st.one_of(st.none(), st.floats(0, 1e18, allow_nan=False, allow_infinity=False))
+_RECORDS = st.lists(
+    st.builds(
+        ResultRecord,
+        row_id=st.text(min_size=1, max_size=20),
+        row_index=st.integers(0, 2**62),
+        model=st.text(max_size=20),
+        request_hash=st.text(max_size=32),
+        status=st.sampled_from(["ok", "failed", "skipped", "invalid"]),
+        final=st.booleans(),
+        attempts=st.integers(0, 2**31 - 1),
+        started_at=st.floats(0, 4e9, allow_nan=False),
+        finished_at=st.floats(0, 4e9, allow_nan=False),
+        latency_ms=st.floats(0, 1e9, allow_nan=False),
+        http_status=st.one_of(st.none(), st.integers(100, 599)),
+        content=st.one_of(_TEXT, st.just('"quoted"\n\\ \u2028 \x00 \U0001f600')),
+        refusal=_TEXT,
+        tool_calls=_TEXT,
+        finish_reason=_TEXT,
+        response_model=_TEXT,
+        response_id=_TEXT,
+        system_fingerprint=_TEXT,
+        prompt_tokens=_COUNT,
+        completion_tokens=_COUNT,
+        total_tokens=_COUNT,
+        cached_tokens=_COUNT,
+        reasoning_tokens=_COUNT,
+        provider_cost=_MONEY,
+        usage_raw=_TEXT,
+        error_type=_TEXT,
+        error_message=_TEXT,
+        possibly_billed=st.booleans(),
+        reused=st.booleans(),
+        charged_usd=_MONEY,
+        validation_error=_TEXT,
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(records=_RECORDS, longest_first=st.booleans())
+def test_a_part_read_from_its_journal_is_the_table_of_its_records(
+    tmp_path_factory: pytest.TempPathFactory, records: list[ResultRecord], longest_first: bool
+) -> None:
+    """The compactor reads a sealed segment back with Arrow's JSON reader; the part must be
+    exactly the table the records make (every type, escape, null and timestamp rounding)."""
+    folder = tmp_path_factory.mktemp("segment")
+    if longest_first:
+        # A line longer than the reader's default block (1 MiB) must not fail the part.
+        records = [dataclasses.replace(records[0], content="x" * (1 << 20) + "y"), *records]
+    segment = journal.Journal(folder, 1)
+    segment.append(records)
+    segment.close()
+    read = sink.segment_table(segment.path, segment.longest)
+    assert read.schema == sink.SCHEMA
+    assert read.to_pylist() == sink.to_table(records).to_pylist()
+
+
+def test_a_full_segment_becomes_its_part_and_no_record_stays_in_memory(tmp_path: Path) -> None:
+    """A sealed segment is compacted from the file, not from records kept in memory."""
+    records = [
+        ResultRecord(f"r{i}", i, "m", "h", "ok", True, 1, 1.5 + i, 2.25 + i, 0.5, content=f"c{i}")
+        for i in range(25)
+    ]
+    journal_dir, parts_dir = tmp_path / "journal", tmp_path / "parts"
+    journal_dir.mkdir()
+    parts_dir.mkdir()
+    run_sink = sink.RunSink(journal_dir, parts_dir, next_number=1, part_rows=10)
+
+    async def go() -> None:
+        for start in range(0, 25, 5):
+            run_sink.append(records[start : start + 5])
+        await run_sink.close()
+
+    anyio.run(go)
+    assert not hasattr(run_sink, "_pending")
+    written = [pq.read_table(p).to_pylist() for p in sink.parts(parts_dir)]
+    assert [len(t) for t in written] == [10, 10, 5]
+    assert [r for t in written for r in t] == sink.to_table(records).to_pylist()
+    assert list(journal_dir.iterdir()) == []

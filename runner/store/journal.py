@@ -82,6 +82,7 @@ class Journal:
         self.fsync_every = fsync_every
         self.fsync_interval_s = fsync_interval_s
         self.records = 0
+        self.longest = 0  # the longest line written, newline included (bytes)
         self._unsynced = 0
         self._last_sync = time.monotonic()
         # The background fsync under way, and how many records it covers.
@@ -101,7 +102,8 @@ class Journal:
         if self._syncing is not None and self._syncing.done():
             self._collect()  # a failed fsync stops the run before more is written
         dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
-        data = b"".join([dumps(r, option=newline) for r in records])
+        lines = [dumps(r, option=newline) for r in records]
+        data = b"".join(lines)
         view = memoryview(data)
         try:
             while view:
@@ -110,6 +112,8 @@ class Journal:
         except OSError as exc:
             raise storage_error("write journal", self.path, exc) from None
         self.records += len(records)
+        if lines:
+            self.longest = max(self.longest, max(map(len, lines)))
         self._unsynced += len(records)
         if (
             self._unsynced >= self.fsync_every
