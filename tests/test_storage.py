@@ -79,6 +79,7 @@ async def test_disk_full_or_fsync_error_stops_the_run_and_resume_loses_nothing(
 ) -> None:
     """A failing journal write or fsync stops the run (exit 3); resume then completes it once."""
     spec = make_job(tmp_path, sim, 1_000)
+    monkeypatch.setattr(journal, "FSYNC_EVERY", 100)  # several fsyncs within these 1,000 rows
     real = getattr(os, function)
     # Only the journal's own calls fail: a module stand-in that delegates everything else.
     faulty = types.SimpleNamespace(**{n: getattr(os, n) for n in dir(os) if not n.startswith("__")})
