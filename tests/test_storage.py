@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner.engine import job
+from runner.errors import StorageFailed
 from runner.http.client import ChatClient
 from runner.records import ResultRecord
 from runner.sim.server import SimulatorConfig, SimulatorThread
@@ -450,3 +451,86 @@ def test_a_full_segment_becomes_its_part_and_no_record_stays_in_memory(tmp_path:
     assert [len(t) for t in written] == [10, 10, 5]
     assert [r for t in written for r in t] == sink.to_table(records).to_pylist()
     assert list(journal_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.7, 1 / 3])
+def test_a_write_cut_short_by_a_full_disk_leaves_the_segment_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: float
+) -> None:
+    """A full disk can let one write through in part before the next fails: the failed
+    append must leave no fragment behind, so that the batch written again once there is room
+    is read back once, and the sealed segment still becomes its part."""
+    records = [
+        ResultRecord(f"r{i}", i, "m", "h", "ok", True, 1, 1.5, 2.25, 0.5, content=f"c{i}")
+        for i in range(4)
+    ]
+    mode = {"now": "ok"}
+    real = os.write
+
+    def write(fd: int, data: Any) -> int:
+        if mode["now"] == "short":  # part of the batch, then the disk is full
+            mode["now"] = "full"
+            return real(fd, bytes(data[: int(len(data) * cut)]))
+        if mode["now"] == "full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    faulty = types.SimpleNamespace(**{n: getattr(os, n) for n in dir(os) if not n.startswith("__")})
+    faulty.write = write
+    monkeypatch.setattr(journal, "os", faulty)
+    journal_dir, parts_dir = tmp_path / "journal", tmp_path / "parts"
+    journal_dir.mkdir()
+    parts_dir.mkdir()
+    run_sink = sink.RunSink(journal_dir, parts_dir, next_number=1, part_rows=1_000)
+    run_sink.append(records[:1])  # the cut goes back to the end of earlier appends, not 0
+    run_sink.append(records[1:2])
+    [segment] = journal_dir.glob("segment-*.jsonl")
+    before = segment.read_bytes()
+    mode["now"] = "short"
+    with pytest.raises(StorageFailed, match="the disk is full"):
+        run_sink.append(records[2:])
+    assert segment.read_bytes() == before
+    mode["now"] = "ok"  # room is back: the pool writes the batch again
+    run_sink.append(records[2:])
+    anyio.run(run_sink.close)
+    [part] = sink.parts(parts_dir)
+    assert pq.read_table(part).to_pylist() == sink.to_table(records).to_pylist()
+    assert list(journal_dir.iterdir()) == []
+
+
+def test_a_fragment_that_cannot_be_cut_back_stays_the_last_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the fragment of a failed write cannot be taken out, nothing more is written after
+    it (it would be a corrupt line in the middle): recovery drops it as a torn last line."""
+    records = [ResultRecord(f"r{i}", i, "m", "h", "ok", True, 1, 1.5, 2.25, 0.5) for i in range(4)]
+    real = os.write
+    calls = {"n": 0}
+
+    def write(fd: int, data: Any) -> int:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            return real(fd, bytes(data[: len(data) // 2 - 5]))  # r2 cut mid-line
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    def no_truncate(fd: int, length: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    faulty = types.SimpleNamespace(**{n: getattr(os, n) for n in dir(os) if not n.startswith("__")})
+    faulty.write, faulty.ftruncate = write, no_truncate
+    monkeypatch.setattr(journal, "os", faulty)
+    segment = journal.Journal(tmp_path, 1)
+    segment.append(records[:2])
+    with pytest.raises(StorageFailed, match="the disk is full"):
+        segment.append(records[2:])
+    with pytest.raises(StorageFailed, match="a failed write is left in it"):
+        segment.append(records[2:])
+    segment.close()
+    assert calls["n"] == 3  # nothing written after the fragment
+    parts_dir = tmp_path / "parts"
+    parts_dir.mkdir()
+    sink.compact_leftovers(tmp_path, parts_dir)
+    [part] = sink.parts(parts_dir)
+    assert pq.read_table(part).column("row_id").to_pylist() == ["r0", "r1"]

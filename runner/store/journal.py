@@ -96,8 +96,12 @@ class Journal:
             self._fd: int | None = os.open(
                 self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
             )
+            # The segment's length once every append so far is in: a failed write is cut
+            # back to it (see append).
+            self._size = os.fstat(self._fd).st_size
         except OSError as exc:
             raise storage_error("create journal segment", self.path, exc) from None
+        self._torn = False
 
     def append(self, records: Sequence[ResultRecord]) -> None:
         """Write records as JSON lines in one system call; fsync when the group is due."""
@@ -105,6 +109,8 @@ class Journal:
             raise RuntimeError("journal segment is closed")
         if self._syncing is not None and self._syncing.done():
             self._collect()  # a failed fsync stops the run before more is written
+        if self._torn:
+            raise StorageFailed(f"cannot write journal {self.path}: a failed write is left in it")
         dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
         lines = [dumps(r, option=newline) for r in records]
         data = b"".join(lines)
@@ -114,7 +120,10 @@ class Journal:
                 written = os.write(self._fd, view)
                 view = view[written:]
         except OSError as exc:
+            if len(view) < len(data):
+                self._cut_back()
             raise storage_error("write journal", self.path, exc) from None
+        self._size += len(data)
         self.records += len(records)
         if lines:
             self.longest = max(self.longest, max(map(len, lines)))
@@ -124,6 +133,18 @@ class Journal:
             or time.monotonic() - self._last_sync >= self.fsync_interval_s
         ):
             self.sync_soon()
+
+    def _cut_back(self) -> None:
+        """Take out what a failed write let through (a full disk can take part of a batch,
+        then refuse the rest): the caller writes the batch again once there is room, and a
+        fragment left before it would be a corrupt line in the middle of the segment, or a
+        record twice. If even that fails, nothing more is written to this segment: the
+        fragment stays its last line, which recovery truncates."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            self._torn = True
 
     def sync_soon(self) -> None:
         """Start an fsync of what is written in a worker thread, unless one is under way;
