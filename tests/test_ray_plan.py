@@ -189,6 +189,25 @@ async def test_a_stale_attempt_writes_nothing_that_counts(
     assert simulator.stats.requests == 20
 
 
+@pytest.mark.anyio
+async def test_a_shard_on_a_store_seals_and_uploads_while_answers_arrive(
+    tmp_path: Path, simulator: SimulatorThread
+) -> None:
+    """The flusher seals what is journaled every flush_s while rows are still in flight:
+    several parts reach the store, and together they hold every row of the shard once."""
+    simulator.set_config(latency_ms=150, jitter_ms=140)  # answers spread over ~0.3 s
+    run, plan, text = _ray_run(tmp_path, 30)
+    store = f"file://{tmp_path / 'store' / run.run_id}"
+    (run.path / "store.json").write_text(json.dumps({"uri": store}))
+    task = _task(run, plan, text, 0, 1, simulator.base_url)
+    result = await run_shard(replace(task, store=store, flush_s=0.05))
+    assert result.state == "completed" and result.counts["ok"] == 15
+    uploaded = sorted((tmp_path / "store" / run.run_id / "shards" / "0" / "parts").iterdir())
+    assert len(uploaded) > 1
+    ids = [i for p in uploaded for i in pq.read_table(p, columns=["row_id"])["row_id"].to_pylist()]
+    assert sorted(ids) == sorted(str(i) for i in range(plan.ranges[0].start, plan.ranges[0].stop))
+
+
 def _work_folders(run_id: str) -> list[Path]:
     """Shard folders of a run left on this node's local disk."""
     return list(Path(tempfile.gettempdir()).glob(f"runner-ray-{os.getuid()}/{run_id}/*"))

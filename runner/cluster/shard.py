@@ -438,8 +438,7 @@ class StoreSink(RunSink):
 
     def flush(self) -> None:
         """Seal what is journaled into a part now (at most a flush window is at risk)."""
-        if self._rows:
-            self._seal()
+        self._seal()  # a segment with no records is dropped, not sealed
 
     def _compact(self, sealed: _Sealed) -> None:
         super()._compact(sealed)
