@@ -135,10 +135,27 @@ def questions(count: int, rng: random.Random) -> list[dict[str, object]]:
     return rows
 
 
-CUSTOMERS = ["Ada Lovelace", "Grace Hopper", "Alan Turing", "Katherine Johnson", "Linus Pauling",
-             "Marie Curie", "Niels Bohr", "Rosalind Franklin", "Claude Shannon", "Hedy Lamarr"]
-PRODUCTS = ["the Model S kettle", "a 27-inch monitor", "the annual Pro plan", "a pair of trail shoes",
-            "the smart thermostat", "a standing desk", "the family photo book"]
+CUSTOMERS = [
+    "Ada Lovelace",
+    "Grace Hopper",
+    "Alan Turing",
+    "Katherine Johnson",
+    "Linus Pauling",
+    "Marie Curie",
+    "Niels Bohr",
+    "Rosalind Franklin",
+    "Claude Shannon",
+    "Hedy Lamarr",
+]
+PRODUCTS = [
+    "the Model S kettle",
+    "a 27-inch monitor",
+    "the annual Pro plan",
+    "a pair of trail shoes",
+    "the smart thermostat",
+    "a standing desk",
+    "the family photo book",
+]
 PROBLEMS = [
     ("my parcel is {days} days late and tracking has not moved", "shipping"),
     ("I was charged twice for {product}, {total} EUR each time", "billing"),
@@ -147,8 +164,13 @@ PROBLEMS = [
     ("I would like to return {product}; it arrived damaged", "shipping"),
     ("the invoice for {product} shows the wrong VAT number", "billing"),
 ]
-MOODS = ["Thanks in advance.", "This is really frustrating.", "Please help as soon as possible!",
-         "Otherwise I am very happy with your service.", "I am considering cancelling."]  # fmt: skip
+MOODS = [
+    "Thanks in advance.",
+    "This is really frustrating.",
+    "Please help as soon as possible!",
+    "Otherwise I am very happy with your service.",
+    "I am considering cancelling.",
+]
 
 
 def tickets(count: int, rng: random.Random) -> list[dict[str, object]]:
@@ -157,11 +179,17 @@ def tickets(count: int, rng: random.Random) -> list[dict[str, object]]:
         product = rng.choice(PRODUCTS)
         problem, _ = rng.choice(PROBLEMS)
         problem = problem.format(
-            days=rng.randint(3, 21), product=product, total=f"{rng.randint(10, 900)}.{rng.randint(0, 99):02d}"
+            days=rng.randint(3, 21),
+            product=product,
+            total=f"{rng.randint(10, 900)}.{rng.randint(0, 99):02d}",
         )
         account = f" My account is #{rng.randint(10000, 99999)}." if rng.random() < 0.6 else ""
-        text = f"Hello, this is {rng.choice(CUSTOMERS)}. {problem[0].upper()}{problem[1:]}.{account} {rng.choice(MOODS)}"
-        rows.append({"id": f"t-{i:04d}", "channel": rng.choice(["email", "chat", "phone"]), "text": text})
+        customer = rng.choice(CUSTOMERS)
+        mood = rng.choice(MOODS)
+        text = f"Hello, this is {customer}. {problem[0].upper()}{problem[1:]}.{account} {mood}"
+        rows.append(
+            {"id": f"t-{i:04d}", "channel": rng.choice(["email", "chat", "phone"]), "text": text}
+        )
     return rows
 
 
