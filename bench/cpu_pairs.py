@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPYCACHEPREFIX=str(OUT / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # else nothing is cached, and every start compiles
     runs_dir = OUT / "pairs-runs"
     result = OUT / "pairs-baseline.parquet"
     figures: dict[str, list[float]] = {"runner": [], "aiohttp": []}

@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100)
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPYCACHEPREFIX=str(OUT / "pycache"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # else nothing is cached, and every start compiles
     runs_dir = OUT / "startup-runs"
     result = OUT / "startup-baseline.parquet"
     figures: dict[str, list[tuple[float, float | None]]] = {"runner": [], "aiohttp": []}
