@@ -585,13 +585,7 @@ def test_answer_usage_is_read_as_the_record_rules_say(usage: Any) -> None:
         content = json.dumps(body, allow_nan=True).encode()
     except ValueError:
         return
-    client = ChatClient(
-        base_url="http://127.0.0.1:1/v1",
-        api_key=None,
-        timeout_s=5,
-        connect_timeout_s=5,
-        concurrency=1,
-    )
+    client = _unconnected_client()
     answer = client._completion(content, {})
     import orjson
 
@@ -615,6 +609,17 @@ def test_answer_usage_is_read_as_the_record_rules_say(usage: Any) -> None:
         answer.provider_cost is not None and expected_cost is not None
     )
     assert answer.usage_raw == untrusted_usage(read)
+
+
+def _unconnected_client() -> ChatClient:
+    """A client whose answers are parsed here, never sent for (port 1: nothing listens)."""
+    return ChatClient(
+        base_url="http://127.0.0.1:1/v1",
+        api_key=None,
+        timeout_s=5,
+        connect_timeout_s=5,
+        concurrency=1,
+    )
 
 
 def test_every_answer_field_comes_from_its_own_place() -> None:
@@ -643,13 +648,7 @@ def test_every_answer_field_comes_from_its_own_place() -> None:
             "cost": 0.25,
         },
     }
-    client = ChatClient(
-        base_url="http://127.0.0.1:1/v1",
-        api_key=None,
-        timeout_s=5,
-        connect_timeout_s=5,
-        concurrency=1,
-    )
+    client = _unconnected_client()
     kept = {"x-ratelimit-remaining-requests": "9"}
     answer = client._completion(json.dumps(body).encode(), kept)
     assert dataclasses.asdict(answer) == {

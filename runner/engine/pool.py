@@ -704,16 +704,8 @@ def _answer_fields(answer: Completion) -> dict[str, Any]:
     }
 
 
-_NO_USAGE: dict[str, Any] = dict.fromkeys(
-    (
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "cached_tokens",
-        "reasoning_tokens",
-        "provider_cost",
-    )
-)
+# The usage columns (OK_FIELDS' last six), none known.
+_NO_USAGE: dict[str, Any] = dict.fromkeys(OK_FIELDS[OK_FIELDS.index("prompt_tokens") :])
 
 
 def _content_fields(answer: Completion) -> dict[str, Any]:
