@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -9,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
@@ -534,3 +537,130 @@ def test_a_fragment_that_cannot_be_cut_back_stays_the_last_line(
     sink.compact_leftovers(tmp_path, parts_dir)
     [part] = sink.parts(parts_dir)
     assert pq.read_table(part).column("row_id").to_pylist() == ["r0", "r1"]
+
+
+def _faulty_os(**replaced: Any) -> Any:
+    """The os module as the journal sees it, with some calls replaced."""
+    faulty = types.SimpleNamespace(**{n: getattr(os, n) for n in dir(os) if not n.startswith("__")})
+    for name, function in replaced.items():
+        setattr(faulty, name, function)
+    return faulty
+
+
+_SIX = [ResultRecord(f"r{i}", i, "m", "h", "ok", True, 1, 1.5, 2.25, 0.5) for i in range(6)]
+
+
+def _part_ids(parts_dir: Path) -> list[str]:
+    return [i for p in sink.parts(parts_dir) for i in pq.read_table(p)["row_id"].to_pylist()]
+
+
+def test_a_background_fsync_failing_while_a_batch_is_written_never_fails_that_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync that fails while an append writes: the written batch is journaled, so the
+    append returns and the failure stops the next one before it writes. Raised after the
+    write, the caller took the batch as not journaled and wrote it again (rows twice)."""
+    go, counts = threading.Event(), {"fsyncs": 0, "writes": 0}
+    segment: journal.Journal | None = None
+
+    def fsync(fd: int) -> None:
+        counts["fsyncs"] += 1
+        if counts["fsyncs"] == 1:
+            go.wait(5)  # the first background fsync is slow, then fails
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def write(fd: int, data: Any) -> int:
+        counts["writes"] += 1
+        written = os.write(fd, data)
+        if counts["writes"] == 2:  # the fsync fails while this write is under way
+            go.set()
+            assert segment is not None and segment._syncing is not None
+            deadline = time.monotonic() + 5
+            while not segment._syncing.done() and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return written
+
+    monkeypatch.setattr(journal, "os", _faulty_os(fsync=fsync, write=write))
+    monkeypatch.setattr(journal, "_fsync", fsync)
+    segment = journal.Journal(tmp_path, 1, fsync_every=2)
+    segment.append(_SIX[:2])  # starts the slow background fsync
+    segment.append(_SIX[2:4])  # written while it fails: journaled
+    with pytest.raises(StorageFailed, match="fsync"):
+        segment.append(_SIX[4:])  # the failure stops the next batch before it is written
+    with contextlib.suppress(StorageFailed):
+        segment.close()
+    parts_dir = tmp_path / "parts"
+    parts_dir.mkdir()
+    sink.compact_leftovers(tmp_path, parts_dir)
+    assert _part_ids(parts_dir) == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_segment_left_torn_stops_the_sink_not_just_that_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fragment that could not be cut back ends on a line boundary: its whole lines are
+    journaled. Sealing that segment (a shard's flusher) must not let the batch be written
+    again in the next segment: its rows would be in two parts."""
+    mode = {"now": "ok"}
+    line = len(orjson.dumps(_SIX[2], option=orjson.OPT_APPEND_NEWLINE))
+
+    def write(fd: int, data: Any) -> int:
+        if mode["now"] == "short":
+            mode["now"] = "full"
+            return os.write(fd, bytes(data[:line]))  # r2's whole line, then a full disk
+        if mode["now"] == "full":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(fd, data)
+
+    def ftruncate(fd: int, length: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(journal, "os", _faulty_os(write=write, ftruncate=ftruncate))
+    journal_dir, parts_dir = tmp_path / "journal", tmp_path / "parts"
+    journal_dir.mkdir()
+    parts_dir.mkdir()
+    run_sink = sink.RunSink(journal_dir, parts_dir, next_number=1, part_rows=1_000)
+    run_sink.append(_SIX[:2])
+    mode["now"] = "short"
+    with pytest.raises(StorageFailed, match="the disk is full"):
+        run_sink.append(_SIX[2:4])
+    run_sink.flush()  # a shard's flusher seals what is journaled
+    mode["now"] = "ok"
+    with pytest.raises(StorageFailed, match="a failed write is left in it"):
+        run_sink.append(_SIX[2:4])  # the pool's final flush
+    with contextlib.suppress(StorageFailed):
+        anyio.run(run_sink.close)
+    sink.compact_leftovers(journal_dir, parts_dir)  # what a resume does first
+    assert _part_ids(parts_dir) == ["r0", "r1", "r2"]
+
+
+def test_flushes_with_nothing_new_and_after_close_leave_nothing(tmp_path: Path) -> None:
+    """A flush with nothing journaled since the last one keeps the open segment (no segment
+    number spent); a flush after close opens nothing."""
+    journal_dir, parts_dir = tmp_path / "journal", tmp_path / "parts"
+    journal_dir.mkdir()
+    parts_dir.mkdir()
+    run_sink = sink.RunSink(journal_dir, parts_dir, next_number=1, part_rows=1_000)
+    for _ in range(3):
+        run_sink.flush()
+    run_sink.append(_SIX[:1])
+    anyio.run(run_sink.close)
+    run_sink.flush()
+    assert [p.name for p in sink.parts(parts_dir)] == [sink.part_name(1)]
+    assert list(journal_dir.iterdir()) == []
+
+
+def test_a_write_that_writes_nothing_fails_rather_than_loops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+
+    def write(fd: int, data: Any) -> int:
+        calls["n"] += 1
+        assert calls["n"] < 1_000, "still writing after 1,000 calls that wrote nothing"
+        return 0
+
+    monkeypatch.setattr(journal, "os", _faulty_os(write=write))
+    segment = journal.Journal(tmp_path, 1)
+    with pytest.raises(StorageFailed, match="cannot write journal"):
+        segment.append(_SIX[:1])

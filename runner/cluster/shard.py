@@ -436,10 +436,6 @@ class StoreSink(RunSink):
         super().__init__(*args, **kwargs)
         self.store = store
 
-    def flush(self) -> None:
-        """Seal what is journaled into a part now (at most a flush window is at risk)."""
-        self._seal()  # a segment with no records is dropped, not sealed
-
     def _compact(self, sealed: _Sealed) -> None:
         super()._compact(sealed)
         self.store.upload_part(self.parts_dir / part_name(sealed.number))

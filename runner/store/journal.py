@@ -118,6 +118,8 @@ class Journal:
         try:
             while view:
                 written = os.write(self._fd, view)
+                if not written:
+                    raise OSError(errno.EIO, "no byte was written")
                 view = view[written:]
         except OSError as exc:
             if len(view) < len(data):
@@ -132,7 +134,17 @@ class Journal:
             self._unsynced >= self.fsync_every
             or time.monotonic() - self._last_sync >= self.fsync_interval_s
         ):
+            syncing = self._syncing
+            if syncing is not None and syncing.done() and syncing.exception() is not None:
+                # Failed while this batch was written: the batch is journaled (raising now
+                # would have it written again); the next append or commit raises it.
+                return
             self.sync_soon()
+
+    @property
+    def torn(self) -> bool:
+        """A failed write's fragment is left in the segment (see `_cut_back`)."""
+        return self._torn
 
     def _cut_back(self) -> None:
         """Take out what a failed write let through (a full disk can take part of a batch,

@@ -20,6 +20,7 @@ import anyio
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from runner.errors import StorageFailed
 from runner.records import Reasked, ResultRecord
 from runner.store.journal import Journal, read_segment, segment_number, segments, storage_error
 
@@ -227,11 +228,30 @@ class RunSink:
         self._sealed: list[_Sealed] = []
         self._wake = anyio.Event()
         self._compacting = anyio.Lock()
+        self._closed = False
+        # Set once a failed write left a fragment in a segment: its whole lines may hold
+        # records the caller takes as not written, so nothing more is written this session.
+        self._stopped: str | None = None
 
     def append(self, records: Sequence[ResultRecord]) -> None:
         """Journal records now (a write that returned survives kill -9)."""
-        self._journal.append(records)
+        if self._stopped is not None:
+            raise StorageFailed(self._stopped)
+        try:
+            self._journal.append(records)
+        except StorageFailed:
+            if self._journal.torn:
+                self._stopped = (
+                    f"cannot write journal {self._journal.path}: a failed write is left in it"
+                )
+            raise
         if self._journal.records >= self.part_rows:
+            self._seal()
+
+    def flush(self) -> None:
+        """Seal what is journaled into a part now, if anything (a shard does it every
+        flush_s, so that at most that much of its work is only on its local disk)."""
+        if not self._closed and self._journal.records:
             self._seal()
 
     def commit(self) -> None:
@@ -243,7 +263,7 @@ class RunSink:
         """Close the open segment and queue it for compaction; open the next one."""
         journal = self._journal
         journal.close()
-        if journal.records:
+        if journal.records or journal.torn:  # a fragment's whole lines are records too
             self._sealed.append(_Sealed(journal.path, journal.number, journal.longest))
             self._wake.set()
         else:
@@ -271,6 +291,7 @@ class RunSink:
 
     async def close(self) -> None:
         """Seal the open segment and write every part still due (shielded by the caller)."""
+        self._closed = True
         self._seal()
         self._journal.close()
         self._journal.path.unlink(missing_ok=True)
