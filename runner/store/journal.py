@@ -69,6 +69,11 @@ def storage_error(what: str, path: Path, exc: OSError) -> StorageFailed:
     return StorageFailed(f"cannot {what} {path}: {cause}")
 
 
+def torn_error(path: Path) -> StorageFailed:
+    """The stop for a write after a failed one whose fragment could not be taken out."""
+    return StorageFailed(f"cannot write journal {path}: a failed write is left in it")
+
+
 class Journal:
     """One open segment at a time; `append` writes, `commit` makes it durable."""
 
@@ -110,7 +115,7 @@ class Journal:
         if self._syncing is not None and self._syncing.done():
             self._collect()  # a failed fsync stops the run before more is written
         if self._torn:
-            raise StorageFailed(f"cannot write journal {self.path}: a failed write is left in it")
+            raise torn_error(self.path)
         dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
         lines = [dumps(r, option=newline) for r in records]
         data = b"".join(lines)

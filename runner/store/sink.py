@@ -22,7 +22,14 @@ import pyarrow.parquet as pq
 
 from runner.errors import StorageFailed
 from runner.records import Reasked, ResultRecord
-from runner.store.journal import Journal, read_segment, segment_number, segments, storage_error
+from runner.store.journal import (
+    Journal,
+    read_segment,
+    segment_number,
+    segments,
+    storage_error,
+    torn_error,
+)
 
 PART_GLOB = "part-*.parquet"
 
@@ -231,19 +238,17 @@ class RunSink:
         self._closed = False
         # Set once a failed write left a fragment in a segment: its whole lines may hold
         # records the caller takes as not written, so nothing more is written this session.
-        self._stopped: str | None = None
+        self._torn: Path | None = None
 
     def append(self, records: Sequence[ResultRecord]) -> None:
         """Journal records now (a write that returned survives kill -9)."""
-        if self._stopped is not None:
-            raise StorageFailed(self._stopped)
+        if self._torn is not None:
+            raise torn_error(self._torn)
         try:
             self._journal.append(records)
         except StorageFailed:
             if self._journal.torn:
-                self._stopped = (
-                    f"cannot write journal {self._journal.path}: a failed write is left in it"
-                )
+                self._torn = self._journal.path
             raise
         if self._journal.records >= self.part_rows:
             self._seal()
