@@ -6,8 +6,8 @@ That fsync runs in a worker thread, one at a time: on a busy disk one took ~4.5 
 of them in the event loop held up a 20,000-row run (bench/run.py W1) for ~0.9 s. Even in a
 thread each costs the event loop: the thread takes the GIL twice, and the loop waits for it
 back; at W1's ~7,000 answers a second, fsyncs every 100 records took ~3 us a row (2-3 % of the
-run's wall time), every 1,000 next to nothing. A failed
-fsync is raised by the next append or commit, never ignored; `commit` and `close` wait for it.
+run's wall time), every 1,000 next to nothing. A failed fsync is raised by the next append or
+commit, never ignored; `commit` and `close` wait for it.
 A crash can leave a torn last line: readers ignore it and recovery truncates it. Knows the
 record type, not Parquet, pools or runs.
 """

@@ -110,14 +110,15 @@ def to_table(rows: Sequence[ResultRecord] | Sequence[dict[str, Any]]) -> pa.Tabl
         else:
             values = list(map(attrgetter(name), rows))
         kind = _TYPES[name]
-        if kind == _TS:
-            micros = [None if v is None else round(v * 1_000_000) for v in values]
-            # Integers straight into the timestamp type: a cast would import pyarrow.compute
-            # (~30 ms of a short run's start-up).
-            arrays.append(pa.array(micros, kind))
-        else:
-            arrays.append(pa.array(values, kind))
+        arrays.append(_timestamps(values) if kind == _TS else pa.array(values, kind))
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def _timestamps(seconds: Sequence[float | None]) -> pa.Array:
+    """Epoch seconds as the timestamp column, rounded to the microsecond: integers straight
+    into the timestamp type, since a cast would import pyarrow.compute (~30 ms of a short
+    run's start-up)."""
+    return pa.array([None if v is None else round(v * 1_000_000) for v in seconds], _TS)
 
 
 # The journal's view of SCHEMA: timestamps are epoch seconds there.
@@ -151,14 +152,7 @@ def segment_table(path: Path, longest: int) -> pa.Table:
     arrays: list[pa.ChunkedArray | pa.Array] = []
     for field in SCHEMA:
         column = table.column(field.name)
-        if field.type == _TS:
-            # As `to_table` does it, without pyarrow.compute (~30 ms to import).
-            seconds = column.to_pylist()
-            arrays.append(
-                pa.array([None if v is None else round(v * 1_000_000) for v in seconds], _TS)
-            )
-        else:
-            arrays.append(column)
+        arrays.append(_timestamps(column.to_pylist()) if field.type == _TS else column)
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
 
