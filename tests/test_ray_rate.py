@@ -233,7 +233,14 @@ def test_a_restarted_budget_actor_runs_at_half_rate(
             time.sleep(0.05)
         actor = ray.get_actor(actor_name(started[0], None))
         ray.kill(actor, no_restart=False)
+        # The kill goes through the control store and a call goes straight to the actor's
+        # worker: the first calls after it may still reach the old actor. Ask until the new
+        # one answers (bounded: a minute).
+        deadline = time.monotonic() + 60
         state = ray.get(actor.state.remote(), timeout=60)
+        while not state["restarted"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+            state = ray.get(actor.state.remote(), timeout=60)
         back = time.monotonic()
         driving.join(100)
     assert state["restarted"] is True
