@@ -119,7 +119,7 @@ def _submit(spec: Path, runs: Path) -> Any:
     options = driver.RayOptions(shards=SHARDS, rate_window_s=WINDOW_S)
 
     async def main() -> Any:
-        with anyio.fail_after(100):
+        with anyio.fail_after(240):  # a loaded machine starts Ray workers slowly
             return await driver.submit(prepared, runs, options, handle_signals=False)
 
     return anyio.run(main)
@@ -213,7 +213,7 @@ def test_a_restarted_budget_actor_runs_at_half_rate(
         options = driver.RayOptions(shards=SHARDS, rate_window_s=WINDOW_S)
 
         async def main() -> Any:
-            with anyio.fail_after(100):
+            with anyio.fail_after(240):  # a loaded machine starts Ray workers slowly
                 return await driver.submit(
                     prepared,
                     tmp_path / "runs",
@@ -227,8 +227,8 @@ def test_a_restarted_budget_actor_runs_at_half_rate(
     with Sampler(sim) as sampler:
         driving = threading.Thread(target=run, daemon=True)
         driving.start()
-        deadline = time.monotonic() + 60
-        while sim.stats.requests < 80:  # bounded: a minute at most
+        deadline = time.monotonic() + 180
+        while sim.stats.requests < 80:  # bounded: three minutes at most
             assert time.monotonic() < deadline and driving.is_alive()
             time.sleep(0.05)
         actor = ray.get_actor(actor_name(started[0], None))
@@ -242,7 +242,7 @@ def test_a_restarted_budget_actor_runs_at_half_rate(
             time.sleep(0.05)
             state = ray.get(actor.state.remote(), timeout=60)
         back = time.monotonic()
-        driving.join(100)
+        driving.join(240)
     assert state["restarted"] is True
     (outcome,) = result
     assert outcome.state == "completed" and outcome.progress.ok == len(rows)
