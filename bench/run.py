@@ -2,6 +2,7 @@
 
     uv run python bench/run.py [--only W1,W2] [--quick] [--w4-baselines] [--bytecode]
                                [--no-help-times] [--no-warmup] [--clients runner,aiohttp]
+                               [--repeat N]
 
 The simulator runs in its own process on core 1 (taskset, where it exists); every client
 runs as a fresh process on core 0:
@@ -15,6 +16,9 @@ child), peak RSS (VmHWM read by an atexit hook in the child, injected through a 
 sitecustomize on PYTHONPATH; ru_maxrss is not used since Linux carries it over exec), and
 the time from process start to the first request the simulator sees (GET /_sim/stats every
 ~5 ms). Progress goes to stderr, the table to stdout, raw figures to bench/out/results.json.
+With --repeat N, each workload's clients run N rounds, in turns (runner first in odd
+rounds, last in even ones), and each ratio is the median of the rounds' own ratios: on a
+machine whose speed drifts (a shared VM), one pair can be off by a third either way.
 Each subprocess has a timeout; the soft RLIMIT_NOFILE is raised to the hard limit here and
 inherited by the simulator and the clients. One unrecorded 200-row run per client comes
 first (page cache). With PYTHONDONTWRITEBYTECODE=1 and no .pyc in the venv, every process
@@ -330,24 +334,12 @@ def table(results: list[dict[str, Any]]) -> str:
     )
     for name in dict.fromkeys(r["workload"] for r in results):
         mine = [r for r in results if r["workload"] == name]
-        runner = max(
-            (r for r in mine if r["client"] == "runner"), key=lambda r: r["rows"], default=None
-        )
-        for base in (r for r in mine if r["client"] != "runner"):
-            if runner is None or base["rows"] != runner["rows"]:
-                continue
-            run_ratio = "-"
-            if runner["run_rows_per_s"] and base["run_rows_per_s"]:
-                run_ratio = f"{runner['run_rows_per_s'] / base['run_rows_per_s']:.2f}x"
-            lines.append(
-                f"  {name} runner/{base['client']:<8}"
-                f" rows/s {runner['rows_per_s'] / base['rows_per_s']:.2f}x"
-                f"  run rows/s {run_ratio}"
-                f"  CPU/1k {runner['cpu_s_per_1k'] / base['cpu_s_per_1k']:.2f}x"
-                f"  peak RSS {runner['peak_rss_mb'] / base['peak_rss_mb']:.2f}x"
-            )
+        for base_client in dict.fromkeys(r["client"] for r in mine if r["client"] != "runner"):
+            line = _ratios(name, base_client, mine)
+            if line:
+                lines.append(line)
         runners = sorted((r for r in mine if r["client"] == "runner"), key=lambda r: r["rows"])
-        if len(runners) >= 2:
+        if len(runners) >= 2 and runners[0]["rows"] != runners[-1]["rows"]:
             small, large = runners[0], runners[-1]
             ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
             verdict = "flat (<= 1.20)" if ratio <= 1.2 else "NOT flat (> 1.20)"
@@ -357,6 +349,41 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"  {verdict}"
             )
     return "\n".join(lines)
+
+
+def _ratios(name: str, base_client: str, results: list[dict[str, Any]]) -> str | None:
+    """runner / `base_client` on one workload: per round (the largest runner run against the
+    baseline run of its size), then the median over rounds, with the range when several."""
+    rounds: dict[int, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        mine = rounds.setdefault(r.get("round", 0), {})
+        if r["client"] in ("runner", base_client):
+            if r["client"] not in mine or r["rows"] > mine[r["client"]]["rows"]:
+                mine[r["client"]] = r
+    pairs = [
+        (got["runner"], got[base_client])
+        for got in rounds.values()
+        if {"runner", base_client} <= got.keys()
+        and got["runner"]["rows"] == got[base_client]["rows"]
+    ]
+    if not pairs:
+        return None
+
+    def median(key: str) -> str:
+        values = [a[key] / b[key] for a, b in pairs if a.get(key) and b.get(key)]
+        if not values:
+            return "-"
+        text = f"{statistics.median(values):.2f}x"
+        if len(values) > 1:
+            text += f" ({min(values):.2f}-{max(values):.2f})"
+        return text
+
+    where = f" median of {len(pairs)} rounds" if len(pairs) > 1 else ""
+    return (
+        f"  {name} runner/{base_client:<8} rows/s {median('rows_per_s')}"
+        f"  run rows/s {median('run_rows_per_s')}  CPU/1k {median('cpu_s_per_1k')}"
+        f"  peak RSS {median('peak_rss_mb')}{where}"
+    )
 
 
 def _git_state() -> dict[str, Any]:
@@ -381,6 +408,13 @@ def main() -> None:
     parser.add_argument("--no-help-times", action="store_true", help="skip `runner --help` timing")
     parser.add_argument("--clients", default="runner,aiohttp,httpx2", help="clients to run")
     parser.add_argument("--out", type=Path, default=OUT / "results.json")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run each workload's clients N rounds, in turns; ratios are medians over rounds",
+    )
     parser.add_argument(
         "--no-warmup",
         dest="warmup",
@@ -439,10 +473,14 @@ def main() -> None:
                 # Unrecorded: loads the files into the page cache (and bytecode, if cached).
                 run_client(client, w, WARMUP_ROWS, base_url, timeout_for(w, WARMUP_ROWS))
                 warmed.add(client)
-            for client, rows in runs:
-                make_input(rows)  # built before the clock starts
-                r = run_client(client, w, rows, base_url, timeout_for(w, rows))
-                report["results"].append(r)
+            for round_ in range(max(args.repeat, 1)):
+                # In turns: the runner first in odd rounds, last in even ones, so that a
+                # machine slowing down (or speeding up) does not favour one side.
+                for client, rows in runs if round_ % 2 == 0 else runs[::-1]:
+                    make_input(rows)  # built before the clock starts
+                    r = run_client(client, w, rows, base_url, timeout_for(w, rows))
+                    r["round"] = round_
+                    report["results"].append(r)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(report, indent=2))
     if not args.no_help_times:
