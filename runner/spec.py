@@ -194,6 +194,21 @@ class EndpointSpec(_Strict):
             raise ValueError(f"must be an http(s) URL or {SIMULATOR!r} (got {value!r})")
         if _CONTROL_RE.search(value) or " " in value:
             raise ValueError("must not contain spaces or control characters")
+        try:
+            parts = urllib.parse.urlsplit(value)
+            port = parts.port
+        except ValueError:
+            # Never echo it: the bad part may be a password.
+            raise ValueError(
+                "is not a valid URL (its port must be a number 1-65535, an IPv6 address "
+                "goes in [brackets])"
+            ) from None
+        if "@" in parts.netloc:
+            raise ValueError("must not carry credentials (user:password@): set api_key_env instead")
+        if not parts.hostname:
+            raise ValueError(f"has no host (got {value!r})")
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError(f"port must be 1-65535 (got {port})")
         if (
             value.startswith("http://")
             and not info.data.get("allow_insecure")
@@ -202,18 +217,6 @@ class EndpointSpec(_Strict):
             raise ValueError(
                 "uses http:// for a non-loopback host; use https:// or set allow_insecure = true"
             )
-        try:
-            parts = urllib.parse.urlsplit(value)
-            port = parts.port
-        except ValueError:
-            # Never echo it: the bad part may be a password.
-            raise ValueError("is not a valid URL (its port must be a number 1-65535)") from None
-        if "@" in parts.netloc:
-            raise ValueError("must not carry credentials (user:password@): set api_key_env instead")
-        if not parts.hostname:
-            raise ValueError(f"has no host (got {value!r})")
-        if port is not None and not 1 <= port <= 65535:
-            raise ValueError(f"port must be 1-65535 (got {port})")
         return value.rstrip("/")
 
     @field_validator("api_key_env")

@@ -386,19 +386,20 @@ def test_base_url_accepted(base_url: str, extra: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "base_url",
+    ("base_url", "message"),
     [
-        "http://localhost.evil.example/v1",
-        "http://127.evil.example/v1",
-        "http://localhost@evil.example/v1",
-        "http://localhostevil.example/v1",
+        ("http://localhost.evil.example/v1", "uses http:// for a non-loopback host"),
+        ("http://127.evil.example/v1", "uses http:// for a non-loopback host"),
+        # "localhost" is the user part here, the host evil.example.
+        ("http://localhost@evil.example/v1", "must not carry credentials"),
+        ("http://localhostevil.example/v1", "uses http:// for a non-loopback host"),
     ],
 )
-def test_look_alike_loopback_host_over_http_is_refused(base_url: str) -> None:
+def test_look_alike_loopback_host_over_http_is_refused(base_url: str, message: str) -> None:
     """A remote host that only starts like a loopback name still needs https."""
     err = fails(spec_text(base_url=base_url))
     assert err.field == "endpoint.base_url"
-    assert err.message.startswith("uses http:// for a non-loopback host")
+    assert err.message.startswith(message), err.message
 
 
 @pytest.mark.parametrize(
@@ -437,6 +438,11 @@ def test_headers_that_would_split_or_smuggle_a_request_are_refused(
         ("http://127.0.0.1:99999999999/v1", "is not a valid URL"),
         ("http://127.0.0.1:port/v1", "is not a valid URL"),
         ("https:///v1", "has no host"),
+        # An http:// URL is checked as a URL before the loopback rule: the reason named is
+        # the URL's own fault, not "non-loopback".
+        ("http://[::1/v1", "is not a valid URL"),
+        ("http:///v1", "has no host"),
+        ("http://user:secret-pass@api.example.com/v1", "must not carry credentials"),
     ],
 )
 def test_base_url_credentials_and_bad_ports_are_refused(base_url: str, message: str) -> None:
