@@ -578,18 +578,22 @@ class RunDir:
         `by_request`: match by key against the rows of row_keys.parquet (the input as it is
         now); only those rows are counted, however many rows earlier inputs had.
         """
-        import pyarrow.compute as pc  # ~30 ms: not on a submit's way to its first request
 
         result = Settled(retry_failed=retry_failed, reusable=reusable)
         latest: dict[int, int] | None = {} if by_request else None
         columns = ["row_index", "row_id", "model", "request_hash", "status", "reused"]
+        wanted = list(dict.fromkeys([*columns, *_USAGE_COLUMNS]))
         for path in self.part_paths():
-            table = pq.read_table(path, columns=[*columns, "final"])
-            table = table.filter(pc.field("final"))
-            values = [table.column(c).to_pylist() for c in columns]
+            # One open and one read a part (its footer parsed once): a resume of a run of
+            # many parts spent ~8 ms on each in three reads.
+            part = pq.ParquetFile(path)
+            names = set(part.schema_arrow.names)
+            table = part.read(columns=[c for c in wanted if c in names])
+            final = table.select(columns).filter(table.column("final"))
+            values = [final.column(c).to_pylist() for c in columns]
             for row in zip(*values, strict=True):
                 _settle(result, latest, *row)
-            _add_usage(result, _read_usage(path))
+            _add_usage(result, _usage_of(table))
         for segment in segments(self.journal_dir):
             records = read_segment(segment)
             if records:
@@ -634,16 +638,16 @@ _USAGE_COLUMNS = [
 ]
 
 
-def _read_usage(path: Path) -> pa.Table:
+def _usage_of(table: pa.Table) -> pa.Table:
     """A part's usage columns; a part written before `charged_usd` existed has it null."""
-    names = set(pq.read_schema(path).names)
-    table = pq.read_table(path, columns=[c for c in _USAGE_COLUMNS if c in names])
+    names = set(table.column_names)
+    usage = table.select([c for c in _USAGE_COLUMNS if c in names])
     for name in _USAGE_COLUMNS:
         if name not in names:
-            table = table.append_column(
-                SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type)
+            usage = usage.append_column(
+                SCHEMA.field(name), pa.nulls(usage.num_rows, SCHEMA.field(name).type)
             )
-    return table
+    return usage
 
 
 def _add_usage(result: Settled, table: pa.Table) -> None:
