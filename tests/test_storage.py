@@ -295,6 +295,11 @@ def test_a_damaged_part_file_is_the_users_error_not_an_internal_one(tmp_path: Pa
         (line,) = done.stderr.strip().splitlines()
         assert line.startswith(f"error: {run / 'parts'}: the run's results cannot be read"), line
     assert not (tmp_path / "out.csv").exists()
+    # A resume reads what is settled from the parts: the damaged one is named, exit 2.
+    done = run_cli("resume", run.name, "--retry-failed", "--runs-dir", "runs", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {part}: the run's results cannot be read"), line
 
 
 def test_start_log_entries_survive_kill_9_without_a_close(tmp_path: Path) -> None:

@@ -586,10 +586,16 @@ class RunDir:
         for path in self.part_paths():
             # One open and one read a part (its footer parsed once): a resume of a run of
             # many parts spent ~8 ms on each in three reads.
-            part = pq.ParquetFile(path)
-            names = set(part.schema_arrow.names)
-            table = part.read(columns=[c for c in wanted if c in names])
-            final = table.select(columns).filter(table.column("final"))
+            try:
+                part = pq.ParquetFile(path)
+                names = set(part.schema_arrow.names)
+                table = part.read(columns=[c for c in wanted if c in names])
+                final = table.select(columns).filter(table.column("final"))
+            except (pa.ArrowException, OSError, KeyError) as exc:
+                # Not Parquet any more (overwritten, truncated, replaced), or not a part: the
+                # user's to look at, not an internal error.
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise UsageError(f"{path}: the run's results cannot be read ({reason})") from None
             values = [final.column(c).to_pylist() for c in columns]
             for row in zip(*values, strict=True):
                 _settle(result, latest, *row)
