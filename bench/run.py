@@ -481,8 +481,8 @@ def main() -> None:
                     r = run_client(client, w, rows, base_url, timeout_for(w, rows))
                     r["round"] = round_
                     report["results"].append(r)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(report, indent=2))
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(report, indent=2))
     if not args.no_help_times:
         report["help_times"] = help_times()
     args.out.write_text(json.dumps(report, indent=2))

@@ -578,7 +578,6 @@ class RunDir:
         `by_request`: match by key against the rows of row_keys.parquet (the input as it is
         now); only those rows are counted, however many rows earlier inputs had.
         """
-
         result = Settled(retry_failed=retry_failed, reusable=reusable)
         latest: dict[int, int] | None = {} if by_request else None
         columns = ["row_index", "row_id", "model", "request_hash", "status", "reused"]
