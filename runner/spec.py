@@ -50,9 +50,13 @@ _KEY_VALUE_RE = re.compile(r"[\x21-\x7e]+")
 def is_loopback_url(url: str) -> bool:
     """True when the URL's host is this machine (localhost or a loopback address)."""
     try:
-        host = urllib.parse.urlsplit(url).hostname
+        return is_loopback_host(urllib.parse.urlsplit(url).hostname)
     except ValueError:
         return False
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True for localhost and loopback addresses (a URL's `hostname`: lower case, no [])."""
     if host is None:
         return False
     if host == "localhost":
@@ -212,7 +216,7 @@ class EndpointSpec(_Strict):
         if (
             value.startswith("http://")
             and not info.data.get("allow_insecure")
-            and not is_loopback_url(value)
+            and not is_loopback_host(parts.hostname)
         ):
             raise ValueError(
                 "uses http:// for a non-loopback host; use https:// or set allow_insecure = true"

@@ -47,7 +47,7 @@ from runner.report.pricing import (
 from runner.spec import InputSpec, input_spec_of
 from runner.store.journal import read_segment
 from runner.store.sink import ANSWER_COLUMNS, COLUMNS, REUSED_COLUMNS, SCHEMA, to_table
-from runner.store.state import Manifest, RunDir, input_fingerprint
+from runner.store.state import Manifest, RunDir, input_fingerprint, results_unreadable
 
 _TOKEN_COLUMNS = (
     "prompt_tokens",
@@ -139,9 +139,7 @@ class RunDB:
             self.con.close()
             # A part file that is not Parquet (damaged, truncated, replaced): the user's to
             # look at, not an internal error.
-            raise UsageError(
-                f"{run.parts_dir}: the run's results cannot be read ({str(exc).splitlines()[0]})"
-            ) from None
+            raise results_unreadable(run.parts_dir, exc) from None
         self.input_path: Path | None = None
         if with_input:
             self._input_view()

@@ -593,8 +593,7 @@ class RunDir:
             except (pa.ArrowException, OSError, KeyError) as exc:
                 # Not Parquet any more (overwritten, truncated, replaced), or not a part: the
                 # user's to look at, not an internal error.
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise UsageError(f"{path}: the run's results cannot be read ({reason})") from None
+                raise results_unreadable(path, exc) from None
             values = [final.column(c).to_pylist() for c in columns]
             for row in zip(*values, strict=True):
                 _settle(result, latest, *row)
@@ -628,6 +627,13 @@ class RunDir:
         if latest is not None:
             _settle_current(result, latest, self.row_keys_path)
         return result
+
+
+def results_unreadable(where: Path, exc: BaseException) -> UsageError:
+    """The user's error for parts that are not readable Parquet (overwritten, truncated,
+    replaced): named, with the first line of the reader's reason."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UsageError(f"{where}: the run's results cannot be read ({reason})")
 
 
 _USAGE_COLUMNS = [
